@@ -1,0 +1,1 @@
+"""posbias.cli"""

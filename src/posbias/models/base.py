@@ -1,0 +1,104 @@
+"""The small interface every architecture adapter implements.
+
+An adapter wraps one loaded Hugging Face model and its processor and answers four questions the
+profiler and the runtime pruner ask: how to turn (image, question) into model inputs, which sequence
+positions hold visual tokens, where those tokens sit on the grid the language model sees (and their
+RoPE position ids), and which decoder attention modules to hook.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["VisualLayout", "ModelAdapter"]
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """Where the visual tokens of one prompt are.
+
+    Attributes
+    ----------
+    visual_index : np.ndarray
+        (V,) int64, ascending sequence positions of the visual tokens in ``input_ids``.
+    rows, cols : np.ndarray
+        (V,) int64, grid coordinates of each visual token on the grid the LLM sees
+        (LLaVA: 24x24 patch grid; Qwen2.5-VL: the grid after the 2x2 merge).
+    grid : tuple of int
+        (rows, cols) of that grid; ``rows * cols == V`` for one image.
+    position_ids : np.ndarray
+        (V, P) int64 RoPE position ids of the visual tokens; P = 1 for 1-D RoPE, 3 for M-RoPE (t, h, w).
+    seq_len : int
+        Length of the whole prompt (text + visual tokens).
+    """
+
+    visual_index: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    grid: tuple[int, int]
+    position_ids: np.ndarray
+    seq_len: int
+
+    @property
+    def n_visual(self) -> int:
+        return int(self.visual_index.shape[0])
+
+    @property
+    def visual_start(self) -> int:
+        return int(self.visual_index[0])
+
+
+class ModelAdapter(ABC):
+    """One loaded VLM behind the interface the profiler and runtime use.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The loaded model (eval mode).
+    processor : Any
+        Callable producing model inputs from text and images.
+    model_id : str
+        Hub id or local path the model was loaded from.
+    revision : str or None
+        Commit hash when known.
+    """
+
+    #: registry name of the architecture ("llava", "qwen2_5_vl")
+    name: ClassVar[str]
+    #: number of RoPE position components per token (1 or 3)
+    rope_dims: ClassVar[int]
+
+    def __init__(self, model: Any, processor: Any, *, model_id: str, revision: str | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+        self.revision = revision
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int:
+        """Number of decoder layers of the language model."""
+
+    @abstractmethod
+    def prepare(self, image: Any, question: str) -> dict[str, Any]:
+        """Model inputs (batch of one, on the model's device) for one image and question."""
+
+    @abstractmethod
+    def layout(self, inputs: dict[str, Any]) -> VisualLayout:
+        """Visual-token layout of prepared inputs."""
+
+    @abstractmethod
+    def decoder_attention_modules(self) -> list[Any]:
+        """The decoder self-attention modules, index = layer."""
+
+    @abstractmethod
+    def language_model(self) -> Any:
+        """The decoder stack whose attention implementation the capture swaps."""
+
+    @abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """The model config as a plain dict (input of the fingerprint)."""
