@@ -1,0 +1,77 @@
+"""Options and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from posbias.errors import PosbiasError
+
+__all__ = ["add_model_options", "add_sample_options", "add_fit_options", "prepare_out_dir", "print_table"]
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default="demo-llava",
+        help="model alias (demo-llava, demo-qwen2.5-vl, llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-3b, qwen2.5-vl-7b, "
+        "tiny-llava, tiny-qwen2.5-vl), a Hugging Face hub id, or a local checkpoint folder",
+    )
+    g.add_argument("--device", default="cpu", help="torch device to run the model on (cpu, cuda, cuda:1, ...)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")
+
+
+def add_sample_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("samples")
+    g.add_argument("--n", type=int, default=32, help="number of samples to profile (deterministic subsample)")
+    g.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        metavar="SOURCE[:PATH]",
+        help="sample source; repeat for several (default: embedded, the photos shipped with installed packages)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the sample subsampling (recorded in the store)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_fit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fit")
+    g.add_argument("--shallow-layer", type=int, default=None, help="shallow layer of PBC and pruning layer (default 2)")
+    g.add_argument(
+        "--deep-layer", type=int, default=None, help="deep layer of PBC (default: same relative depth as 20 of 32)"
+    )
+    g.add_argument("--pore-layer", type=int, default=None, help="layer whose mean attention PoRe fits (default: shallow)")
+    g.add_argument("--degree", type=int, default=3, help="degree of the PBC polynomial (1-5)")
+    g.add_argument(
+        "--domain",
+        default="auto",
+        choices=["auto", "index", "normalized"],
+        help="position variable of the fits: raster index (fixed grids) or i/N (dynamic resolution)",
+    )
+    g.add_argument("--pure-exponential", action="store_true", help="fit PoRe's P(x)=a*exp(bx) without the offset c")
+    g.add_argument("--keep", type=int, default=64, help="default number of kept visual tokens recorded in the calibration")
+
+
+def prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
+    """Create ``out``; refuse when it already holds any of ``names`` unless ``overwrite``."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise PosbiasError(f"--out {out} is a file, not a folder; pass a folder path")
+    existing = [n for n in names if (path / n).exists()]
+    if existing and not overwrite:
+        raise PosbiasError(
+            f"--out {out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or choose another --out"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))

@@ -1,0 +1,30 @@
+"""``profile-bias export``: ship a calibration next to a model checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="copy a calibration next to a checkpoint's config.json",
+        description="Validate a calibration and write it as MODEL_DIR/posbias_calibration.json, next to the "
+        "checkpoint's config.json, where posbias.runtime.Calibration.from_pretrained(MODEL_DIR) finds it. "
+        "The checkpoint's config must have the calibration's fingerprint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--calibration", required=True, help="calibration JSON written by 'profile-bias fit'")
+    p.add_argument("--to", required=True, metavar="MODEL_DIR", help="checkpoint folder holding config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a calibration already in MODEL_DIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from posbias.artifacts import export_to
+
+    dest = export_to(args.calibration, args.to, overwrite=args.overwrite)
+    print(f"calibration -> {dest}")
+    return 0

@@ -1,0 +1,36 @@
+"""``profile-bias`` with no subcommand: the whole pipeline, profile -> fit -> report."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from posbias.cli.common import add_fit_options, prepare_out_dir
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from posbias.cli import profile
+
+    profile.add_arguments(p)
+    p.set_defaults(out="runs/demo")
+    add_fit_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from posbias.artifacts import CALIBRATION_FILENAME
+    from posbias.cli.fit import run_fit
+    from posbias.cli.profile import run_profile
+    from posbias.pipeline import REPORT_FILENAME, STORE_FILENAME
+    from posbias.reports.html import render_report
+
+    start = time.perf_counter()
+    out_dir = prepare_out_dir(args.out, [STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME], args.overwrite)
+    store = run_profile(args, out_dir)
+    calibration = run_fit(args, store, out_dir / CALIBRATION_FILENAME)
+    report = render_report(store, calibration, out_dir / REPORT_FILENAME)
+    print(f"report -> {report}")
+    print(f"done in {time.perf_counter() - start:.1f} s: {out_dir}/{{{STORE_FILENAME}, {CALIBRATION_FILENAME}, {REPORT_FILENAME}}}")
+    return 0
