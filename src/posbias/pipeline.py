@@ -6,7 +6,6 @@ Layer indices are 0-based decoder layer indices everywhere in posbias.
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +104,7 @@ def fit_calibration(
     """
     import posbias
     from posbias.artifacts import Calibration
+    from posbias.artifacts.calibration import utc_now
     from posbias.fitters import ExponentialBiasFitter, PolynomialBiasFitter
     from posbias.profiler.store import ProfileStore
 
@@ -164,11 +164,11 @@ def fit_calibration(
     doc: dict[str, Any] = {
         "schema": "posbias.calibration",
         "schema_version": 1,
-        "created": created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "created": created or utc_now(),
         "posbias_version": posbias.__version__,
         "model": {
             "id": str(attrs["model_id"]),
-            "revision": (str(attrs.get("model_revision")) or None) if attrs.get("model_revision") else None,
+            "revision": str(attrs["model_revision"]) if attrs.get("model_revision") else None,
             "fingerprint": str(attrs["model_fingerprint"]),
             "adapter": str(attrs["adapter"]),
             "n_layers": int(n_layers),

@@ -23,8 +23,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posbias.artifacts import export_to
+    from pathlib import Path
 
-    dest = export_to(args.calibration, args.to, overwrite=args.overwrite)
+    from posbias.artifacts import export_to
+    from posbias.artifacts.fingerprint import model_fingerprint
+
+    fingerprint = None
+    if (Path(args.to) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        # the full config (defaults filled in), as the adapter of a loaded model sees it
+        fingerprint = model_fingerprint(AutoConfig.from_pretrained(args.to).to_dict())
+    dest = export_to(args.calibration, args.to, fingerprint=fingerprint, overwrite=args.overwrite)
     print(f"calibration -> {dest}")
     return 0

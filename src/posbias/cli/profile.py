@@ -43,13 +43,13 @@ def run_profile(args: argparse.Namespace, out_dir: Path) -> Path:
     sources = resolve_sources(args.data or ["embedded"])  # validates paths before the model loads
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
     store_path = out_dir / STORE_FILENAME
-    samples, total = iter_samples(sources, n=args.n, seed=args.seed)
+    samples = iter_samples(sources, n=args.n, seed=args.seed)
     summary = profile_samples(
         adapter,
         samples,
         store_path,
         seed=args.seed,
-        total=total,
+        total=len(samples),
         overwrite=True,
         progress=not args.no_progress,
         extra_attrs={"n_requested": int(args.n), "data": ",".join(args.data or ["embedded"])},
