@@ -17,7 +17,6 @@ __all__ = ["FINGERPRINT_KEYS", "fingerprint_fields", "model_fingerprint"]
 FINGERPRINT_KEYS: frozenset[str] = frozenset(
     {
         "model_type",
-        "architectures",
         # language model geometry
         "num_hidden_layers",
         "hidden_size",

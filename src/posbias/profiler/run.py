@@ -32,22 +32,14 @@ class ProfileSummary:
 
 
 def store_attrs(adapter: ModelAdapter, *, seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Root attributes of a store written from ``adapter``."""
-    import torch
-    import transformers
-
-    import posbias
-
+    """Root attributes of a store written from ``adapter`` (the writer adds schema and versions)."""
     attrs: dict[str, Any] = {
-        "posbias_version": posbias.__version__,
         "model_id": adapter.model_id,
         "model_revision": adapter.revision or "",
         "model_fingerprint": adapter.fingerprint(),
         "adapter": adapter.name,
         "n_layers": adapter.n_layers,
         "rope_dims": adapter.rope_dims,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
         "seed": int(seed),
     }
     if extra:

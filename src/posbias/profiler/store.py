@@ -112,6 +112,8 @@ def _is_plain_attr(value: Any) -> bool:
 
 def _encode_attr(value: Any, where: str, key: str) -> tuple[Any, bool]:
     """``(value as stored, stored_as_json)`` for a caller attribute (docs/store.md, root attributes)."""
+    if isinstance(value, str):
+        return str(value), False  # str subclasses (e.g. torch's TorchVersion) as plain str
     if _is_plain_attr(value):
         if isinstance(value, (list, tuple)) and isinstance(value[0], str):
             return np.array(list(value), dtype=_STR), False
