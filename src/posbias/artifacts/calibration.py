@@ -38,7 +38,7 @@ SCHEMA_NAME = "posbias.calibration"
 SCHEMA_VERSION = 1
 CALIBRATION_FILENAME = "posbias_calibration.json"
 #: methods whose payload schema_version 1 defines; other names MAY appear and are passed through
-KNOWN_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc")
+KNOWN_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc", "adaptprune-gaussian", "posprune-pbc-2d")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -99,7 +99,11 @@ def check_semantics(d: dict[str, Any], *, what: str = "calibration") -> None:
     - every layer index is < ``model.n_layers``;
     - ``posprune-pbc``: ``shallow_layer < deep_layer``;
     - a method's ``domain`` equals its ``fit.params.domain``;
-    - ``posprune-pbc``: ``fit.learned.coef_`` has ``degree + 1`` entries;
+    - ``posprune-pbc``: ``fit.learned.coef_`` has ``degree + 1`` entries; ``posprune-pbc-2d``: as many as
+      its surface has terms;
+    - ``adaptprune-gaussian`` / ``posprune-pbc-2d``: ``grid`` equals ``model.grid`` when both are set, and a
+      Gaussian ``mask`` has ``rows * cols`` values;
+    - ``statistics``: per-candidate lists have one entry per candidate, an ``auto`` degree equals the fitted one;
     - ``defaults.layer`` is < ``model.n_layers`` and ``defaults.method`` names a method present in ``methods``.
     """
 
@@ -114,15 +118,43 @@ def check_semantics(d: dict[str, Any], *, what: str = "calibration") -> None:
         for key in ("layer", "shallow_layer", "deep_layer"):
             if key in entry and entry[key] >= n_layers:
                 fail(("methods", name, key), f"layer {entry[key]} does not exist (model has {n_layers} layers)")
-        if "fit" in entry:
+        if "fit" in entry and "domain" in entry:
             if entry["fit"]["params"]["domain"] != entry["domain"]:
                 fail(("methods", name, "domain"), f"{entry['domain']!r} differs from the fit's domain {entry['fit']['params']['domain']!r}")
-        if name == "posprune-pbc" and entry["shallow_layer"] >= entry["deep_layer"]:
+        if name in ("posprune-pbc", "posprune-pbc-2d") and entry["shallow_layer"] >= entry["deep_layer"]:
             fail(("methods", name, "deep_layer"), f"deep_layer {entry['deep_layer']} must be > shallow_layer {entry['shallow_layer']}")
         if name == "posprune-pbc":
             degree = entry["fit"]["params"]["degree"]
             if len(entry["fit"]["learned"]["coef_"]) != degree + 1:
                 fail(("methods", name, "fit", "learned", "coef_"), f"needs {degree + 1} coefficients for degree {degree}")
+        if name == "posprune-pbc-2d":
+            kind, degree = entry["fit"]["params"]["kind"], entry["fit"]["params"]["degree"]
+            n_terms = 2 * degree + 1 if kind == "separable" else (degree + 1) * (degree + 2) // 2
+            if len(entry["fit"]["learned"]["coef_"]) != n_terms:
+                fail(("methods", name, "fit", "learned", "coef_"), f"needs {n_terms} coefficients for a {kind} surface of degree {degree}")
+        if name in ("adaptprune-gaussian", "posprune-pbc-2d") and entry["grid"] is not None and d["model"]["grid"] is not None:
+            if list(entry["grid"]) != list(d["model"]["grid"]):
+                fail(("methods", name, "grid"), f"{entry['grid']} differs from model.grid {d['model']['grid']}")
+        if name == "adaptprune-gaussian" and "mask" in entry:
+            if entry["grid"] is None or len(entry["mask"]) != entry["grid"][0] * entry["grid"][1]:
+                fail(("methods", name, "mask"), "needs rows * cols values of a fixed grid (raster order)")
+    stats = d.get("statistics", {})
+    deg = stats.get("pbc_degree")
+    if deg is not None:
+        n = len(deg["degrees"])
+        for key in ("cv_mse", "cv_se", "paired_se"):
+            if len(deg[key]) != n:
+                fail(("statistics", "pbc_degree", key), f"has {len(deg[key])} entries for {n} degrees")
+        if deg["chosen"] not in deg["degrees"] or deg["best"] not in deg["degrees"]:
+            fail(("statistics", "pbc_degree", "chosen"), "chosen and best must be among the candidate degrees")
+        pbc = methods.get("posprune-pbc")
+        if deg["mode"] == "auto" and pbc is not None and pbc["fit"]["params"]["degree"] != deg["chosen"]:
+            fail(("statistics", "pbc_degree", "chosen"), f"degree {deg['chosen']} differs from the fitted degree {pbc['fit']['params']['degree']}")
+    for i, curve in enumerate(stats.get("consistency", {}).get("curves", [])):
+        n = len(curve["group_sizes"])
+        for key in ("r_median", "r_mean", "r_low", "r_high", "n_repeats"):
+            if len(curve[key]) != n:
+                fail(("statistics", "consistency", "curves", i, key), f"has {len(curve[key])} entries for {n} group sizes")
     if d["defaults"]["method"] not in methods:
         fail(("defaults", "method"), f"{d['defaults']['method']!r} is not among methods {sorted(methods)}")
     if d["defaults"]["layer"] >= n_layers:

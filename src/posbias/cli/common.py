@@ -36,14 +36,50 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 25,50,100") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one integer, e.g. 25,50,100")
+    return values
+
+
+def _csv_names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _sigma(text: str) -> str | float:
+    if text in ("default", "fit"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'default', 'fit' or a positive number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: sigma must be > 0")
+    return value
+
+
 def add_fit_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fit")
+    g.add_argument(
+        "--methods",
+        type=_csv_names,
+        default=None,
+        help="comma-separated methods to fit (default: all of fastv,pore,posprune-pbc,adaptprune-gaussian)",
+    )
     g.add_argument("--shallow-layer", type=int, default=None, help="shallow layer of PBC and pruning layer (default 2)")
     g.add_argument(
         "--deep-layer", type=int, default=None, help="deep layer of PBC (default: same relative depth as 20 of 32)"
     )
     g.add_argument("--pore-layer", type=int, default=None, help="layer whose mean attention PoRe fits (default: shallow)")
-    g.add_argument("--degree", type=int, default=3, help="degree of the PBC polynomial (1-5)")
+    g.add_argument(
+        "--degree",
+        default="auto",
+        help="degree of the PBC polynomial: 'auto' (1-5 by k-fold cross-validation over samples) or 1-5 to force it",
+    )
     g.add_argument(
         "--domain",
         default="auto",
@@ -51,7 +87,32 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
         help="position variable of the fits: raster index (fixed grids) or i/N (dynamic resolution)",
     )
     g.add_argument("--pure-exponential", action="store_true", help="fit PoRe's P(x)=a*exp(bx) without the offset c")
+    g.add_argument(
+        "--gaussian-sigma",
+        type=_sigma,
+        default="default",
+        help="sigma of AdaptPrune's centre weight in centred units: 'default' (the seed's 12 on 24x24, scaled to the "
+        "grid), 'fit' (fitted to the mean attention map) or a number",
+    )
     g.add_argument("--keep", type=int, default=64, help="default number of kept visual tokens recorded in the calibration")
+    s = p.add_argument_group("statistics")
+    s.add_argument("--no-stats", action="store_true", help="skip the statistics (consistency, CV table, intervals, 2-D maps)")
+    s.add_argument(
+        "--group-sizes",
+        type=_csv_ints,
+        default=None,
+        help="consistency group sizes, e.g. 25,50,100 (default: 10,25,50,... up to what the store holds)",
+    )
+    s.add_argument("--n-repeats", type=int, default=200, help="random group splits per group size")
+    s.add_argument(
+        "--consistency-threshold",
+        type=float,
+        default=None,
+        help="Pearson r a consistent bias must reach at the largest group size (default 0.9, see docs/statistics.md)",
+    )
+    s.add_argument("--cv-folds", type=int, default=None, help="folds of the cross-validation (default: min(5, samples))")
+    s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates of the PoRe parameter intervals")
+    s.add_argument("--level", type=float, default=0.95, help="confidence level of all intervals")
 
 
 def prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:

@@ -1,4 +1,4 @@
-"""``profile-bias fit``: fit the bias curves of a store into a calibration JSON."""
+"""``profile-bias fit``: fit the bias curves of a store into a calibration JSON and print its statistics."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fit",
         help="fit bias curves from a store into a calibration JSON",
-        description="Fit PosPrune's PBC polynomial and PoRe's exponential on a profile store and write the "
-        "calibration artifact (format: docs/calibration.md).",
+        description="Fit PosPrune's PBC polynomial (degree by cross-validation), PoRe's exponential and "
+        "AdaptPrune's Gaussian centre weight on a profile store, test the bias for consistency across sample "
+        "groups and sources, compare 1-D curves with 2-D bias maps, and write the calibration artifact with "
+        "its statistics (format: docs/calibration.md; statistics: docs/statistics.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--store", required=True, help="profile store written by 'profile-bias profile'")
     p.add_argument("--out", required=True, help="calibration JSON to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random splits, CV folds and bootstrap")
     add_fit_options(p)
     p.set_defaults(func=run)
 
@@ -37,6 +40,16 @@ def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
         domain=args.domain,
         pore_offset=not args.pure_exponential,
         keep=args.keep,
+        methods=args.methods,
+        seed=getattr(args, "seed", 0),
+        statistics=not args.no_stats,
+        group_sizes=args.group_sizes,
+        n_repeats=args.n_repeats,
+        consistency_threshold=args.consistency_threshold,
+        cv_folds=args.cv_folds,
+        n_boot=args.n_boot,
+        gaussian_sigma=args.gaussian_sigma,
+        level=args.level,
     )
     result.calibration.save(out)
     print_table(result.rows, ("method", "quantity", "value"))

@@ -292,7 +292,9 @@ class BaseFitter:
         target: type[BaseFitter] = cls
         if cls is BaseFitter:
             import posbias.fitters.exponential  # noqa: F401  (register the subclasses)
+            import posbias.fitters.gaussian  # noqa: F401
             import posbias.fitters.polynomial  # noqa: F401
+            import posbias.fitters.surface  # noqa: F401
 
             registry = {sub.__name__: sub for sub in _all_subclasses(BaseFitter)}
             if d["class"] not in registry:
