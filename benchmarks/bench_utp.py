@@ -1,0 +1,80 @@
+"""UTP benchmarks: schedule solve time vs L, V, S; info-loss fast path vs one full forward.
+
+Usage: python benchmarks/bench_utp.py [--model tiny-llava|demo-llava] [--skip-solve]
+Synthetic profiles (seeded gamma attention with a persistent per-token component, ell decreasing with
+depth) stand in for stores; the formulation is "compact", mode "joint" unless noted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+__all__: list[str] = []
+
+
+def synth(v: int, n_layers: int, s: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    mets = [rng.gamma(0.5, size=(v, 1)) * rng.gamma(2.0, size=(v, n_layers)) for _ in range(s)]  # (V, L) each
+    ells = np.linspace(1.2, 0.05, n_layers)[None] * rng.uniform(0.8, 1.2, (s, n_layers))  # (S, L)
+    return mets, ells
+
+
+def bench_solve(v: int, n_layers: int, s: int, ratio: float = 4.0, mode: str = "joint") -> None:
+    from posbias.solvers.utp import UTPSolver
+
+    mets, ells = synth(v, n_layers, s)
+    t0 = time.perf_counter()
+    solver = UTPSolver(ratio=ratio, mode=mode, time_limit=120).fit(mets, ells)
+    wall = time.perf_counter() - t0
+    print(f"solve L={n_layers:3d} V={v:4d} S={s:4d} mode={mode}: status={solver.status_} gap={solver.gap_:.2g} "
+          f"highs={solver.solve_seconds_:.3f}s wall={wall:.3f}s")
+
+
+def bench_info_loss(model: str) -> None:
+    from PIL import Image
+
+    from posbias.models import load_adapter
+    from posbias.models.tiny import tiny_llava
+    from posbias.profiler.utr import info_loss
+
+    adapter = tiny_llava(0) if model == "tiny-llava" else load_adapter(model)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    inputs = adapter.prepare(img, "What is the main object in this picture?")
+    adapter.forward_last_logits(inputs)
+    info_loss(adapter, inputs)  # warm-up
+    reps = 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        adapter.forward_last_logits(inputs)
+    full = (time.perf_counter() - t0) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        info_loss(adapter, inputs)
+    fast = (time.perf_counter() - t0) / reps
+    print(f"info loss on {model}: seq={inputs['input_ids'].shape[1]} L={adapter.n_layers}: one forward {full:.3f}s, "
+          f"all ell (incl. its own full forward) {fast:.3f}s = {fast / full:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny-llava")
+    ap.add_argument("--skip-solve", action="store_true")
+    ap.add_argument("--skip-loss", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_loss:
+        bench_info_loss(args.model)
+    if not args.skip_solve:
+        bench_solve(576, 32, 100)
+        for n_layers in (8, 16, 32):
+            bench_solve(144, n_layers, 100)
+        for v in (64, 144, 576):
+            bench_solve(v, 16, 100)
+        for s in (1, 10, 100):
+            bench_solve(144, 16, s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""``profile-bias solve``: UTP layer-wise retention schedules from a profile store, into a calibration."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import numpy as np
+
+__all__ = ["add_parser", "run", "solve_store"]
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--ratios {text!r} must be numbers separated by commas") from exc
+    if not vals:
+        raise argparse.ArgumentTypeError("--ratios needs at least one ratio")
+    return vals
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "solve",
+        help="UTP retention schedules (exact HiGHS ILP) into a calibration",
+        description="Solve seed 003's layer-wise retention ILP for each compression ratio from a store's "
+        "attention rows and /samples/utr_loss, and add the schedules to a calibration JSON (docs/utp.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--store", required=True, help="profile.h5 with /samples/utr_loss")
+    p.add_argument("--ratios", required=True, type=_ratios, help="compression ratios, e.g. 2,4,8,16")
+    p.add_argument("--into", required=True, metavar="CALIBRATION", help="calibration JSON to add schedules to")
+    p.add_argument("--formulation", default="compact", choices=("compact", "tokens"))
+    p.add_argument("--mode", default="joint", choices=("joint", "per_sample"))
+    p.add_argument("--pa-layers", type=int, default=3, help="leading layers ranked by position-agnostic rows")
+    p.add_argument("--min-keep", type=int, default=1, help="tokens every layer keeps at least")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per HiGHS solve")
+    p.set_defaults(func=run)
+
+
+def solve_store(store_path: str, ratios: list[float], *, formulation: str = "compact", mode: str = "joint",
+                pa_layers: int = 3, min_keep: int = 1, time_limit: float = 60.0) -> dict[str, dict]:
+    """Schedules for every ratio from a store; returns the calibration's ``schedules`` section."""
+    from posbias.errors import PosbiasError
+    from posbias.profiler.store import ProfileStore
+    from posbias.solvers.utp import UTPSolver, ranking_metric
+
+    with ProfileStore(store_path) as store:
+        loss = store.utr_loss  # (S, L) or None
+        if loss is None:
+            raise PosbiasError(
+                f"store {store_path} has no /samples/utr_loss; compute it first with "
+                "posbias.profiler.utr.profile_info_loss and posbias.profiler.store.write_utr_loss"
+            )
+        if store.n_samples == 0:
+            raise PosbiasError(f"store {store_path} has no samples; run 'profile-bias profile' first")
+        use_pa = store.has_attn_pa and pa_layers > 0
+        metric_name = f"attn_pa[:{pa_layers}]+attn" if use_pa else "attn (no /tokens/attn_pa in the store)"
+        v_common = Counter(store.n_visual.tolist()).most_common(1)[0][0]
+        ids, metrics, ells = [], [], []
+        for i in range(store.n_samples):
+            if int(store.n_visual[i]) != v_common or not np.isfinite(loss[i, 1:]).all():
+                continue
+            attn = store.sample_attn(i)  # (V, L) float32
+            if not np.isfinite(attn).all():
+                continue
+            pa = store.sample_attn_pa(i) if use_pa else None
+            metrics.append(ranking_metric(attn, pa, pa_layers=pa_layers))
+            ells.append(loss[i])
+            ids.append(store.sample_ids[i])
+    if not ids:
+        raise PosbiasError(f"store {store_path} has no sample with finite utr_loss and attention rows; re-profile")
+    out: dict[str, dict] = {}
+    for ratio in ratios:
+        solver = UTPSolver(ratio=ratio, formulation=formulation, mode=mode, min_keep=min_keep,
+                           time_limit=time_limit).fit(metrics, np.asarray(ells))
+        entry = solver.to_dict()
+        entry["metric"] = metric_name
+        entry["samples"] = ids
+        out[f"{ratio:g}"] = entry
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from posbias.artifacts.calibration import Calibration
+    from posbias.errors import PosbiasError
+
+    into = Path(args.into)
+    if not into.is_file():
+        raise PosbiasError(f"calibration {into} does not exist; run 'profile-bias fit' first or check --into")
+    try:
+        doc = json.loads(into.read_text())
+    except json.JSONDecodeError as exc:
+        raise PosbiasError(f"calibration {into} is not JSON ({exc}); pass a file written by 'profile-bias fit'") from exc
+    schedules = solve_store(args.store, args.ratios, formulation=args.formulation, mode=args.mode,
+                            pa_layers=args.pa_layers, min_keep=args.min_keep, time_limit=args.time_limit)
+    doc.setdefault("schedules", {}).update(schedules)
+    cal = Calibration.from_dict(doc, source=str(into))
+    into.write_text(cal.dumps())
+    for key, e in schedules.items():
+        sched = e["schedule"]
+        shown = "not written (no schedule within budget)" if sched is None else ",".join(map(str, sched))
+        print(f"ratio {key}: status={e['status']} gap={e['gap']} objective={e['objective']} "
+              f"time={e['solve_seconds']:.3f}s samples={e['n_samples']} metric={e['metric']} r={shown}")
+    return 0

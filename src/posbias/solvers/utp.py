@@ -1,0 +1,692 @@
+"""UTP layer-wise retention schedules (seed 003, section 3.3, Eqs. 3-5) solved exactly with HiGHS.
+
+Indexing: decoder layers are 0-based here, ``i = 0..L-1`` (the seed's ``l = i + 1``). Layer 0 keeps all
+``V`` visual tokens (the seed's ``r_1 = V``); a schedule is ``r = (r_0 = V, r_1, ..., r_{L-1})`` with
+``V >= r_1 >= ... >= r_{L-1} >= min_keep`` and ``sum_{i>=1} r_i = B`` where
+``B = round(V * L / c) - V`` for compression ratio ``c`` (:func:`retention_budget`).
+
+Inputs per sample: a ranking metric ``m`` (V, L) (last-token attention per layer, position-agnostic in the
+first layers when available, see :func:`ranking_metric`) and the information loss ``ell`` (L,)
+(``ell[i]``: arccos deviation of the final feature when all visual tokens are removed from layer i on,
+:mod:`posbias.profiler.utr`). The loss of layer i >= 1 is ``t_i = ell[i] * m[pruned_i, i].sum() / m[:, i].sum()``
+where ``pruned_i`` are the tokens dropped at layer i; the tokens kept at layer i are the top ``r_i`` of the
+tokens kept at layer i-1 by ``m[:, i-1]`` (ties: lower index first). :func:`simulate_loss` evaluates this
+progressive top-k pruning for a given schedule.
+
+Two formulations (docs/utp.md derives both):
+
+``"tokens"``
+    The seed's Eqs. 4-5 exactly: binary ``x[i, j]`` (token j kept at layer i), nesting ``x[i] <= x[i-1]``, and
+    the top-k rule linearised with one monotone threshold vector per layer (``x[i,j] = x[i-1,j] AND z[i, rank(j)]``).
+    Optimal for progressive top-k pruning; ``O(V L)`` binaries per sample, practical only for small V L.
+``"compact"`` (default)
+    Each layer measures its pruned mass over a prefix of its own ranking, so the objective separates into
+    per-layer tables ``f_i(r_i)`` and the program has ``(L-1) V`` cumulative binaries ``u[i,k] = [r_i >= k]``
+    (a staircase). It equals the ``"tokens"`` model whenever consecutive layers rank tokens alike and solves
+    L=32, V=576 in well under a second; the joint (shared-schedule) program over S samples has the same
+    size as one sample's because the tables add up.
+
+Modes: ``"joint"`` solves one program for one schedule shared by all samples (sum of their losses);
+``"per_sample"`` solves each sample alone and aggregates: the schedule is the feasible one (budget met
+exactly, non-increasing, bounds) nearest in L1 to the mean per-sample schedule, itself found with HiGHS.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from posbias.errors import PosbiasError
+from posbias.solvers.milp import MilpResult, solve_milp
+
+__all__ = [
+    "FORMULATIONS",
+    "MODES",
+    "retention_budget",
+    "ranking_metric",
+    "simulate_loss",
+    "iter_schedules",
+    "brute_force",
+    "compact_tables",
+    "check_schedule",
+    "UTPSolver",
+]
+
+FORMULATIONS: tuple[str, ...] = ("compact", "tokens")
+MODES: tuple[str, ...] = ("joint", "per_sample")
+
+
+# ------------------------------------------------------------------------------------------- basics
+
+
+def retention_budget(n_visual: int, n_layers: int, ratio: float, *, min_keep: int = 1) -> int:
+    """Tokens to keep over layers 1..L-1, ``B = round(V * L / ratio) - V`` (seed Eq. 3).
+
+    Parameters
+    ----------
+    n_visual : int
+        V, visual tokens entering the decoder.
+    n_layers : int
+        L, decoder layers (>= 2).
+    ratio : float
+        Compression ratio c >= 1 (the seed's CR as a factor: 4 for "400%").
+    min_keep : int
+        Tokens every layer keeps at least.
+
+    Raises
+    ------
+    PosbiasError
+        For c < 1, or a budget below ``min_keep`` tokens per layer (c too high for this V and L).
+    """
+    if not np.isfinite(ratio) or ratio < 1:
+        raise PosbiasError(f"compression ratio {ratio!r} is below 1; pass ratios >= 1 (e.g. --ratios 2,4,8)")
+    if n_layers < 2:
+        raise PosbiasError(f"a schedule needs at least 2 decoder layers, the model has {n_layers}")
+    if n_visual < 1:
+        raise PosbiasError("samples have no visual tokens; profile samples with an image")
+    budget = int(round(n_visual * n_layers / float(ratio))) - int(n_visual)
+    budget = min(budget, n_visual * (n_layers - 1))
+    floor = min_keep * (n_layers - 1)
+    if budget < floor:
+        c_max = n_visual * n_layers / (n_visual + floor)
+        raise PosbiasError(
+            f"compression ratio {ratio:g} leaves {budget} tokens for {n_layers - 1} layers (V={n_visual}), "
+            f"below {min_keep} per layer; pass a ratio <= {c_max:.3g}"
+        )
+    return budget
+
+
+def ranking_metric(attn: np.ndarray, attn_pa: np.ndarray | None = None, *, pa_layers: int = 3) -> np.ndarray:
+    """The per-layer ranking metric ``a^i`` (V, L): position-agnostic rows for the first ``pa_layers``
+    layers when given, the ordinary attention rows elsewhere.
+
+    Parameters
+    ----------
+    attn : np.ndarray
+        (V, L) float last-token attention (head mean) of one sample.
+    attn_pa : np.ndarray or None
+        (V, L) or (V, k) float position-agnostic attention of the first layers (seed Eq. 2), or None.
+    pa_layers : int
+        How many leading layers use ``attn_pa`` (seed default 3).
+    """
+    attn = np.asarray(attn, dtype=np.float64)  # (V, L)
+    if attn.ndim != 2:
+        raise PosbiasError(f"attention rows have shape {attn.shape}; expected (V, L)")
+    out = attn.copy()  # (V, L)
+    if attn_pa is not None and pa_layers > 0:
+        pa = np.asarray(attn_pa, dtype=np.float64)  # (V, k)
+        k = min(pa_layers, pa.shape[1], attn.shape[1])
+        out[:, :k] = pa[:, :k]
+    return out
+
+
+def _normalised(metric: np.ndarray) -> np.ndarray:
+    """(V, L) columns divided by their sums (zero columns stay zero)."""
+    tot = metric.sum(axis=0, keepdims=True)  # (1, L)
+    return np.divide(metric, tot, out=np.zeros_like(metric), where=tot > 0)
+
+
+def _rank_order(col: np.ndarray) -> np.ndarray:
+    """(V,) int64 token indices sorted by descending score, ties by lower index."""
+    return np.argsort(-col, kind="stable")
+
+
+def check_schedule(schedule: Sequence[int], n_visual: int, budget: int, *, min_keep: int = 1) -> np.ndarray:
+    """Validate a schedule (L,) and return it as int64; raise PosbiasError naming the broken rule."""
+    r = np.asarray(schedule)
+    if r.ndim != 1 or r.shape[0] < 2 or not np.all(np.equal(np.round(r), r)):
+        raise PosbiasError(f"schedule {list(r)} must be a list of integers, one per layer")
+    r = r.astype(np.int64)  # (L,)
+    if r[0] != n_visual:
+        raise PosbiasError(f"schedule starts with {r[0]}, layer 0 must keep all V={n_visual} tokens")
+    if np.any(np.diff(r) > 0):
+        raise PosbiasError(f"schedule {r.tolist()} increases somewhere; kept sets are nested, so it must not")
+    if r[-1] < min_keep:
+        raise PosbiasError(f"schedule {r.tolist()} keeps fewer than {min_keep} token(s) at some layer")
+    if int(r[1:].sum()) != budget:
+        raise PosbiasError(f"schedule {r.tolist()} keeps {int(r[1:].sum())} tokens over layers 1.., budget is {budget}")
+    return r
+
+
+def simulate_loss(metric: np.ndarray, info_loss: np.ndarray, schedule: Sequence[int]) -> float:
+    """Objective of one sample under progressive top-k pruning (the exact model, seed Eqs. 3-4).
+
+    Parameters
+    ----------
+    metric : np.ndarray
+        (V, L) ranking metric / attention mass per layer.
+    info_loss : np.ndarray
+        (L,) information loss ``ell`` per layer (entry 0 unused).
+    schedule : sequence of int
+        (L,) kept tokens per layer, ``schedule[0] == V``.
+    """
+    metric = np.asarray(metric, dtype=np.float64)  # (V, L)
+    norm = _normalised(metric)  # (V, L)
+    v, n_layers = metric.shape
+    alive = np.arange(v)  # (n,) kept token ids, current
+    total = 0.0
+    for i in range(1, n_layers):
+        order = alive[_rank_order(metric[alive, i - 1])]  # (n,)
+        keep = order[: int(schedule[i])]
+        pruned = order[int(schedule[i]) :]
+        total += float(info_loss[i]) * float(norm[pruned, i].sum())
+        alive = np.sort(keep)
+    return total
+
+
+def iter_schedules(n_visual: int, n_layers: int, budget: int, *, min_keep: int = 1) -> Iterator[np.ndarray]:
+    """Every admissible schedule (L,) int64: ``r_0 = V``, non-increasing, ``>= min_keep``, budget met.
+
+    Exponential; for tests and tiny instances only.
+    """
+
+    def rec(prefix: list[int], remaining: int, layers_left: int) -> Iterator[list[int]]:
+        if layers_left == 0:
+            if remaining == 0:
+                yield prefix
+            return
+        hi = min(prefix[-1], remaining - min_keep * (layers_left - 1))
+        for r in range(min_keep, hi + 1):
+            if r * layers_left < remaining:  # later layers keep <= r each
+                continue
+            yield from rec(prefix + [r], remaining - r, layers_left - 1)
+
+    for sched in rec([n_visual], budget, n_layers - 1):
+        yield np.asarray(sched, dtype=np.int64)
+
+
+def brute_force(
+    metrics: Sequence[np.ndarray], losses: np.ndarray, budget: int, *, min_keep: int = 1
+) -> tuple[np.ndarray, float]:
+    """(best schedule, its summed progressive loss) by enumerating :func:`iter_schedules` (tests only)."""
+    v, n_layers = np.asarray(metrics[0]).shape
+    best, best_val = None, np.inf
+    for sched in iter_schedules(v, n_layers, budget, min_keep=min_keep):
+        val = sum(simulate_loss(m, ell, sched) for m, ell in zip(metrics, losses, strict=True))
+        if val < best_val - 1e-12:
+            best, best_val = sched, val
+    if best is None:
+        raise PosbiasError("no admissible schedule; check the budget")
+    return best, float(best_val)
+
+
+def compact_tables(metric: np.ndarray, info_loss: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-layer cost tables of the compact formulation.
+
+    Returns
+    -------
+    f : np.ndarray
+        (L-1, V+1) float64, ``f[i-1, k]`` the part of the objective that depends on ``r_i = k``:
+        ``-ell_i G_i(k) + ell_{i+1} G_{i+1}(k)`` where ``G_i(k)`` is the normalised layer-i mass of the
+        top-k tokens by the layer-(i-1) metric (``G_L = 0``).
+    const : float
+        ``ell_1 * G_1(V) = ell_1`` (layer 1 always starts from all V tokens).
+    """
+    metric = np.asarray(metric, dtype=np.float64)  # (V, L)
+    ell = np.asarray(info_loss, dtype=np.float64)  # (L,)
+    v, n_layers = metric.shape
+    norm = _normalised(metric)  # (V, L)
+    g = np.zeros((n_layers + 1, v + 1))  # (L+1, V+1); g[i, k] = G_i(k), rows 0 and L stay 0
+    for i in range(1, n_layers):
+        order = _rank_order(metric[:, i - 1])  # (V,)
+        g[i, 1:] = np.cumsum(norm[order, i])
+    ell_ext = np.concatenate([ell, [0.0]])  # (L+1,)
+    f = -ell_ext[1:n_layers, None] * g[1:n_layers] + ell_ext[2 : n_layers + 1, None] * g[2 : n_layers + 1]
+    return f, float(ell[1] * g[1, v])  # (L-1, V+1), scalar
+
+
+# ----------------------------------------------------------------------------------- program builders
+
+
+def _compact_program(
+    f: np.ndarray, const: float, budget: int, min_keep: int
+) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Staircase program over ``u[i, k] = [r_i >= k]`` (i = 1..L-1, k = 1..V); columns i-major."""
+    n_rows_l, vp1 = f.shape  # L-1, V+1
+    v = vp1 - 1
+    n = n_rows_l * v
+    cost = np.diff(f, axis=1).ravel()  # (n,) f_i(k) - f_i(k-1)
+    offset = const + float(f[:, 0].sum())
+    idx = np.arange(n).reshape(n_rows_l, v)  # (L-1, V)
+    blocks_r, blocks_c, blocks_v = [], [], []
+    n_row = 0
+    # u[i, k] - u[i, k+1] >= 0
+    a = idx[:, :-1].ravel()
+    b = idx[:, 1:].ravel()
+    rows = np.arange(a.size) + n_row
+    blocks_r += [rows, rows]
+    blocks_c += [a, b]
+    blocks_v += [np.ones(a.size), -np.ones(a.size)]
+    n_row += a.size
+    # u[i-1, k] - u[i, k] >= 0
+    a = idx[:-1].ravel()
+    b = idx[1:].ravel()
+    rows = np.arange(a.size) + n_row
+    blocks_r += [rows, rows]
+    blocks_c += [a, b]
+    blocks_v += [np.ones(a.size), -np.ones(a.size)]
+    n_row += a.size
+    lower = np.zeros(n_row)
+    upper = np.full(n_row, np.inf)
+    # budget
+    blocks_r.append(np.full(n, n_row))
+    blocks_c.append(np.arange(n))
+    blocks_v.append(np.ones(n))
+    lower = np.append(lower, budget)
+    upper = np.append(upper, budget)
+    n_row += 1
+    matrix = sp.csr_matrix(
+        (np.concatenate(blocks_v), (np.concatenate(blocks_r), np.concatenate(blocks_c))), shape=(n_row, n)
+    )
+    col_lo = np.zeros((n_rows_l, v))
+    col_lo[:, :min_keep] = 1.0
+    return cost, matrix, lower, upper, col_lo.ravel(), np.ones(n), offset
+
+
+def _token_block(metric: np.ndarray, info_loss: np.ndarray, min_keep: int, col0: int, row0: int):
+    """Rows/columns of the exact token model of one sample, columns from ``col0``, rows from ``row0``.
+
+    Columns: x[i, j] (i = 1..L-1, j = 0..V-1), then z[i, p] (threshold over rank p of layer i-1's metric).
+    """
+    metric = np.asarray(metric, dtype=np.float64)  # (V, L)
+    ell = np.asarray(info_loss, dtype=np.float64)  # (L,)
+    v, n_layers = metric.shape
+    m = n_layers - 1
+    norm = _normalised(metric)  # (V, L)
+    nx = m * v
+    x = col0 + np.arange(nx).reshape(m, v)  # (L-1, V)
+    z = col0 + nx + np.arange(nx).reshape(m, v)  # (L-1, V)
+    cost = np.zeros(2 * nx)
+    c = -ell[1:, None] * norm[:, 1:].T  # (L-1, V): -ell_i a^i_j
+    c[:-1] += ell[2:, None] * norm[:, 2:].T  # + ell_{i+1} a^{i+1}_j
+    cost[:nx] = c.ravel()
+    offset = float(ell[1] * norm[:, 1].sum())
+    pos = np.empty((m, v), dtype=np.int64)  # rank of token j in layer (i-1)'s metric
+    for i in range(1, n_layers):
+        pos[i - 1, _rank_order(metric[:, i - 1])] = np.arange(v)
+    zj = z[np.arange(m)[:, None], pos]  # (L-1, V) z column of token j's rank
+
+    rr, cc, vv, lo, hi = [], [], [], [], []
+    row = row0
+
+    def add(cols: list[np.ndarray], vals: list[float], low: float, high: float) -> None:
+        nonlocal row
+        k = cols[0].size
+        rows = row + np.arange(k)
+        for col, val in zip(cols, vals, strict=True):
+            rr.append(rows)
+            cc.append(col.ravel())
+            vv.append(np.full(k, val))
+        lo.append(np.full(k, low))
+        hi.append(np.full(k, high))
+        row += k
+
+    add([z[:, :-1].ravel(), z[:, 1:].ravel()], [1.0, -1.0], 0.0, np.inf)  # z monotone over ranks
+    add([x.ravel(), zj.ravel()], [1.0, -1.0], -np.inf, 0.0)  # x <= z
+    add([x[0], zj[0]], [1.0, -1.0], 0.0, np.inf)  # layer 1: x = z (all alive)
+    if m > 1:
+        add([x[1:].ravel(), x[:-1].ravel()], [1.0, -1.0], -np.inf, 0.0)  # nesting
+        add([x[1:].ravel(), x[:-1].ravel(), zj[1:].ravel()], [1.0, -1.0, -1.0], -1.0, np.inf)  # x >= prev AND z
+    # at least min_keep per layer
+    rows = row + np.repeat(np.arange(m), v)
+    rr.append(rows)
+    cc.append(x.ravel())
+    vv.append(np.ones(nx))
+    lo.append(np.full(m, float(min_keep)))
+    hi.append(np.full(m, np.inf))
+    row += m
+    return cost, offset, x, (rr, cc, vv, lo, hi), row
+
+
+def _token_program(metrics: Sequence[np.ndarray], losses: np.ndarray, budget: int, min_keep: int, joint: bool):
+    """Exact token model for one sample (``joint=False``, one metric) or S samples sharing r (joint)."""
+    v, n_layers = np.asarray(metrics[0]).shape
+    m = n_layers - 1
+    per = 2 * m * v
+    s = len(metrics)
+    n_r = m if joint else 0
+    n = s * per + n_r
+    cost = np.zeros(n)
+    offset = 0.0
+    rr, cc, vv, lo, hi = [], [], [], [], []
+    row = 0
+    xs = []
+    for k, (metric, ell) in enumerate(zip(metrics, losses, strict=True)):
+        c, off, x, (r1, c1, v1, l1, h1), row = _token_block(metric, ell, min_keep, k * per, row)
+        cost[k * per : (k + 1) * per] = c
+        offset += off
+        rr += r1
+        cc += c1
+        vv += v1
+        lo += l1
+        hi += h1
+        xs.append(x)
+    if joint:
+        rcols = s * per + np.arange(m)
+        for x in xs:  # sum_j x[i, j] - r_i = 0
+            rows = row + np.repeat(np.arange(m), v)
+            rr += [rows, row + np.arange(m)]
+            cc += [x.ravel(), rcols]
+            vv += [np.ones(m * v), -np.ones(m)]
+            lo.append(np.zeros(m))
+            hi.append(np.zeros(m))
+            row += m
+        rr.append(np.full(m, row))
+        cc.append(rcols)
+        vv.append(np.ones(m))
+    else:
+        rr.append(np.full(m * v, row))
+        cc.append(xs[0].ravel())
+        vv.append(np.ones(m * v))
+    lo.append(np.array([float(budget)]))
+    hi.append(np.array([float(budget)]))
+    row += 1
+    matrix = sp.csr_matrix((np.concatenate(vv), (np.concatenate(rr), np.concatenate(cc))), shape=(row, n))
+    col_lo = np.zeros(n)
+    col_hi = np.ones(n)
+    integer = np.zeros(n, dtype=bool)
+    for x in xs:
+        integer[x.ravel()] = True
+    if joint:
+        col_hi[s * per :] = v
+        integer[s * per :] = True
+    return cost, matrix, np.concatenate(lo), np.concatenate(hi), col_lo, col_hi, integer, offset, xs
+
+
+# ------------------------------------------------------------------------------------------ estimator
+
+
+def _project_schedule(target: np.ndarray, n_visual: int, budget: int, min_keep: int, time_limit: float) -> MilpResult:
+    """Nearest (L1) admissible schedule to ``target`` (L-1,) for layers 1..L-1, solved with HiGHS.
+
+    Columns: r (L-1, integer), d (L-1, continuous) with ``d >= |r - target|``.
+    """
+    m = target.shape[0]
+    n = 2 * m
+    cost = np.concatenate([np.zeros(m), np.ones(m)])
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    row = 0
+    for i in range(m):  # d_i - r_i >= -t_i ; d_i + r_i >= t_i
+        rows += [row, row, row + 1, row + 1]
+        cols += [m + i, i, m + i, i]
+        vals += [1.0, -1.0, 1.0, 1.0]
+        lo += [-float(target[i]), float(target[i])]
+        hi += [np.inf, np.inf]
+        row += 2
+    for i in range(1, m):  # r_{i-1} - r_i >= 0
+        rows += [row, row]
+        cols += [i - 1, i]
+        vals += [1.0, -1.0]
+        lo.append(0.0)
+        hi.append(np.inf)
+        row += 1
+    rows += [row] * m
+    cols += list(range(m))
+    vals += [1.0] * m
+    lo.append(float(budget))
+    hi.append(float(budget))
+    row += 1
+    matrix = sp.csr_matrix((vals, (rows, cols)), shape=(row, n))
+    col_lo = np.concatenate([np.full(m, float(min_keep)), np.zeros(m)])
+    col_hi = np.concatenate([np.full(m, float(n_visual)), np.full(m, np.inf)])
+    integer = np.concatenate([np.ones(m, bool), np.zeros(m, bool)])
+    return solve_milp(cost, matrix, np.asarray(lo), np.asarray(hi), col_lo, col_hi, integer, time_limit=time_limit)
+
+
+class UTPSolver:
+    """Layer-wise retention schedule for one compression ratio (seed 003 UTR), solved with HiGHS.
+
+    Parameters
+    ----------
+    ratio : float
+        Compression ratio c >= 1.
+    formulation : {"compact", "tokens"}
+        See the module docstring.
+    mode : {"joint", "per_sample"}
+        One program over all samples with a shared schedule, or one per sample then aggregation.
+    min_keep : int
+        Tokens every layer keeps at least.
+    time_limit : float
+        Seconds per HiGHS solve.
+    mip_rel_gap : float
+        Relative gap at which HiGHS may stop (0: prove optimality).
+    threads : int or None
+        HiGHS threads.
+
+    Attributes
+    ----------
+    schedule_ : list of int or None
+        (L,) kept tokens per layer, ``schedule_[0] = V``; None when no solve produced a schedule within budget.
+    n_visual_, n_layers_, budget_ : int
+    objective_ : float
+        Summed model loss of ``schedule_`` over the samples used (the solver's objective for ``joint``;
+        for ``per_sample`` the summed loss of the aggregated schedule under the same formulation).
+    status_ : str
+        ``"optimal"``, ``"time_limit"``, ``"infeasible"``, ... (worst over the solves made).
+    gap_ : float
+        Relative MIP gap (largest over the solves made).
+    solve_seconds_ : float
+        Wall time of all HiGHS runs.
+    n_samples_ : int
+        Samples used.
+    per_sample_ : list of list of int or None
+        (S, L) per-sample optimal schedules (``per_sample`` mode only).
+    """
+
+    def __init__(
+        self,
+        *,
+        ratio: float,
+        formulation: str = "compact",
+        mode: str = "joint",
+        min_keep: int = 1,
+        time_limit: float = 60.0,
+        mip_rel_gap: float = 0.0,
+        threads: int | None = None,
+    ) -> None:
+        self.ratio = ratio
+        self.formulation = formulation
+        self.mode = mode
+        self.min_keep = min_keep
+        self.time_limit = time_limit
+        self.mip_rel_gap = mip_rel_gap
+        self.threads = threads
+
+    # -- fitting
+
+    def _validate(self, metrics: Sequence[np.ndarray], losses: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        if self.formulation not in FORMULATIONS:
+            raise PosbiasError(f"formulation {self.formulation!r} is unknown; use one of {', '.join(FORMULATIONS)}")
+        if self.mode not in MODES:
+            raise PosbiasError(f"mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, np.integer)) or self.min_keep < 0:
+            raise PosbiasError(f"min_keep={self.min_keep!r} must be an int >= 0")
+        mets = [np.asarray(m, dtype=np.float64) for m in metrics]  # each (V, L)
+        ells = np.asarray(losses, dtype=np.float64)  # (S, L)
+        if not mets:
+            raise PosbiasError("no samples to solve over; profile samples (with utr_loss) first")
+        if ells.ndim != 2 or ells.shape[0] != len(mets):
+            raise PosbiasError(f"losses have shape {ells.shape}; expected (S, L) with S={len(mets)} metrics")
+        shapes = {m.shape for m in mets}
+        if len(shapes) != 1 or next(iter(shapes))[1] != ells.shape[1]:
+            raise PosbiasError(
+                f"metric shapes {sorted(shapes)} differ or disagree with losses {ells.shape}; "
+                "pass samples with one visual-token count (see select_samples)"
+            )
+        for k, (m, ell) in enumerate(zip(mets, ells, strict=True)):
+            if not (np.isfinite(m).all() and np.isfinite(ell[1:]).all()) or (m < 0).any():
+                raise PosbiasError(f"sample {k} has non-finite or negative attention/utr_loss; drop it")
+        return mets, ells
+
+    def _solve_one(self, mets: list[np.ndarray], ells: np.ndarray, budget: int, joint: bool) -> tuple[MilpResult, np.ndarray | None]:
+        v, n_layers = mets[0].shape
+        if self.formulation == "compact":
+            f = np.zeros((n_layers - 1, v + 1))
+            const = 0.0
+            for m, ell in zip(mets, ells, strict=True):
+                fi, ci = compact_tables(m, ell)
+                f += fi
+                const += ci
+            prog = _compact_program(f, const, budget, int(self.min_keep))
+            res = solve_milp(
+                *prog[:6], np.ones(prog[1].shape[1], bool), offset=prog[6], time_limit=self.time_limit,
+                mip_rel_gap=self.mip_rel_gap, threads=self.threads,
+            )
+            if res.x is None:
+                return res, None
+            u = np.round(res.x).reshape(n_layers - 1, v)  # (L-1, V)
+            r = u.sum(axis=1)
+        else:
+            cost, matrix, lo, hi, clo, chi, integer, offset, xs = _token_program(
+                mets, ells, budget, int(self.min_keep), joint
+            )
+            res = solve_milp(
+                cost, matrix, lo, hi, clo, chi, integer, offset=offset, time_limit=self.time_limit,
+                mip_rel_gap=self.mip_rel_gap, threads=self.threads,
+            )
+            if res.x is None:
+                return res, None
+            r = np.round(res.x[xs[0]]).sum(axis=1)  # (L-1,)
+        sched = np.concatenate([[v], r]).astype(np.int64)  # (L,)
+        try:
+            check_schedule(sched, v, budget, min_keep=int(self.min_keep))
+        except PosbiasError:
+            return res, None  # never hand out a schedule that breaks the budget
+        return res, sched
+
+    def objective(self, metrics: Sequence[np.ndarray], losses: np.ndarray, schedule: Sequence[int]) -> float:
+        """Summed loss of ``schedule`` over samples under this solver's formulation."""
+        total = 0.0
+        for m, ell in zip(metrics, np.asarray(losses, dtype=np.float64), strict=True):
+            if self.formulation == "tokens":
+                total += simulate_loss(m, ell, schedule)
+            else:
+                f, c = compact_tables(m, ell)
+                total += c + float(f[np.arange(f.shape[0]), np.asarray(schedule[1:], dtype=np.int64)].sum())
+        return total
+
+    def fit(self, metrics: Sequence[np.ndarray], losses: np.ndarray) -> UTPSolver:
+        """Solve for the schedule.
+
+        Parameters
+        ----------
+        metrics : sequence of np.ndarray
+            S arrays (V, L) of the ranking metric per sample (:func:`ranking_metric`).
+        losses : np.ndarray
+            (S, L) information loss per sample and layer (``/samples/utr_loss``; column 0 unused).
+
+        Returns
+        -------
+        self
+        """
+        mets, ells = self._validate(metrics, losses)
+        v, n_layers = mets[0].shape
+        budget = retention_budget(v, n_layers, float(self.ratio), min_keep=int(self.min_keep))
+        t0 = time.perf_counter()
+        statuses: list[str] = []
+        gaps: list[float] = []
+        seconds = 0.0
+        per_sample: list[list[int]] | None = None
+        if self.mode == "joint":
+            res, sched = self._solve_one(mets, ells, budget, joint=True)
+            statuses.append(res.status)
+            gaps.append(res.gap)
+            seconds += res.seconds
+        else:
+            per_sample = []
+            for k in range(len(mets)):
+                res, s_k = self._solve_one(mets[k : k + 1], ells[k : k + 1], budget, joint=False)
+                statuses.append(res.status)
+                gaps.append(res.gap)
+                seconds += res.seconds
+                if s_k is None:
+                    per_sample = None
+                    break
+                per_sample.append(s_k.tolist())
+            sched = None
+            if per_sample is not None:
+                mean = np.asarray(per_sample, dtype=np.float64)[:, 1:].mean(axis=0)  # (L-1,)
+                proj = _project_schedule(mean, v, budget, int(self.min_keep), self.time_limit)
+                seconds += proj.seconds
+                if proj.x is not None:
+                    r = np.round(proj.x[: n_layers - 1])
+                    cand = np.concatenate([[v], r]).astype(np.int64)
+                    try:
+                        sched = check_schedule(cand, v, budget, min_keep=int(self.min_keep))
+                    except PosbiasError:
+                        sched = None
+                if proj.status != "optimal":
+                    statuses.append(proj.status)
+        order = ["optimal", "time_limit"]
+        worst = max(statuses, key=lambda s: order.index(s) if s in order else len(order))
+        self.n_visual_ = int(v)
+        self.n_layers_ = int(n_layers)
+        self.budget_ = int(budget)
+        self.n_samples_ = len(mets)
+        self.status_ = worst
+        finite_gaps = [g for g in gaps if np.isfinite(g)]
+        self.gap_ = float(max(finite_gaps)) if len(finite_gaps) == len(gaps) else float("inf")
+        self.solve_seconds_ = float(seconds)
+        self.wall_seconds_ = float(time.perf_counter() - t0)
+        self.per_sample_ = per_sample
+        self.schedule_ = None if sched is None else [int(x) for x in sched]
+        self.objective_ = float("nan") if sched is None else float(self.objective(mets, ells, sched))
+        return self
+
+    # -- serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON description: parameters and, when fitted, the schedule and solve report."""
+        out: dict[str, Any] = {
+            "ratio": float(self.ratio),
+            "formulation": self.formulation,
+            "mode": self.mode,
+            "min_keep": int(self.min_keep),
+            "time_limit": float(self.time_limit),
+            "mip_rel_gap": float(self.mip_rel_gap),
+        }
+        if hasattr(self, "status_"):
+            out.update(
+                schedule=self.schedule_,
+                n_visual=self.n_visual_,
+                n_layers=self.n_layers_,
+                budget=self.budget_,
+                objective=None if not np.isfinite(self.objective_) else float(self.objective_),
+                status=self.status_,
+                gap=None if not np.isfinite(self.gap_) else float(self.gap_),
+                solve_seconds=float(self.solve_seconds_),
+                n_samples=int(self.n_samples_),
+            )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UTPSolver:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            obj = cls(
+                ratio=float(data["ratio"]),
+                formulation=str(data.get("formulation", "compact")),
+                mode=str(data.get("mode", "joint")),
+                min_keep=int(data.get("min_keep", 1)),
+                time_limit=float(data.get("time_limit", 60.0)),
+                mip_rel_gap=float(data.get("mip_rel_gap", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PosbiasError(f"UTP schedule entry {data!r} is malformed ({exc}); re-run profile-bias solve") from exc
+        if "status" in data:
+            obj.schedule_ = None if data.get("schedule") is None else [int(x) for x in data["schedule"]]
+            obj.n_visual_ = int(data["n_visual"])
+            obj.n_layers_ = int(data["n_layers"])
+            obj.budget_ = int(data["budget"])
+            obj.objective_ = float("nan") if data.get("objective") is None else float(data["objective"])
+            obj.status_ = str(data["status"])
+            obj.gap_ = float("inf") if data.get("gap") is None else float(data["gap"])
+            obj.solve_seconds_ = float(data["solve_seconds"])
+            obj.n_samples_ = int(data["n_samples"])
+            obj.per_sample_ = None
+        return obj
+

@@ -1,0 +1,144 @@
+"""UTP retention schedules: exact HiGHS ILP vs enumeration, budgets, runtime masks, info-loss fast path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from posbias.errors import PosbiasError
+from posbias.solvers.utp import (
+    UTPSolver,
+    brute_force,
+    iter_schedules,
+    retention_budget,
+    simulate_loss,
+)
+
+
+def _instance(seed: int, s: int = 2, v: int = 8, n_layers: int = 5, consistent: bool = False):
+    rng = np.random.default_rng(seed)
+    if consistent:  # every layer ranks tokens alike, masses differ
+        base = rng.gamma(0.7, size=(v, 1))
+        mets = [base * rng.uniform(0.9, 1.0, size=(v, n_layers)) ** 0 * rng.uniform(0.5, 1, (1, n_layers))
+                for _ in range(s)]
+    else:
+        mets = [rng.gamma(0.7, size=(v, n_layers)) for _ in range(s)]  # (V, L) each
+    ells = rng.uniform(0.1, 1.5, size=(s, n_layers))  # (S, L)
+    return mets, ells
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ratio", [1.5, 2.0, 3.0])
+def test_tokens_joint_matches_enumeration(seed, ratio):
+    mets, ells = _instance(seed)
+    budget = retention_budget(8, 5, ratio)
+    best, best_val = brute_force(mets, ells, budget)
+    solver = UTPSolver(ratio=ratio, formulation="tokens", mode="joint").fit(mets, ells)
+    assert solver.status_ == "optimal"
+    assert solver.objective_ == pytest.approx(best_val, abs=1e-8)
+    assert sum(solver.schedule_[1:]) == budget
+    assert all(a >= b for a, b in zip(solver.schedule_, solver.schedule_[1:]))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_tokens_per_sample_optimal_and_aggregate_within_budget(seed):
+    mets, ells = _instance(seed, s=3)
+    budget = retention_budget(8, 5, 2.0)
+    solver = UTPSolver(ratio=2.0, formulation="tokens", mode="per_sample").fit(mets, ells)
+    for k, sched in enumerate(solver.per_sample_):
+        _, val = brute_force(mets[k : k + 1], ells[k : k + 1], budget)
+        assert simulate_loss(mets[k], ells[k], sched) == pytest.approx(val, abs=1e-8)
+    agg = np.asarray(solver.schedule_)
+    assert agg[0] == 8 and agg[1:].sum() == budget and np.all(np.diff(agg) <= 0)
+    mean = np.asarray(solver.per_sample_)[:, 1:].mean(axis=0)
+    # the aggregate is the L1-nearest admissible schedule to the mean
+    best_l1 = min(np.abs(s[1:] - mean).sum() for s in iter_schedules(8, 5, budget))
+    assert np.abs(agg[1:] - mean).sum() == pytest.approx(best_l1)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_compact_matches_enumeration_when_rankings_agree(seed):
+    mets, ells = _instance(seed, consistent=True)
+    budget = retention_budget(8, 5, 2.0)
+    _, best_val = brute_force(mets, ells, budget)
+    solver = UTPSolver(ratio=2.0).fit(mets, ells)
+    assert solver.status_ == "optimal"
+    assert solver.objective_ == pytest.approx(best_val, abs=1e-8)
+    # the compact objective of its schedule is the progressive loss when rankings agree
+    sim = sum(simulate_loss(m, e, solver.schedule_) for m, e in zip(mets, ells))
+    assert solver.objective_ == pytest.approx(sim, abs=1e-8)
+
+
+def test_budget_errors():
+    assert retention_budget(576, 32, 4) == 576 * 8 - 576
+    with pytest.raises(PosbiasError, match="below 1"):
+        retention_budget(576, 32, 0.5)
+    with pytest.raises(PosbiasError, match="per layer"):
+        retention_budget(8, 5, 4.0)
+    with pytest.raises(PosbiasError, match="per layer"):
+        UTPSolver(ratio=100.0).fit(*_instance(0))
+
+
+def test_time_limited_solve_reports_and_respects_budget():
+    mets, ells = _instance(7, s=1, v=48, n_layers=8)
+    solver = UTPSolver(ratio=3.0, formulation="tokens", time_limit=0.01).fit(mets, ells)
+    assert solver.status_ in ("optimal", "time_limit")
+    if solver.schedule_ is not None:
+        assert sum(solver.schedule_[1:]) == solver.budget_
+    d = solver.to_dict()
+    assert UTPSolver.from_dict(d).to_dict() == d
+
+
+def test_runtime_masks_nested_and_match_simulation():
+    from posbias.runtime.schedule import schedule_masks
+
+    mets, ells = _instance(8, s=1)
+    sched = [8, 6, 6, 3, 1]
+    masks = schedule_masks(torch.as_tensor(mets[0]), sched)  # (L, V)
+    assert masks.sum(dim=1).tolist() == sched
+    assert bool((masks[1:] <= masks[:-1]).all())
+    norm = mets[0] / mets[0].sum(axis=0)
+    m = masks.numpy()
+    manual = sum(ells[0][i] * norm[m[i - 1] & ~m[i], i].sum() for i in range(1, 5))
+    assert manual == pytest.approx(simulate_loss(mets[0], ells[0], sched))
+
+
+@pytest.mark.parametrize("which", ["tiny_llava_adapter", "tiny_qwen_adapter"])
+def test_info_loss_fast_equals_naive(which, request, noise_image):
+    from posbias.profiler.utr import info_loss, info_loss_naive
+
+    adapter = request.getfixturevalue(which)
+    inputs = adapter.prepare(noise_image, "what is in the picture")
+    ell, f, g = info_loss(adapter, inputs, return_features=True)
+    ell_n, f_n, g_n = info_loss_naive(adapter, inputs, return_features=True)
+    assert ell.shape == (adapter.n_layers,)
+    np.testing.assert_allclose(f, f_n, atol=1e-5)
+    np.testing.assert_allclose(ell, ell_n, atol=1e-5)
+    assert np.all(ell > 1e-3)  # removing the image changes the feature
+
+
+def test_solve_store_needs_utr_loss(tmp_path):
+    from posbias.cli.solve import solve_store
+    from posbias.models.base import VisualLayout
+    from posbias.profiler.store import ProfileStoreWriter, write_utr_loss
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "p.h5"
+    v, n_layers = 16, 4
+    lay = VisualLayout(visual_index=np.arange(1, 17), rows=np.arange(16) // 4, cols=np.arange(16) % 4,
+                       grid=(4, 4), position_ids=np.arange(1, 17)[:, None], seq_len=20)
+    attrs = {"model_id": "x", "model_fingerprint": "sha256:0", "adapter": "llava", "seed": 0}
+    with ProfileStoreWriter(path, n_layers=n_layers, rope_dims=1, attrs=attrs) as w:
+        for k in range(3):
+            w.append(sample_id=f"s:{k}", source="s", question="q", answer=None, layout=lay,
+                     attn=rng.gamma(0.7, size=(v, n_layers)).astype(np.float32))
+    with pytest.raises(PosbiasError, match="utr_loss"):
+        solve_store(str(path), [2.0])
+    write_utr_loss(path, ["s:0", "s:2"], rng.uniform(0.1, 1, (2, n_layers)))
+    out = solve_store(str(path), [2.0, 3.0])
+    assert set(out) == {"2", "3"}
+    for entry in out.values():
+        assert entry["status"] == "optimal" and entry["n_samples"] == 2 and entry["samples"] == ["s:0", "s:2"]
+        assert sum(entry["schedule"][1:]) == entry["budget"]
+        assert "no /tokens/attn_pa" in entry["metric"]
