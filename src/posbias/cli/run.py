@@ -27,10 +27,14 @@ def run(args: argparse.Namespace) -> int:
     from posbias.reports.html import render_report
 
     start = time.perf_counter()
-    out_dir = prepare_out_dir(args.out, [STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME], args.overwrite)
+    pdf_name = "report.pdf"
+    out_dir = prepare_out_dir(
+        args.out, [STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, pdf_name], args.overwrite
+    )
     store = run_profile(args, out_dir)
     calibration = run_fit(args, store, out_dir / CALIBRATION_FILENAME)
-    report = render_report(store, calibration, out_dir / REPORT_FILENAME)
-    print(f"report -> {report}")
-    print(f"done in {time.perf_counter() - start:.1f} s: {out_dir}/{{{STORE_FILENAME}, {CALIBRATION_FILENAME}, {REPORT_FILENAME}}}")
+    report = render_report(store, calibration, out_dir / REPORT_FILENAME, pdf=out_dir / pdf_name)
+    print(f"report -> {report} and {out_dir / pdf_name}")
+    names = ", ".join([STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, pdf_name])
+    print(f"done in {time.perf_counter() - start:.1f} s: {out_dir}/{{{names}}}")
     return 0

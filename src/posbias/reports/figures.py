@@ -1,19 +1,84 @@
-"""Figures of the report (matplotlib, Agg backend, no display needed)."""
+"""Figures of the report (matplotlib, no display, no pyplot state).
+
+Every ``draw_*`` function draws into a *container*: a :class:`matplotlib.figure.Figure` (the HTML report
+saves it as PNG) or a :class:`matplotlib.figure.SubFigure` of an A4 page (the PDF report), so both formats
+show the same drawing. Sizes in :data:`FIGURE_SIZES` are in inches at A4 text width (7.2 in), so text stays
+legible when printed. Colours come from :mod:`posbias.reports.palette`: one colour per method everywhere.
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["binned_mean", "bias_curves_figure", "figure_to_png"]
+from posbias.reports.palette import (
+    DIVERGING_CMAP,
+    LAYER_STYLES,
+    REFERENCE,
+    SEQUENTIAL_CMAP,
+    method_color,
+    method_label,
+)
 
-METHOD_COLORS = {"measured": "#4d4d4d", "pore": "#d95f02", "posprune-pbc": "#1b9e77", "fastv": "#7570b3"}
+__all__ = [
+    "RC",
+    "TEXT_WIDTH",
+    "binned_mean",
+    "new_figure",
+    "figure_to_png",
+    "render_png",
+    "bias_curves_figure",
+    "draw_attention_maps",
+    "draw_vision_map",
+    "draw_layer_curves",
+    "draw_bias_curves",
+    "draw_degree_selection",
+    "draw_surface_fits",
+    "draw_consistency",
+    "draw_density",
+    "draw_utp",
+    "draw_pictures",
+    "draw_fidelity",
+]
+
+#: A4 text width in inches (210 mm minus 2 x 15 mm margins)
+TEXT_WIDTH = 7.2
+#: matplotlib settings of every report figure (legible at A4: 8 pt text, 7 pt ticks)
+RC: dict[str, Any] = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 100,
+    "pdf.fonttype": 42,
+    "image.interpolation": "nearest",
+}
 
 
 def binned_mean(x: np.ndarray, y: np.ndarray, *, domain: str, n_bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of y per position: per distinct raster index, or per bin of i/N on [0, 1)."""
+    """Mean of y per position: per distinct raster index, or per bin of i/N on [0, 1).
+
+    Parameters
+    ----------
+    x, y : np.ndarray
+        (n,) positions and values.
+    domain : {"index", "normalized"}
+    n_bins : int
+        Bins of the normalised domain.
+
+    Returns
+    -------
+    centres, means : np.ndarray
+        (k,) positions with data and the mean there.
+    """
     if domain == "index":
         idx = x.astype(np.int64)  # (n,)
         counts = np.bincount(idx)
@@ -29,14 +94,86 @@ def binned_mean(x: np.ndarray, y: np.ndarray, *, domain: str, n_bins: int = 64) 
     return centres[keep], sums[keep] / counts[keep]
 
 
-def figure_to_png(fig: Any) -> bytes:
-    """PNG bytes of a figure (closed afterwards)."""
-    import matplotlib.pyplot as plt
+def new_figure(size: tuple[float, float]) -> Any:
+    """A pyplot-free figure with constrained layout."""
+    from matplotlib.figure import Figure
 
+    return Figure(figsize=size, layout="constrained")
+
+
+def figure_to_png(fig: Any, dpi: int = 150) -> bytes:
+    """PNG bytes of a figure."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def render_png(draw: Callable[[Any], None], size: tuple[float, float], dpi: int = 150) -> bytes:
+    """Draw into a new figure of ``size`` inches and return its PNG bytes."""
+    import matplotlib
+
+    with matplotlib.rc_context(RC):
+        fig = new_figure(size)
+        draw(fig)
+        return figure_to_png(fig, dpi=dpi)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _coarsen(x: np.ndarray, ys: Sequence[np.ndarray], max_points: int = 96) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Average consecutive points down to at most ``max_points`` (NaN-aware); x (m,), ys (m,) each."""
+    m = x.shape[0]
+    if m <= max_points:
+        return x, [np.asarray(y) for y in ys]
+    k = int(np.ceil(m / max_points))
+    n = m // k * k
+
+    def red(a: np.ndarray) -> np.ndarray:
+        head = np.nanmean(a[:n].reshape(-1, k), axis=1)
+        return np.concatenate([head, [np.nanmean(a[n:])]]) if n < m else head
+
+    return red(x), [red(np.asarray(y, dtype=np.float64)) for y in ys]
+
+
+def _heat(fig: Any, ax: Any, img: np.ndarray, *, title: str, unit: str, cmap: str = SEQUENTIAL_CMAP,
+          signed: bool = False, title_color: str = "#000000", labels: tuple[bool, bool] = (True, True)) -> None:
+    """One heatmap with its own colour bar (unit on the bar); rows top to bottom like the image."""
+    finite = img[np.isfinite(img)]
+    kw: dict[str, Any] = {"cmap": cmap}
+    if finite.size:
+        if signed:
+            lim = float(np.max(np.abs(finite))) or 1.0
+            kw.update(vmin=-lim, vmax=lim, cmap=DIVERGING_CMAP)
+        else:
+            kw.update(vmin=float(np.min(finite)), vmax=float(np.max(finite)))
+    if not finite.size:
+        ax.imshow(np.zeros(img.shape), cmap="Greys", vmin=0, vmax=1, aspect="equal", origin="upper")
+        ax.text(img.shape[1] / 2, img.shape[0] / 2, "not profiled\nat this layer", ha="center", va="center", fontsize=6.5)
+        ax.set_title(title, color=title_color)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    im = ax.imshow(img, aspect="equal", origin="upper", **kw)
+    ax.set_xticks([0, img.shape[1] - 1])
+    ax.set_yticks([0, img.shape[0] - 1])
+    ax.set_title(title, color=title_color)
+    if labels[0]:
+        ax.set_ylabel("grid row (token)")
+    if labels[1]:
+        ax.set_xlabel("grid column (token)")
+    cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
+    cb.set_label(unit, fontsize=6.5)
+    cb.ax.tick_params(labelsize=6)
+    cb.formatter.set_powerlimits((-2, 3))
+    cb.update_ticks()
+
+
+def _ci_text(level: float) -> str:
+    return f"{int(round(level * 100))}%"
+
+
+# ------------------------------------------------------------------------------------------ legacy
 
 
 def bias_curves_figure(
@@ -59,34 +196,460 @@ def bias_curves_figure(
     shallow, deep : (n,) attention at the shallow and deep layer
     pore_predict, pbc_predict : callables x -> fitted value, or None when the fit is absent
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    xlabel = "visual token raster index i" if domain == "index" else "normalised position i/N"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = new_figure((TEXT_WIDTH, 2.8))
+    xlabel = "visual token raster index i (token)" if domain == "index" else "normalised position i/N"
+    axes = fig.subplots(1, 2)
     xs, ms = binned_mean(x, shallow, domain=domain)
     xd, md = binned_mean(x, deep, domain=domain)
     grid = np.linspace(float(x.min()), float(x.max()), 400)
     ax = axes[0]
-    ax.plot(xs, ms, lw=0.9, color="#e7298a", label=f"measured mean, layer {shallow_layer} (shallow)")
-    ax.plot(xd, md, lw=0.9, color="#66a61e", label=f"measured mean, layer {deep_layer} (deep)")
+    ax.plot(xs, ms, lw=0.9, **LAYER_STYLES["shallow"], label=f"measured mean, layer {shallow_layer} (shallow)")
+    ax.plot(xd, md, lw=0.9, **LAYER_STYLES["deep"], label=f"measured mean, layer {deep_layer} (deep)")
     if pore_predict is not None:
-        ax.plot(grid, pore_predict(grid), lw=2, color=METHOD_COLORS["pore"], label=f"PoRe fit P(x), layer {pore_layer}")
+        ax.plot(grid, pore_predict(grid), lw=2, color=method_color("pore"), label=f"PoRe fit P(x), layer {pore_layer}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("last-token attention (probability)")
-    ax.set_title("Mean attention vs position")
-    ax.legend(fontsize=8)
+    ax.legend()
     ax = axes[1]
     xdelta, mdelta = binned_mean(x, shallow - deep, domain=domain)
-    ax.plot(xdelta, mdelta, lw=0.9, color=METHOD_COLORS["measured"], label="measured mean ΔA")
+    ax.plot(xdelta, mdelta, lw=0.9, color=REFERENCE["measured"], label="measured mean ΔA")
     if pbc_predict is not None:
-        ax.plot(grid, pbc_predict(grid), lw=2, color=METHOD_COLORS["posprune-pbc"], label="PBC polynomial fit")
-    ax.axhline(0.0, color="#999999", lw=0.6)
+        ax.plot(grid, pbc_predict(grid), lw=2, color=method_color("posprune-pbc"), label="PBC polynomial fit")
+    ax.axhline(0.0, color=REFERENCE["zero"], lw=0.6)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("ΔA = A_shallow - A_deep (probability)")
-    ax.set_title(f"Positional bias ΔA (layer {shallow_layer} - layer {deep_layer})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend()
     return fig
+
+
+# ------------------------------------------------------------------------------------------ section 2
+
+
+MAP_COLUMNS: tuple[str, ...] = ("raw", "pore", "posprune-pbc", "adaptprune-gaussian", "pa-att")
+_MAP_TITLES = {
+    "raw": "raw attention",
+    "pore": "PoRe: A / P(x)",
+    "posprune-pbc": "PBC: A - ΔA(x)",
+    "adaptprune-gaussian": "Gaussian: A · w",
+    "pa-att": "UTP PA-Att",
+}
+
+
+def map_columns(maps: dict[str, np.ndarray]) -> list[str]:
+    """Corrections that have a map, in display order."""
+    return [c for c in MAP_COLUMNS if f"shallow/{c}" in maps]
+
+
+def draw_attention_maps(fig: Any, maps: dict[str, np.ndarray], units: dict[str, str], layers: dict[str, int]) -> None:
+    """Mean last-token attention on the grid, rows = shallow / deep layer, columns = raw and each correction.
+
+    Parameters
+    ----------
+    maps : dict
+        ``"shallow/raw"`` ... -> (R, C) mean per grid cell.
+    units : dict
+        correction -> colour-bar label.
+    layers : dict
+        ``{"shallow": l, "deep": l}``.
+    """
+    cols = map_columns(maps)
+    axes = fig.subplots(2, len(cols), squeeze=False)
+    for r, lname in enumerate(("shallow", "deep")):
+        for c, corr in enumerate(cols):
+            color = "#000000" if corr == "raw" else method_color(corr)
+            _heat(
+                fig, axes[r, c], maps[f"{lname}/{corr}"],
+                title=f"{_MAP_TITLES[corr]}\n{lname} layer {layers[lname]}", unit=units[corr],
+                title_color=color, labels=(c == 0, r == 1),
+            )
+
+
+def draw_vision_map(fig: Any, vision_map: np.ndarray, raw_shallow: np.ndarray, shallow: int) -> None:
+    """Vision-encoder importance next to the decoder's shallow-layer attention (same grid)."""
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    _heat(fig, axes[0], vision_map, title="vision-encoder importance", unit="importance (attention probability)")
+    _heat(fig, axes[1], raw_shallow, title=f"decoder attention, layer {shallow}", unit="attention (probability)",
+          labels=(False, True))
+
+
+def draw_layer_curves(fig: Any, x: np.ndarray, layer_curves: np.ndarray, *, x_label: str, shallow: int, deep: int) -> None:
+    """Per-layer mean attention over position: a layer x position map (ratio to the layer's mean) and curves.
+
+    Parameters
+    ----------
+    x : (m,) positions; layer_curves : (L, m) mean attention per layer and position.
+    """
+    import matplotlib
+    from matplotlib import colors
+
+    n_layers = layer_curves.shape[0]
+    axes = fig.subplots(1, 2, width_ratios=[1.0, 1.25])
+    rel = layer_curves / np.nanmean(layer_curves, axis=1, keepdims=True)  # (L, m) ratio to the layer mean
+    finite = rel[np.isfinite(rel) & (rel > 0)]
+    lo, hi = (float(np.quantile(finite, 0.01)), float(np.quantile(finite, 0.99))) if finite.size else (0.5, 2.0)
+    lim = max(hi, 1.0 / max(lo, 1e-6), 1.01)
+    ax = axes[0]
+    im = ax.imshow(np.where(rel > 0, rel, np.nan), aspect="auto", origin="lower", cmap="PuOr_r",
+                   norm=colors.LogNorm(vmin=1.0 / lim, vmax=lim), extent=(x[0], x[-1], -0.5, n_layers - 0.5),
+                   interpolation="nearest")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("decoder layer")
+    ax.set_title("attention / layer mean (1 = uniform)")
+    for layer, key in ((shallow, "shallow"), (deep, "deep")):
+        ax.axhline(layer, color=LAYER_STYLES[key]["color"], ls=LAYER_STYLES[key]["linestyle"], lw=0.6)
+    cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
+    cb.set_label("ratio to the layer's mean", fontsize=6.5)
+    ax = axes[1]
+    pick = sorted({int(v) for v in np.linspace(0, n_layers - 1, min(n_layers, 7)).round()} | {shallow, deep})
+    cmap = matplotlib.colormaps["viridis"]
+    for layer in pick:
+        xs, (ys,) = _coarsen(x, [layer_curves[layer]])
+        style: dict[str, Any] = {"color": cmap(layer / max(n_layers - 1, 1)), "lw": 1.0}
+        if layer in (shallow, deep):
+            style["lw"] = 1.8
+        label = f"layer {layer}" + (" (shallow)" if layer == shallow else " (deep)" if layer == deep else "")
+        ax.plot(xs, ys * layer_curves.shape[1], label=label, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("mean attention × V (1 = uniform)")
+    ax.set_title("mean attention per layer (smoothed)")
+    ax.legend(ncol=2, loc="best")
+
+
+# ------------------------------------------------------------------------------------------ section 3
+
+
+def draw_bias_curves(
+    fig: Any,
+    x: np.ndarray,
+    bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    x_label: str,
+    layers: dict[str, int],
+    pbc_predict: Callable[[np.ndarray], np.ndarray] | None,
+    pbc_band: dict[str, list[float]] | None,
+    pore_predict: Callable[[np.ndarray], np.ndarray] | None,
+    level: float,
+    n_boot: int,
+) -> None:
+    """Measured mean with its cluster-bootstrap band, the fitted PBC polynomial / PoRe exponential, residuals.
+
+    Parameters
+    ----------
+    x : (m,) positions; bands : name -> (mean, low, high), each (m,), for "delta" and "pore".
+    pbc_band : the calibration's pointwise confidence band of the polynomial ({"x", "fit", "low", "high"}).
+    """
+    axes = fig.subplots(2, 2, height_ratios=[2.2, 1.0], sharex="col")
+    ci = _ci_text(level)
+    panels = (
+        (0, "delta", "posprune-pbc", pbc_predict, f"ΔA = A(layer {layers['shallow']}) - A(layer {layers['deep']}) (probability)",
+         "PosPrune PBC: bias ΔA and polynomial fit"),
+        (1, "pore", "pore", pore_predict, f"mean attention at layer {layers['pore']} (probability)",
+         "PoRe: mean attention and exponential fit"),
+    )
+    for col, key, method, predict, ylabel, title in panels:
+        ax, axr = axes[0, col], axes[1, col]
+        mean, low, high = bands[key]
+        ax.fill_between(x, low, high, color=REFERENCE["band"], alpha=0.45, lw=0,
+                        label=f"{ci} bootstrap band ({n_boot} resamples of samples)")
+        ax.plot(x, mean, lw=0.7, color=REFERENCE["measured"], label="measured mean")
+        if predict is not None:
+            fit = np.asarray(predict(x), dtype=np.float64)  # (m,)
+            if method == "posprune-pbc" and pbc_band:
+                bx = np.asarray(pbc_band["x"], dtype=np.float64)
+                ax.fill_between(bx, pbc_band["low"], pbc_band["high"], color=method_color(method), alpha=0.25, lw=0,
+                                label=f"{ci} band of the fit (cluster-robust)")
+            ax.plot(x, fit, lw=1.8, color=method_color(method), label=method_label(method) + " fit")
+            res = mean - fit  # (m,)
+            xs, (rs,) = _coarsen(x, [res], 144)
+            axr.plot(x, res, lw=0.5, color=REFERENCE["band"])
+            axr.plot(xs, rs, lw=1.0, color=method_color(method), label="residual (smoothed)")
+            axr.axhline(0.0, color=REFERENCE["zero"], lw=0.6)
+            axr.legend(loc="upper left")
+        else:
+            axr.text(0.5, 0.5, "no fit in the calibration", ha="center", va="center", transform=axr.transAxes)
+        if method == "posprune-pbc":
+            ax.axhline(0.0, color=REFERENCE["zero"], lw=0.6)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="best")
+        axr.set_ylabel("mean - fit (probability)")
+        axr.set_xlabel(x_label)
+        for a in (ax, axr):
+            a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+
+
+def draw_degree_selection(fig: Any, pbc_degree: dict[str, Any] | None, bias_map: dict[str, Any] | None) -> None:
+    """Held-out error per polynomial degree (chosen one marked) and the 1-D vs 2-D map comparison."""
+    n = int(pbc_degree is not None) + int(bias_map is not None)
+    axes = fig.subplots(1, max(n, 1), squeeze=False, width_ratios=[1.0, 1.6][: max(n, 1)] if n == 2 else None)[0]
+    k = 0
+    if pbc_degree is not None:
+        ax = axes[k]
+        k += 1
+        d = np.asarray(pbc_degree["degrees"], dtype=float)
+        mse = np.asarray([np.nan if v is None else v for v in pbc_degree["cv_mse"]], dtype=float)
+        se = np.asarray([np.nan if v is None else v for v in pbc_degree["cv_se"]], dtype=float)
+        ax.errorbar(d, mse, yerr=se, fmt="o-", color=REFERENCE["measured"], ms=4, capsize=3, lw=1, label="CV error ± 1 SE")
+        chosen = pbc_degree.get("chosen")
+        if chosen in list(d):
+            j = list(d).index(chosen)
+            ax.plot([chosen], [mse[j]], "o", ms=10, mfc="none", mec=method_color("posprune-pbc"), mew=2,
+                    label=f"chosen degree {chosen}")
+        ax.set_xticks(d)
+        ax.set_xlabel("polynomial degree")
+        ax.set_ylabel("held-out excess MSE (probability²)")
+        ax.set_title(f"PBC degree: {pbc_degree.get('n_folds')}-fold CV over samples")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        ax.legend()
+    if bias_map is not None:
+        ax = axes[k]
+        names = list(bias_map.get("candidates", []))
+        mse = np.asarray([np.nan if v is None else v for v in bias_map.get("cv_mse", [])], dtype=float)
+        se = np.asarray([np.nan if v is None else v for v in bias_map.get("cv_se", [])], dtype=float)
+        pos = np.arange(len(names))
+        colors = [method_color("posprune-pbc") if nm.startswith("1d") else method_color("posprune-pbc-2d") for nm in names]
+        ax.bar(pos, mse, yerr=se, color=colors, capsize=2, width=0.7, ecolor="#444444")
+        for best in (bias_map.get("best_1d"), bias_map.get("best_2d")):
+            if best in names:
+                ax.bar([names.index(best)], [mse[names.index(best)]], width=0.7, fill=False, edgecolor="#000000", lw=1.5)
+        ax.set_xticks(pos)
+        ax.set_xticklabels(names, rotation=45, ha="right")
+        ax.set_ylabel("held-out excess MSE (probability²)")
+        ax.set_title(f"1-D curves vs 2-D maps (kept: {bias_map.get('chosen')}); best of each outlined")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        finite = mse[np.isfinite(mse)]
+        if finite.size:
+            lo = float(np.min(finite))
+            ax.set_ylim(lo - 0.5 * (float(np.max(finite)) - lo + 1e-30) * 0.2, None)
+
+
+def draw_surface_fits(fig: Any, panels: list[tuple[str, np.ndarray, str, bool, str]]) -> None:
+    """A row of maps: measured vs fitted 2-D bias surfaces and centre weights.
+
+    Parameters
+    ----------
+    panels : list of (title, (R, C) map, unit, signed, colour of the title)
+    """
+    ncols = 2 if len(panels) == 4 else len(panels)
+    nrows = int(np.ceil(len(panels) / ncols))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i, (title, img, unit, signed, color) in enumerate(panels):
+        r, c = divmod(i, ncols)
+        _heat(fig, axes[r, c], img, title=title, unit=unit, signed=signed, title_color=color, labels=(c == 0, r == nrows - 1))
+    for j in range(len(panels), nrows * ncols):
+        axes.ravel()[j].set_visible(False)
+
+
+# ------------------------------------------------------------------------------------------ section 4
+
+
+def draw_consistency(fig: Any, consistency: dict[str, Any]) -> None:
+    """Pearson r of two groups' mean ΔA curves vs group size, within and across sources (PosPrune Fig. 4)."""
+    ax = fig.subplots(1, 1)
+    thr = consistency.get("threshold")
+    markers = "osD^v<>p*h"
+    for i, c in enumerate(consistency.get("curves", [])):
+        n = np.asarray(c["group_sizes"], dtype=float)
+        med = np.asarray([np.nan if v is None else v for v in c["r_median"]], dtype=float)
+        lo = np.asarray([np.nan if v is None else v for v in c["r_low"]], dtype=float)
+        hi = np.asarray([np.nan if v is None else v for v in c["r_high"]], dtype=float)
+        kind = c.get("kind", "within")
+        label = f"{kind}: {' vs '.join(c.get('sources', []))} -> {c.get('verdict', '')}"
+        ls = "-" if kind == "within" else "--"
+        color = REFERENCE["measured"] if kind == "within" else "#5B5B9B"
+        line = ax.plot(n, med, ls=ls, marker=markers[i % len(markers)], ms=4, lw=1.2, color=color, label=label)[0]
+        ax.fill_between(n, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    if thr is not None:
+        ax.axhline(float(thr), color=REFERENCE["threshold"], lw=0.9, ls=":", label=f"threshold r = {thr}")
+    ax.set_xscale("log")
+    ax.set_xlabel("group size n (samples per group, log scale)")
+    ax.set_ylabel("Pearson r of the two mean ΔA curves")
+    ax.set_title(f"median r over {consistency.get('n_repeats', '?')} random splits, {_ci_text(float(consistency.get('ci', 0.95)))} split interval")
+    ax.legend(loc="lower right")
+
+
+# ------------------------------------------------------------------------------------------ section 5
+
+
+def draw_density(fig: Any, density: dict[str, Any]) -> None:
+    """Per-block mean proxy entropy with edge blocks marked, and centre vs edge means (PosPrune Fig. 2)."""
+    from matplotlib.patches import Rectangle
+
+    axes = fig.subplots(1, 2, width_ratios=[1.3, 1.0])
+    block = np.asarray([[np.nan if v is None else v for v in row] for row in density["block_mean"]], dtype=float)
+    edge = np.asarray(density["is_edge"], dtype=bool)
+    ax = axes[0]
+    im = ax.imshow(block, cmap="magma", origin="upper")
+    for (r, c), e in np.ndenumerate(edge):
+        if e:
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#FFFFFF", lw=0))
+    ax.set_title("mean log-det per region block (hatched: edge)")
+    ax.set_xlabel("block column")
+    ax.set_ylabel("block row")
+    cb = fig.colorbar(im, ax=ax, shrink=0.85)
+    cb.set_label("H = log det(Σ + εI) (nats)", fontsize=6.5)
+    ax = axes[1]
+    cm_, em = float(density["centre_mean"]), float(density["edge_mean"])
+    lo, hi = (density.get("diff_ci") or [np.nan, np.nan])[:2]
+    ax.bar([0, 1], [cm_, em], color=["#444444", "#AAAAAA"], width=0.6)
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["centre blocks", "edge blocks"])
+    ax.set_ylabel("mean H (nats)")
+    span = max(abs(cm_), abs(em)) or 1.0
+    ax.set_ylim(min(cm_, em) - 0.2 * span if min(cm_, em) < 0 else 0, max(cm_, em) + 0.25 * span if max(cm_, em) > 0 else 0)
+    p = (density.get("wilcoxon") or {}).get("p_value")
+    ptxt = "n/a" if p is None else f"{p:.2g}"
+    ax.set_title(f"centre - edge = {density['mean_diff']:.3g} [{lo:.3g}, {hi:.3g}]\nWilcoxon p = {ptxt}, n = {density.get('n_samples')}")
+
+
+# ------------------------------------------------------------------------------------------ section 6
+
+
+def draw_utp(fig: Any, schedules: list[dict[str, Any]], utr_loss: np.ndarray | None, level: float = 0.95) -> None:
+    """UTP retained tokens per layer for each compression ratio (UTP Fig. 4c) and l_l per layer."""
+    n = int(bool(schedules)) + int(utr_loss is not None)
+    axes = fig.subplots(1, max(n, 1), squeeze=False)[0]
+    k = 0
+    base = method_color("utp")
+    if schedules:
+        ax = axes[k]
+        k += 1
+        styles = ["-", "--", "-.", ":"]
+        markers = "os^Dv"
+        for i, s in enumerate(schedules):
+            r = np.asarray(s["schedule"], dtype=float)
+            shade = 0.35 + 0.65 * (i + 1) / len(schedules)
+            ax.plot(np.arange(r.size), r, ls=styles[i % 4], marker=markers[i % 5], ms=2.5, lw=1.2, color=base,
+                    alpha=shade, label=f"ratio {s['ratio']:g}" + (f" ({s['method']})" if s["method"] != "utp" else ""))
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("retained visual tokens (tokens)")
+        ax.set_title("UTP schedules: retained tokens per layer")
+        ax.legend()
+    if utr_loss is not None:
+        ax = axes[k]
+        loss = np.asarray(utr_loss, dtype=float)  # (S, L)
+        mean = np.nanmean(loss, axis=0)  # (L,)
+        cnt = np.sum(np.isfinite(loss), axis=0)
+        sem = np.nanstd(loss, axis=0, ddof=1) / np.sqrt(np.maximum(cnt, 1)) if loss.shape[0] > 1 else np.zeros_like(mean)
+        from scipy import stats as _st
+
+        tq = _st.t.ppf(0.5 + level / 2.0, np.maximum(cnt - 1, 1))
+        layers = np.arange(mean.size)
+        ax.fill_between(layers, mean - tq * sem, mean + tq * sem, color=base, alpha=0.25, lw=0, label=f"{_ci_text(level)} CI over samples")
+        ax.plot(layers, mean, "o-", ms=3, color=base, lw=1.2, label=f"mean l_l over {loss.shape[0]} samples")
+        ax.set_xlabel("decoder layer l (all visual tokens removed from l on)")
+        ax.set_ylabel("l_l = arccos cos(f_l, g) (radians)")
+        ax.set_title("information loss l_l per layer")
+        ax.legend()
+
+
+# ------------------------------------------------------------------------------------------ section 7
+
+
+def draw_pictures(fig: Any, rows: list[dict[str, Any]], methods: list[str]) -> None:
+    """Kept tokens of each method overlaid on real images (AdaptPrune Fig. 6).
+
+    Parameters
+    ----------
+    rows : list of dict
+        Per sample: ``image`` ((H, W, 3) uint8 array or None), ``grid`` (R, C), ``title`` (str) and
+        ``kept`` {method: (k,) int raster indices or None}.
+    methods : list of str
+        Column order.
+    """
+    from matplotlib.patches import Rectangle
+
+    axes = fig.subplots(len(rows), len(methods) + 1, squeeze=False)
+    for i, row in enumerate(rows):
+        r, c = row["grid"]
+        img = row["image"]
+        extent = (0, c, r, 0)
+        ax = axes[i, 0]
+        if img is not None:
+            ax.imshow(img, extent=extent, interpolation="bilinear")
+        else:
+            ax.imshow(np.full((r, c), 0.85), cmap="gray", vmin=0, vmax=1, extent=extent)
+        if i == 0:
+            ax.set_title("image\n(grid area)", fontsize=6.5)
+        ax.set_ylabel("\n".join(_short(row["title"])), fontsize=6)
+        for j, m in enumerate(methods):
+            ax = axes[i, j + 1]
+            kept = row["kept"].get(m)
+            if img is not None:
+                ax.imshow(img, extent=extent, interpolation="bilinear")
+            else:
+                ax.imshow(np.full((r, c), 0.85), cmap="gray", vmin=0, vmax=1, extent=extent)
+            if kept is None:
+                ax.text(c / 2, r / 2, "not available", ha="center", va="center", fontsize=6.5,
+                        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+            else:
+                mask = np.zeros(r * c, dtype=bool)  # (V,)
+                mask[np.asarray(kept, dtype=np.int64)] = True
+                shade = np.zeros((r, c, 4))  # (R, C, RGBA)
+                shade[..., 3] = np.where(mask.reshape(r, c), 0.0, 0.72)
+                ax.imshow(shade, extent=extent, interpolation="nearest")
+                col = method_color(m)
+                for idx in np.flatnonzero(mask):
+                    ax.add_patch(Rectangle((idx % c, idx // c), 1, 1, fill=False, edgecolor=col, lw=0.6))
+                if i == 0:
+                    ax.set_title(f"{m}\nkeeps {int(mask.sum())} of {r * c}", fontsize=6.5, color=col)
+            if i == 0 and kept is None:
+                ax.set_title(f"{m}\n", fontsize=6.5, color=method_color(m))
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _short(title: str, width: int = 22) -> list[str]:
+    """A sample title broken into at most 3 lines of ``width`` characters."""
+    import textwrap
+
+    lines = textwrap.wrap(title.replace("/", "/ ").replace(":", ": "), width=width)
+    return [ln.replace("/ ", "/").replace(": ", ":") for ln in lines[:3]]
+
+
+# ------------------------------------------------------------------------------------------ section 8
+
+
+def draw_fidelity(fig: Any, results: list[dict[str, Any]]) -> None:
+    """KL, agreement, accuracy, FLOPs and prefill time vs the number of kept tokens, one line per method."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_method.setdefault(str(r["method"]), []).append(r)
+    have_acc = any(r.get("accuracy") is not None for r in results)
+    panels = [("kl_mean", "kl_sem", "KL(full ‖ pruned) (nats)", True),
+              ("top1_agreement", None, "top-1 agreement with the full model (fraction)", False),
+              ("accuracy" if have_acc else "exact_agreement", None,
+               "accuracy (fraction)" if have_acc else "exact answer agreement (fraction)", False),
+              ("prefill_ms", None, "prefill time (ms)", False)]
+    axes = fig.subplots(2, 2).ravel()
+    markers = "osD^v<>ph*"
+    for ax, (key, err, ylabel, logy) in zip(axes, panels):
+        for i, (m, rs) in enumerate(sorted(by_method.items())):
+            rs = sorted(rs, key=lambda d: float(d["keep"]))
+            k = np.asarray([float(d["keep"]) for d in rs])
+            y = np.asarray([np.nan if d.get(key) is None else float(d[key]) for d in rs])
+            if not np.any(np.isfinite(y)):
+                continue
+            e = None if err is None else np.asarray([0.0 if d.get(err) is None else float(d[err]) for d in rs])
+            ax.errorbar(k, y, yerr=e, marker=markers[i % len(markers)], ms=3.5, lw=1.2, capsize=2,
+                        color=method_color(m), label=method_label(m))
+        if key == "prefill_ms":
+            full = [float(d["prefill_ms_full"]) for d in results if d.get("prefill_ms_full") is not None]
+            if full:
+                ax.axhline(float(np.median(full)), color=method_color("full"), lw=0.9, ls=":", label="unpruned (median)")
+        if logy:
+            finite = [float(d[key]) for d in results if d.get(key) is not None and float(d[key]) > 0]
+            if finite:
+                ax.set_yscale("log")
+        ax.set_xlabel("kept visual tokens (tokens)")
+        ax.set_ylabel(ylabel)
+    handles, labels = axes[0].get_legend_handles_labels()
+    h3, l3 = axes[3].get_legend_handles_labels()
+    for h, lab in zip(h3, l3):
+        if lab not in labels:
+            handles.append(h)
+            labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)))

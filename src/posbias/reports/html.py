@@ -1,21 +1,42 @@
-"""The HTML report: one self-contained file (figures embedded, no scripts, no external fetches)."""
+"""The HTML report: one self-contained file (figures embedded as PNG data URIs, no scripts, no external
+fetches), readable without JavaScript, with a table of contents. Every user-provided string is escaped.
+
+:func:`render_report` is the entry point of ``profile-bias report`` and of the whole-pipeline command; it
+writes the HTML and, when asked, the PDF (:mod:`posbias.reports.pdf`) from the same sections.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from posbias.reports.document import Fig, Para, Section, Table
 
-__all__ = ["render_report"]
+__all__ = ["render_report", "render_html", "report_title"]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;font-size:.92em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}img{max-width:100%}.note{color:#555;font-size:.9em}
+:root{color-scheme:light}
+body{font-family:"DejaVu Sans",system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1080px;margin:1.5em auto;padding:0 1.2em;color:#1d1d1d;line-height:1.45}
+h1{font-size:1.55em;margin-bottom:.2em}h2{font-size:1.22em;border-bottom:1px solid #d5d5d5;padding-bottom:.2em;margin-top:1.8em}
+.sub{color:#555;margin-top:0}
+nav{background:#f6f6f6;border:1px solid #e2e2e2;padding:.4em 1.2em;display:inline-block}
+nav ol{margin:.3em 0;padding-left:1.4em}
+table{border-collapse:collapse;font-size:.88em;margin:.6em 0;max-width:100%}
+td,th{border:1px solid #cfcfcf;padding:.22em .55em;text-align:left;vertical-align:top}
+th{background:#f2f2f2}td{overflow-wrap:anywhere}
+caption{caption-side:bottom;text-align:left;color:#555;font-size:.92em;padding-top:.25em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:0}
+figcaption{color:#444;font-size:.9em}
+.note{color:#555;font-size:.92em}
+.verdict{padding:.45em .7em;border-left:5px solid #888;background:#f5f5f5}
+.good{border-color:#009E73;background:#eef8f4}.bad{border-color:#B22222;background:#fbefef}.neutral{border-color:#E69F00;background:#fdf6e9}
+.missing{padding:.45em .7em;border:1px dashed #b0b0b0;background:#fafafa;color:#333}
+code{background:#f0f0f0;padding:0 .25em;font-size:.92em;overflow-wrap:anywhere}
+.scroll{overflow-x:auto}
 """
 
 
@@ -23,112 +44,214 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _table(rows: list[tuple[Any, Any]], head: tuple[str, str] | None = None) -> str:
-    out = ["<table>"]
-    if head:
-        out.append(f"<tr><th>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>")
-    out += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows]
-    out.append("</table>")
+def report_title(attrs: dict[str, Any]) -> str:
+    """Title of the report for a store's attributes."""
+    return f"posbias report: {attrs.get('model_id', '')}"
+
+
+def _para(p: Para) -> str:
+    if p.kind == "missing":
+        cmd = f" Produce it with: <code>{_e(p.command)}</code>" if p.command else ""
+        return f'<p class="missing">{_e(p.text)}{cmd}</p>'
+    if p.kind in ("good", "bad", "neutral"):
+        return f'<p class="verdict {p.kind}">{_e(p.text)}</p>'
+    if p.kind == "note":
+        return f'<p class="note">{_e(p.text)}</p>'
+    return f"<p>{_e(p.text)}</p>"
+
+
+def _table(t: Table) -> str:
+    out = ['<div class="scroll"><table>']
+    if t.caption:
+        out.append(f"<caption>{_e(t.caption)}</caption>")
+    out.append("<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in t.header) + "</tr></thead><tbody>")
+    for row in t.rows:
+        out.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
-def render_report(store_path: str | Path, calibration_path: str | Path, out_path: str | Path) -> Path:
-    """Write the HTML report for a store and the calibration fitted on it.
+def _figure(f: Fig, png: bytes) -> str:
+    b64 = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="fig-{_e(f.key)}"><img alt="{_e(f.alt)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{_e(f.caption)}</figcaption></figure>")
 
-    Sections: provenance, mean attention vs position at the shallow and deep layer with the fitted
-    curves, the fit summary, skipped samples.
+
+def render_html(
+    sections: list[Section],
+    title: str,
+    out_path: str | Path,
+    *,
+    subtitle: str = "",
+    png_of: Callable[[Fig], bytes] | None = None,
+) -> Path:
+    """Write the sections as one self-contained HTML file.
+
+    Parameters
+    ----------
+    sections : list of Section
+    title : str
+        Page title (escaped).
+    out_path : path
+    subtitle : str
+        One line under the title (escaped).
+    png_of : callable, optional
+        ``Fig -> PNG bytes`` (default: :func:`posbias.reports.figures.render_png` at 110 dpi).
+
+    Returns
+    -------
+    Path
     """
-    from posbias.artifacts import Calibration
-    from posbias.fitters import fitter_from_dict
-    from posbias.pipeline import positions_for_domain
-    from posbias.profiler.store import ProfileStore
-    from posbias.reports.figures import bias_curves_figure, figure_to_png
+    from posbias.reports.figures import render_png
 
-    cal = Calibration.load(calibration_path)
-    methods = cal.methods
-    pbc = methods.get("posprune-pbc")
-    pore = methods.get("pore")
-    with ProfileStore(store_path) as store:
-        attrs = dict(store.attrs)
-        shallow_l = pbc["shallow_layer"] if pbc else cal.defaults.get("layer", 2)
-        deep_l = pbc["deep_layer"] if pbc else store.n_layers - 1
-        domain = pbc["domain"] if pbc else (pore["domain"] if pore else "index")
-        cols = store.layers([shallow_l, deep_l])  # (T, 2)
-        token_n = np.asarray(store.n_visual)[store.token_sample()]  # (T,)
-        x = positions_for_domain(store.token_index(), token_n, domain)  # (T,)
-        skipped = store.skipped()
-        n_samples = store.n_samples
-        sources = store.sources_count()
-    ok = np.all(np.isfinite(cols), axis=1)
-    pbc_fit = fitter_from_dict(pbc["fit"]) if pbc else None
-    pore_fit = fitter_from_dict(pore["fit"]) if pore else None
-    fig = bias_curves_figure(
-        x=x[ok],
-        shallow=cols[ok, 0].astype(np.float64),
-        deep=cols[ok, 1].astype(np.float64),
-        shallow_layer=shallow_l,
-        deep_layer=deep_l,
-        domain=domain,
-        pore_predict=pore_fit.predict if pore_fit else None,
-        pore_layer=pore["layer"] if pore else None,
-        pbc_predict=pbc_fit.predict if pbc_fit else None,
+    if png_of is None:
+        png_of = lambda f: render_png(f.draw, f.size)  # noqa: E731
+    toc = "".join(f'<li><a href="#{_e(s.id)}">{_e(s.title)}</a></li>' for s in sections)
+    body: list[str] = []
+    for i, s in enumerate(sections, 1):
+        body.append(f'<section><h2 id="{_e(s.id)}">{i}. {_e(s.title)}</h2>')
+        for b in s.blocks:
+            if isinstance(b, Para):
+                body.append(_para(b))
+            elif isinstance(b, Table):
+                body.append(_table(b))
+            elif isinstance(b, Fig):
+                body.append(_figure(b, png_of(b)))
+        body.append("</section>")
+    doc = (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">\n"
+        f"<style>{_CSS}</style></head>\n<body>\n"
+        f"<h1>{_e(title)}</h1>\n"
+        + (f'<p class="sub">{_e(subtitle)}</p>\n' if subtitle else "")
+        + f'<nav aria-label="contents"><strong>Contents</strong><ol>{toc}</ol></nav>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
     )
-    png = base64.b64encode(figure_to_png(fig)).decode("ascii")
-
-    prov = [
-        ("model", attrs.get("model_id", "")),
-        ("revision", attrs.get("model_revision", "") or "unknown"),
-        ("fingerprint", attrs.get("model_fingerprint", "")),
-        ("adapter", attrs.get("adapter", "")),
-        ("decoder layers", attrs.get("n_layers", "")),
-        ("samples profiled", n_samples),
-        ("samples per source", ", ".join(f"{k}: {v}" for k, v in sorted(sources.items()))),
-        ("samples skipped", len(skipped)),
-        ("seed", attrs.get("seed", "")),
-        ("posbias", attrs.get("posbias_version", "")),
-        ("transformers", attrs.get("transformers_version", "")),
-        ("torch", attrs.get("torch_version", "")),
-        ("store created", attrs.get("created", "")),
-        ("calibration created", cal.to_dict().get("created", "")),
-    ]
-    fit_rows: list[tuple[Any, Any]] = []
-    if pbc:
-        g = pbc["goodness"]
-        fit_rows += [
-            ("PosPrune PBC layers", f"{pbc['shallow_layer']} - {pbc['deep_layer']} ({pbc['domain']})"),
-            ("PBC fit", f"R^2 {g['r2']:.4f}, RMSE {g['rmse']:.3e}, {g['n_samples']} samples"),
-        ]
-    if pore:
-        g = pore["goodness"]
-        fit_rows += [("PoRe layer", f"{pore['layer']} ({pore['domain']})"), ("PoRe fit", f"R^2 {g['r2']:.4f}, RMSE {g['rmse']:.3e}")]
-    skipped_html = (
-        "<p>None.</p>"
-        if not skipped
-        else "<table><tr><th>sample</th><th>source</th><th>reason</th></tr>"
-        + "".join(f"<tr><td>{_e(i)}</td><td>{_e(s)}</td><td>{_e(r)}</td></tr>" for i, s, r in skipped)
-        + "</table>"
-    )
-    title = f"posbias report: {attrs.get('model_id', '')}"
-    doc = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
-<body>
-<h1>{_e(title)}</h1>
-<nav><ol><li><a href="#provenance">Provenance</a></li><li><a href="#curves">Attention vs position</a></li>
-<li><a href="#fits">Fits</a></li><li><a href="#skipped">Skipped samples</a></li></ol></nav>
-<h2 id="provenance">1. Provenance</h2>
-{_table(prov)}
-<h2 id="curves">2. Mean last-token attention vs visual-token position</h2>
-<p class="note">Left: mean attention the last prompt token pays to each visual token at the shallow and deep
-layer, over all profiled samples, with PoRe's fitted exponential. Right: the positional bias
-ΔA = A_shallow - A_deep with PosPrune's fitted polynomial.</p>
-<img alt="mean attention and bias curves" src="data:image/png;base64,{png}">
-<h2 id="fits">3. Fits</h2>
-{_table(fit_rows) if fit_rows else "<p>No fits in the calibration.</p>"}
-<h2 id="skipped">4. Skipped samples</h2>
-{skipped_html}
-</body></html>
-"""
     out = Path(out_path)
     out.write_text(doc, encoding="utf-8")
     return out
+
+
+def _start_pdf_process(sections: list[Section], title: str, pdf: str | Path, subtitle: str) -> Any:
+    """Fork a child that writes the PDF; None when fork is unavailable. Returns (process, reader)."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        return None
+    ctx = mp.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+
+    def work() -> None:
+        try:
+            from posbias.reports.pdf import render_pdf
+
+            render_pdf(sections, title, pdf, subtitle=subtitle)
+            writer.send("")
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+            writer.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+
+    proc = ctx.Process(target=work, name="posbias-report-pdf", daemon=True)
+    proc.start()
+    writer.close()
+    return proc, reader
+
+
+def _join_pdf_process(child: Any, pdf: str | Path) -> None:
+    from posbias.errors import PosbiasError
+
+    proc, reader = child
+    try:
+        msg = reader.recv()
+    except EOFError:
+        msg = "the PDF process ended without an answer"
+    proc.join()
+    if msg or proc.exitcode != 0 or not Path(pdf).is_file():
+        raise PosbiasError(f"--pdf {pdf}: writing the PDF failed ({msg or f'exit code {proc.exitcode}'}); "
+                           "re-run with the HTML only to see the rest of the report")
+
+
+def render_report(
+    store_path: str | Path,
+    calibration_path: str | Path,
+    out_path: str | Path | None,
+    *,
+    pdf: str | Path | None = None,
+    evaluation: str | Path | None = None,
+    n_pictures: int = 3,
+    parallel: bool = True,
+) -> Path:
+    """Write the HTML report (and optionally the PDF) for a store and the calibration fitted on it.
+
+    Parameters
+    ----------
+    store_path : path
+        Profile store.
+    calibration_path : path
+        Calibration JSON fitted on that store.
+    out_path : path or None
+        HTML file to write (None: PDF only).
+    pdf : path, optional
+        PDF file to write, with the same sections.
+    evaluation : path, optional
+        Evaluation JSON (``profile-bias evaluate``) for the fidelity section and more kept-token pictures.
+    n_pictures : int
+        Store samples drawn in the pictures section.
+    parallel : bool
+        Draw the PDF in a forked child process while the parent draws the HTML (POSIX only; the two share
+        nothing but the already computed sections). Falls back to sequential where fork is unavailable.
+
+    Returns
+    -------
+    Path
+        The HTML path (or the PDF path when no HTML was asked for).
+    """
+    import matplotlib
+
+    from posbias.errors import PosbiasError
+    from posbias.reports.data import collect
+    from posbias.reports.figures import RC, figure_to_png, new_figure
+    from posbias.reports.sections import build_sections
+
+    if out_path is None and pdf is None:
+        raise PosbiasError("nothing to write: pass --html PATH and/or --pdf PATH")
+    for flag, p in (("--html", out_path), ("--pdf", pdf)):
+        if p is not None and not Path(p).parent.is_dir():
+            raise PosbiasError(f"{flag} {p}: folder {Path(p).parent} does not exist; create it or choose another path")
+    start = time.perf_counter()
+    data = collect(store_path, calibration_path, evaluation, n_pictures=n_pictures)
+    sections = build_sections(data)
+    title = report_title(data.attrs)
+    subtitle = (f"store {Path(store_path).name}, calibration {Path(calibration_path).name}"
+                + (f", evaluation {Path(evaluation).name}" if evaluation is not None else ""))
+    result: Path | None = None
+    child = None
+    if pdf is not None and out_path is not None and parallel:
+        child = _start_pdf_process(sections, title, pdf, subtitle)
+    if out_path is not None:
+        def png_of(f: Fig) -> bytes:
+            with matplotlib.rc_context(RC):
+                fig = new_figure(f.size)
+                f.draw(fig)
+                return figure_to_png(fig)
+
+        try:
+            result = render_html(sections, title, out_path, subtitle=subtitle, png_of=png_of)
+        except BaseException:
+            if child is not None:
+                child[0].terminate()
+                child[0].join()
+            raise
+    if pdf is not None:
+        if child is not None:
+            _join_pdf_process(child, pdf)
+            pdf_path = Path(pdf)
+        else:
+            from posbias.reports.pdf import render_pdf
+
+            pdf_path = render_pdf(sections, title, pdf, subtitle=subtitle)
+        result = result or pdf_path
+    data.timings["total"] = time.perf_counter() - start
+    return result  # type: ignore[return-value]
