@@ -20,9 +20,9 @@ def main() -> None:
     ap.add_argument("--model", default="demo-llava")
     ap.add_argument("--n", type=int, default=32)
     args = ap.parse_args()
-    from posbias.models.demo import demo_cache_dir
+    from posbias.models.demo import demo_folder
 
-    cached = demo_cache_dir(args.model).is_dir()
+    cached = demo_folder(args.model).is_dir()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         start = time.perf_counter()

@@ -395,3 +395,39 @@ def test_demo_cache_root_env(monkeypatch, tmp_path):
     assert demo.demo_cache_root(tmp_path / "x") == tmp_path / "x"
     with pytest.raises(PosbiasError, match="demo-llava"):
         demo.demo_folder("demo-foo")
+
+
+# --------------------------------------------------------------------------- signal hooks (issue 3)
+def test_llava_vision_feature_layer_mapping(tiny_llava_adapter):
+    adapter = tiny_llava_adapter
+    cfg = adapter.model.config
+    n = cfg.vision_config.num_hidden_layers  # 2
+    assert adapter.vision_feature_layers() == [n - 2]  # -2: the penultimate layer's output
+    old = cfg.vision_feature_layer
+    try:
+        cfg.vision_feature_layer = [-1, 1]
+        assert adapter.vision_feature_layers() == [n - 1, 0]
+        assert len(adapter.vision_importance_modules()) == 2
+        cfg.vision_feature_layer = 0
+        with pytest.raises(PosbiasError, match="patch embeddings"):
+            adapter.vision_feature_layers()
+    finally:
+        cfg.vision_feature_layer = old
+    assert adapter.vision_importance_kind == "cls"
+
+
+def test_qwen_window_index_is_a_permutation(tiny_qwen_adapter, noise_image):
+    adapter = tiny_qwen_adapter
+    inputs = adapter.prepare(noise_image, "what is this?")
+    layout = adapter.layout(inputs)
+    index = adapter.window_index(inputs)
+    assert sorted(index.tolist()) == list(range(layout.n_visual))
+    assert adapter.vision_importance_kind == "colmean"
+    assert len(adapter.vision_importance_modules()) == len(adapter.model.config.vision_config.fullatt_block_indexes)
+
+
+def test_rope_parameters(tiny_llava_adapter, tiny_qwen_adapter):
+    inv, sections = tiny_llava_adapter.rope_parameters()
+    assert sections is None and inv.ndim == 1
+    inv, sections = tiny_qwen_adapter.rope_parameters()
+    assert sections == [2, 3, 3] and sum(sections) == inv.shape[0]

@@ -183,6 +183,7 @@ def test_runtime_imports_no_heavy_modules(tmp_path, cal):
     code = textwrap.dedent(
         f"""
         import posbias.runtime, sys
+        import posbias.runtime.prune, posbias.runtime.spec, posbias.runtime.methods, posbias.runtime.vision
         heavy = ('h5py', 'scipy', 'statsmodels', 'highspy', 'matplotlib')
         before = sorted(m for m in heavy if m in sys.modules)
         import torch

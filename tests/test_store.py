@@ -321,3 +321,88 @@ def test_update_attrs_plain_and_json(tmp_path: Path) -> None:
         assert a["per_source"] == {"embedded": 12} and a["json_attrs"] == ["per_source"]
         assert st.n_samples == 0 and st.n_tokens == 0 and st.layer(0).shape == (0,)
         assert st.token_index().shape == (0,) and st.non_finite_samples().shape == (0,)
+
+
+# ------------------------------------------------------------------ signal datasets, segments, utr_loss
+
+
+def test_token_sample_static_data_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "p.h5"
+    lays = [make_layout(g) for g in GRIDS]
+    with ProfileStoreWriter(path, n_layers=L, rope_dims=P, attrs=base_attrs()) as w:
+        w.set_static("samples/region_is_edge", np.eye(6, dtype=bool))
+        w.set_static("region_grid", np.array([6, 6]))
+        for i, lay in enumerate(lays):
+            v = lay.n_visual
+            w.append(sample_id=f"s:{i}", source="s", question="q", answer=None, layout=lay, attn=attn_for(v, i),
+                     token_data={"attn_pa": attn_for(v, 10 + i), "heads": np.ones((v, L, 2), np.float16) * i},
+                     sample_data={"region_logdet": np.full((6, 6), i, np.float64)})
+        # every sample must supply the same names, dtypes and shapes
+        bad = make_layout((1, 2))
+        with pytest.raises(PosbiasError, match="differ from the store's"):
+            w.append(sample_id="s:x", source="s", question="q", answer=None, layout=bad, attn=attn_for(2, 0),
+                     token_data={"attn_pa": attn_for(2, 0)}, sample_data={"region_logdet": np.zeros((6, 6))})
+        with pytest.raises(PosbiasError, match="trailing shape"):
+            w.append(sample_id="s:x", source="s", question="q", answer=None, layout=bad, attn=attn_for(2, 0),
+                     token_data={"attn_pa": attn_for(2, 0), "heads": np.ones((2, L, 3), np.float16)},
+                     sample_data={"region_logdet": np.zeros((6, 6))})
+        with pytest.raises(PosbiasError, match=r"expected \(2, \.\.\.\)"):
+            w.append(sample_id="s:x", source="s", question="q", answer=None, layout=bad, attn=attn_for(2, 0),
+                     token_data={"attn_pa": attn_for(3, 0), "heads": np.ones((2, L, 2), np.float16)},
+                     sample_data={"region_logdet": np.zeros((6, 6))})
+        with pytest.raises(PosbiasError, match="reserved"):
+            w.append(sample_id="s:x", source="s", question="q", answer=None, layout=bad, attn=attn_for(2, 0),
+                     token_data={"attn": attn_for(2, 0)})
+    with ProfileStore(path) as st:
+        assert st.n_samples == 3 and st.has("attn_pa") and st.has("tokens/heads") and st.has("region_logdet")
+        assert st.has("samples/region_is_edge") and st.has("region_grid") and not st.has("vision_importance")
+        full = np.concatenate([attn_for(lay.n_visual, 10 + i) for i, lay in enumerate(lays)])  # (T, L)
+        np.testing.assert_array_equal(st.token_data("attn_pa"), full)
+        assert st.token_data("heads").shape == (st.n_tokens, L, 2) and st.token_data("heads").dtype == np.float16
+        np.testing.assert_array_equal(st.sample_token_data("attn_pa", 1), attn_for(15, 11))
+        np.testing.assert_array_equal(st.sample_data("region_logdet")[:, 0, 0], [0, 1, 2])
+        np.testing.assert_array_equal(st.static("samples/region_is_edge"), np.eye(6, dtype=bool))
+        np.testing.assert_array_equal(st.static("region_grid"), [6, 6])
+        assert st.signal_names() == {"tokens": ["attn_pa", "heads"], "samples": ["region_logdet"],
+                                     "static": ["samples/region_is_edge", "static/region_grid"]}
+        with pytest.raises(PosbiasError, match="no /tokens/nope"):
+            st.token_data("nope")
+    with h5py.File(path, "r") as f:  # plain h5py sees the documented paths
+        assert f["tokens/attn_pa"].shape == (103, L) and f["samples/region_logdet"].shape == (3, 6, 6)
+        assert f["samples/region_is_edge"].shape == (6, 6) and f["static/region_grid"].shape == (2,)
+
+
+def test_interrupted_store_reads_segments_and_compacts_once(tmp_path: Path) -> None:
+    path = tmp_path / "p.h5"
+    w = ProfileStoreWriter(path, n_layers=L, rope_dims=P, attrs=base_attrs(), commit_every=2)
+    for i in range(5):
+        w.append(sample_id=f"s:{i}", source="s", question="q", answer=None, layout=make_layout((2, 3)),
+                 attn=attn_for(6, i), token_data={"x": np.full(6, i, np.int32)})
+    # 4 committed (2 segments), 1 pending: what a kill here would leave
+    with ProfileStore(path) as st:
+        assert st.sample_ids == ["s:0", "s:1", "s:2", "s:3"] and st.pending_segments == 3 and not st.complete
+        np.testing.assert_array_equal(st.layer(1), np.concatenate([attn_for(6, i)[:, 1] for i in range(4)]))
+        np.testing.assert_array_equal(st.token_data("x"), np.repeat(np.arange(4), 6))
+    w.compact()  # into the base; a reader sees the same, and stale segments are gone
+    with ProfileStore(path) as st:
+        assert st.n_samples == 5 and st.pending_segments == 0 and st.generation == 1
+    w.append(sample_id="s:5", source="s", question="q", answer=None, layout=make_layout((2, 3)),
+             attn=attn_for(6, 5), token_data={"x": np.full(6, 5, np.int32)})
+    w.close()
+    with ProfileStore(path) as st:
+        assert st.sample_ids == [f"s:{i}" for i in range(6)] and st.complete and st.generation == 2
+        np.testing.assert_array_equal(st.token_data("x"), np.repeat(np.arange(6), 6))
+    assert not (tmp_path / "p.h5.parts").exists() and sorted(x.name for x in tmp_path.iterdir()) == ["p.h5"]
+
+
+def test_write_utr_loss_rewrites_atomically(store_path: Path) -> None:
+    from posbias.profiler.store import write_utr_loss
+
+    loss = np.arange(2 * L, dtype=np.float32).reshape(2, L)
+    write_utr_loss(store_path, ["mme:b", "embedded:a"], loss)
+    with ProfileStore(store_path) as st:
+        got = st.utr_loss
+        np.testing.assert_array_equal(got[[1, 0]], loss) and np.isnan(got[2]).all()
+        assert st.complete and st.n_samples == 3 and not st.has_attn_pa
+    with pytest.raises(PosbiasError, match="not in the store"):
+        write_utr_loss(store_path, ["zzz:1"], loss[:1])

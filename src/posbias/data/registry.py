@@ -15,6 +15,7 @@ in that order and yields a :class:`~posbias.data.base.Sample`, or the
 from __future__ import annotations
 
 import importlib
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Union
@@ -29,6 +30,8 @@ __all__ = [
     "register_source",
     "known_sources",
     "parse_spec",
+    "parse_data_option",
+    "split_quotas",
     "get_source",
     "resolve_sources",
     "plan_samples",
@@ -41,6 +44,9 @@ SourceFactory = Callable[[Union[str, None]], SampleSource]
 
 _REGISTRY: dict[str, str | SourceFactory] = {
     "embedded": "posbias.data.embedded:EmbeddedSource.from_spec",
+    "mme": "posbias.data.mme:MMESource.from_spec",
+    "pope": "posbias.data.pope:POPESource.from_spec",
+    "coco": "posbias.data.coco:COCOSource.from_spec",
 }
 
 
@@ -76,6 +82,36 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     if sep and not arg:
         raise PosbiasError(f"--data {spec}: the path after ':' is empty; use {name} or {name}:PATH")
     return name, (arg if sep else None)
+
+
+_QUOTA_RE = re.compile(r"^(?P<spec>.+?)@(?P<quota>[^@/]*)$")
+
+
+def parse_data_option(option: str) -> tuple[str, int | None]:
+    """``"mme:/data/MME@200"`` -> ``("mme:/data/MME", 200)``; without ``@N`` the quota is ``None``.
+
+    The quota is the number of samples to draw from that source (``@all`` for every record).
+    """
+    if not isinstance(option, str) or not option.strip():
+        raise PosbiasError(f"--data {option!r}: give a source as NAME[:PATH][@N]; known: {', '.join(known_sources())}")
+    m = _QUOTA_RE.match(option.strip())
+    if not m:
+        return option.strip(), None
+    spec, quota = m.group("spec"), m.group("quota").strip()
+    if quota == "all":
+        return spec, None
+    if not quota.isdigit():
+        raise PosbiasError(f"--data {option}: the quota after '@' must be a whole number or 'all', e.g. {spec}@200")
+    return spec, int(quota)
+
+
+def split_quotas(options: Sequence[str]) -> tuple[list[str], list[int | None] | None]:
+    """Specs and per-source quotas of several ``--data`` options (quotas ``None`` when no option has one)."""
+    pairs = [parse_data_option(o) for o in options]
+    specs = [p[0] for p in pairs]
+    quotas = [p[1] for p in pairs]
+    has_quota = any(_QUOTA_RE.match(o.strip()) for o in options)
+    return specs, (quotas if has_quota else None)
 
 
 def _resolve_factory(name: str, factory: str | SourceFactory) -> SourceFactory:

@@ -177,6 +177,76 @@ class TransformersAdapter(ModelAdapter):
             out[key] = value
         return out
 
+    # ------------------------------------------------------------------ signal hooks (issue 3)
+    def rope_parameters(self) -> tuple[Any, list[int] | None]:
+        """RoPE inverse frequencies of the decoder and the M-RoPE sections, as the rotary module holds them.
+
+        Returns
+        -------
+        inv_freq : torch.Tensor
+            (D/2,) float32 inverse frequencies (``language_model().rotary_emb.inv_freq``; read it during
+            or after a forward when the RoPE type updates it dynamically).
+        sections : list of int or None
+            For M-RoPE (``rope_dims == 3``): how many of the D/2 frequencies take the t, h and w
+            position (``mrope_section``, summing to D/2); None for 1-D RoPE.
+
+        Raises
+        ------
+        posbias.errors.PosbiasError
+            When the decoder has no rotary module this code knows.
+        """
+        from posbias.errors import PosbiasError
+
+        rotary = getattr(self.language_model(), "rotary_emb", None)
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is None:
+            raise PosbiasError(
+                f"{type(self.language_model()).__name__} has no rotary_emb.inv_freq; position-agnostic "
+                "attention needs a RoPE decoder: drop attn_pa from --signals"
+            )
+        sections = None
+        if self.rope_dims == 3:
+            sec = getattr(rotary, "mrope_section", None)
+            if sec is None:
+                raise PosbiasError(
+                    f"{type(rotary).__name__} has no mrope_section; drop attn_pa from --signals for this model"
+                )
+            sections = [int(x) for x in sec]
+        return inv_freq, sections
+
+    def vision_tower(self) -> Any:
+        """The vision encoder whose attention implementation the vision-importance capture swaps."""
+        from posbias.errors import PosbiasError
+
+        raise PosbiasError(f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals")
+
+    def vision_importance_modules(self) -> list[Any]:
+        """Vision attention modules whose maps define the vision importance (see the subclass)."""
+        from posbias.errors import PosbiasError
+
+        raise PosbiasError(f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals")
+
+    #: "cls": record the [CLS] query row; "colmean": record the mean attention each key receives
+    vision_importance_kind: ClassVar[str] = ""
+
+    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
+        """Map recorded vision rows (one per :meth:`vision_importance_modules`) to (V,) in LLM token order."""
+        from posbias.errors import PosbiasError
+
+        raise PosbiasError(f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals")
+
+    def vision_feature_module(self) -> Any:
+        """The module whose first input is the vision-encoder output before projection."""
+        from posbias.errors import PosbiasError
+
+        raise PosbiasError(f"adapter {self.name!r} does not expose vision-encoder features")
+
+    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
+        """(V, D_v) vision-encoder features in LLM token order from the input of :meth:`vision_feature_module`."""
+        from posbias.errors import PosbiasError
+
+        raise PosbiasError(f"adapter {self.name!r} does not expose vision-encoder features")
+
     def forward_last_logits(self, inputs: dict[str, Any]) -> Any:
         """Logits of the last prompt position, ``torch.Tensor`` (vocab,).
 

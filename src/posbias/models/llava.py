@@ -139,3 +139,66 @@ class LlavaAdapter(TransformersAdapter):
             position_ids=position_ids,
             seq_len=int(ids.shape[0]),
         )
+
+    # ------------------------------------------------------------------ signal hooks (issue 3)
+    vision_importance_kind: ClassVar[str] = "cls"
+
+    def vision_feature_layers(self) -> list[int]:
+        """Encoder-layer indices (0-based) whose outputs are the features the projector reads.
+
+        ``vision_feature_layer`` indexes CLIP's ``hidden_states`` tuple (patch embeddings first, then one
+        entry per encoder layer), so hidden state ``h >= 1`` is the output of encoder layer ``h - 1``;
+        the default -2 is the penultimate layer's output.
+        """
+        config = self.model.config
+        n = int(config.vision_config.num_hidden_layers)
+        fl = config.vision_feature_layer
+        wanted = [int(fl)] if isinstance(fl, int) else [int(x) for x in fl]
+        layers: list[int] = []
+        for h in wanted:
+            idx = h % (n + 1)
+            if idx == 0:
+                raise PosbiasError(
+                    f"vision_feature_layer {h} selects the patch embeddings (no attention map); "
+                    "vision_importance needs an encoder layer: drop vision_importance from --signals"
+                )
+            layers.append(idx - 1)
+        return layers
+
+    def vision_tower(self) -> Any:
+        """``model.model.vision_tower`` (a ``CLIPVisionModel``)."""
+        return self.model.model.vision_tower
+
+    def vision_importance_modules(self) -> list[Any]:
+        """The CLIP self-attention of the layer(s) producing the features the projector uses."""
+        tower = self.vision_tower()
+        encoder = getattr(tower, "encoder", None) or tower.vision_model.encoder  # 5.x flat / 4.x nested
+        layers = encoder.layers
+        return [layers[i].self_attn for i in self.vision_feature_layers()]
+
+    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
+        """[CLS] -> patch attention, head mean (seed 000, Eq. 2); mean over feature layers when several.
+
+        ``records`` hold one (N,) head-mean [CLS] query row per module (N = 1 + patches); its patch part
+        (N - 1,) is in raster order, the LLM's visual-token order.
+        """
+        import torch
+
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise PosbiasError(
+                f"vision_feature_select_strategy {strategy!r}: the LLM sees the [CLS] token too; "
+                "vision_importance supports 'default' only (drop it from --signals)"
+            )
+        rows = torch.stack([r.float() for r in records], dim=0)  # (F, N)
+        return rows.mean(dim=0)[1:]  # (V,) = (N - 1,)
+
+    def vision_feature_module(self) -> Any:
+        """``model.model.multi_modal_projector``: its input is the selected CLIP layer without [CLS]."""
+        return self.model.model.multi_modal_projector
+
+    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
+        """(V, D_v) from the projector input (1, V, D_v), already in raster order."""
+        if features.dim() != 3 or features.shape[0] != 1:
+            raise PosbiasError(f"projector input of shape {tuple(features.shape)}: pass one image per prompt")
+        return features[0]  # (V, D_v)

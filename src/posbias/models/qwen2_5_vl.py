@@ -158,3 +158,83 @@ class Qwen25VLAdapter(TransformersAdapter):
             position_ids=position_ids,
             seq_len=int(ids.shape[0]),
         )
+
+    # ------------------------------------------------------------------ signal hooks (issue 3)
+    vision_importance_kind: ClassVar[str] = "colmean"
+
+    def vision_tower(self) -> Any:
+        """``model.model.visual`` (the Qwen2.5-VL ViT with windowed and full-attention blocks)."""
+        return self.model.model.visual
+
+    def vision_importance_modules(self) -> list[Any]:
+        """The attention of the full-attention blocks (``vision_config.fullatt_block_indexes``)."""
+        visual = self.vision_tower()
+        full = [int(i) for i in (getattr(visual, "fullatt_block_indexes", None) or [])]
+        if not full:
+            raise PosbiasError(
+                "this Qwen2.5-VL vision tower has no full-attention block (fullatt_block_indexes is empty); "
+                "drop vision_importance from --signals"
+            )
+        return [visual.blocks[i].attn for i in full]
+
+    def window_index(self, inputs: dict[str, Any]) -> Any:
+        """(V,) int64 window permutation of the merged tokens for the image in ``inputs``.
+
+        Entry ``u`` is the raster index (over the merged grid) of the merge unit at position ``u`` of the
+        vision tower's window-permuted sequence; the 4 patches of unit ``u`` sit at rows
+        ``4u .. 4u + 3`` of the tower's hidden states.
+        """
+        grid_thw = inputs["image_grid_thw"]  # (1, 3) int64
+        visual = self.vision_tower()
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:  # transformers 4.x: a method of the tower
+            return visual.get_window_index(grid_thw)[0]
+        cfg = visual.config
+        index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=int(cfg.spatial_merge_size), window_size=int(cfg.window_size),
+            patch_size=int(cfg.patch_size),
+        )
+        return index  # (V,) int64
+
+    def _unpermute_units(self, values: Any, inputs: dict[str, Any]) -> Any:
+        """Rows of ``values`` (V, ...) in window-permuted unit order -> raster order of the merged grid."""
+        import torch
+
+        window_index = self.window_index(inputs).to(values.device)  # (V,)
+        if window_index.shape[0] != values.shape[0]:
+            raise PosbiasError(
+                f"vision tower produced {values.shape[0]} merge units but the image grid implies "
+                f"{window_index.shape[0]}; pass one still image per prompt"
+            )
+        return values[torch.argsort(window_index)]  # (V, ...)
+
+    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
+        """VisionZip's no-[CLS] importance in the LLM's token order.
+
+        ``records`` hold one (N,) vector per full-attention block: the mean, over all N query patches
+        and all heads, of the attention each patch receives (window-permuted patch order). They are
+        averaged over blocks, then over the 4 patches of each 2x2 merge unit, then put back in raster
+        order over the merged grid by reversing the window permutation: (V,) with V = N / 4.
+        """
+        import torch
+
+        colmean = torch.stack([r.float() for r in records], dim=0).mean(dim=0)  # (N,)
+        unit = self.merge_size**2
+        if colmean.shape[0] % unit:
+            raise PosbiasError(f"vision tower saw {colmean.shape[0]} patches, not a multiple of {unit}")
+        per_unit = colmean.reshape(-1, unit).mean(dim=1)  # (V,) window-permuted
+        return self._unpermute_units(per_unit, inputs)  # (V,)
+
+    def vision_feature_module(self) -> Any:
+        """``model.model.visual.merger``: its input is the last ViT block's output (window-permuted)."""
+        return self.vision_tower().merger
+
+    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
+        """(V, 4 * D_v): each merged token's 4 patch features concatenated (what the merger's MLP reads,
+        before its RMSNorm), in raster order over the merged grid."""
+        unit = self.merge_size**2
+        if features.dim() != 2 or features.shape[0] % unit:
+            raise PosbiasError(f"merger input of shape {tuple(features.shape)}: pass one still image per prompt")
+        units = features.reshape(features.shape[0] // unit, unit * features.shape[1])  # (V, 4 * D_v)
+        return self._unpermute_units(units, inputs)

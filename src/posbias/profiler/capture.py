@@ -17,6 +17,16 @@ tower keeps its implementation. For each decoder layer asked for, the function
 Cost per layer is one (H, 1, S) score row on top of sdpa; no (S, S) map is ever built and
 ``output_attentions`` is never used. The previous implementation is restored on exit, also when the
 body raises.
+
+With ``position_agnostic=True`` the same hook also computes the position-agnostic row (UTP, seed 003,
+Eq. 2): the visual keys it receives (after RoPE) are rotated by ``R(p' - p_j)`` to the uniform position
+``p'`` (see :mod:`posbias.profiler.signals`), the text columns of the ordinary score row are kept, and
+one softmax runs over all keys: one (H_kv, V, D) rotation and one (H, V) product per layer.
+
+:class:`VisionAttentionCapture` does the same for the vision tower: it swaps the tower's attention
+implementation for a function that records, at the modules the adapter names, either the [CLS] query
+row (LLaVA) or the mean attention each patch receives (Qwen2.5-VL, chunked over query rows), then hands
+the call to sdpa.
 """
 
 from __future__ import annotations
@@ -31,9 +41,58 @@ import torch
 from posbias.errors import PosbiasError
 from posbias.models.base import ModelAdapter, VisualLayout
 
-__all__ = ["LastTokenAttentionCapture", "capture_attention", "last_token_attention_row"]
+__all__ = [
+    "LastTokenAttentionCapture",
+    "VisionAttentionCapture",
+    "capture_attention",
+    "last_token_attention_row",
+    "last_token_scores",
+]
 
 _COUNTER = itertools.count()
+
+
+def last_token_scores(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled, masked scores of the last query position over all keys, per head (before softmax).
+
+    Parameters are those of :func:`last_token_attention_row`.
+
+    Returns
+    -------
+    scores : torch.Tensor
+        (B, H, S) float32.
+    mask_row : torch.Tensor or None
+        (B, S) float32 additive mask of the last row (0 / -inf or the float mask's values) as applied
+        (head 0 of a per-head mask), or None without a mask.
+    """
+    if scaling is None:
+        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    q_last = query[:, :, -1:, :].float()  # (B, H, 1, D)
+    k = key.float()  # (B, H_kv, S, D)
+    n_heads, n_kv = q_last.shape[1], k.shape[1]
+    if n_heads != n_kv:
+        if n_heads % n_kv:
+            raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} key/value heads")
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, H, S, D), same order as repeat_kv
+    n_keys = k.shape[2]
+    scores = torch.matmul(q_last, k.transpose(-1, -2)) * scaling  # (B, H, 1, S)
+    mask_row = None
+    if attention_mask is not None:
+        mask_last = attention_mask[..., -1:, :n_keys]  # (B, 1|H, 1, S)
+        if mask_last.dtype == torch.bool:
+            add = torch.zeros(mask_last.shape, dtype=torch.float32, device=scores.device)
+            add = add.masked_fill(~mask_last, float("-inf"))  # (B, 1|H, 1, S)
+        else:
+            add = mask_last.float()
+        scores = scores + add
+        mask_row = add[:, 0, 0, :]  # (B, S)
+    return scores[:, :, 0, :], mask_row  # (B, H, S) float32
 
 
 def last_token_attention_row(
@@ -64,24 +123,8 @@ def last_token_attention_row(
     torch.Tensor
         (B, H, S) float32 softmax row of the last query, on the input device.
     """
-    if scaling is None:
-        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    q_last = query[:, :, -1:, :].float()  # (B, H, 1, D)
-    k = key.float()  # (B, H_kv, S, D)
-    n_heads, n_kv = q_last.shape[1], k.shape[1]
-    if n_heads != n_kv:
-        if n_heads % n_kv:
-            raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} key/value heads")
-        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, H, S, D), same order as repeat_kv
-    n_keys = k.shape[2]
-    scores = torch.matmul(q_last, k.transpose(-1, -2)) * scaling  # (B, H, 1, S)
-    if attention_mask is not None:
-        mask_last = attention_mask[..., -1:, :n_keys]  # (B, 1|H, 1, S)
-        if mask_last.dtype == torch.bool:
-            scores = scores.masked_fill(~mask_last, float("-inf"))
-        else:
-            scores = scores + mask_last.float()
-    return torch.softmax(scores, dim=-1)[:, :, 0, :]  # (B, H, S) float32
+    scores, _ = last_token_scores(module, query, key, attention_mask, scaling)  # (B, H, S)
+    return torch.softmax(scores, dim=-1)  # (B, H, S) float32
 
 
 class LastTokenAttentionCapture:
@@ -95,11 +138,17 @@ class LastTokenAttentionCapture:
         Decoder layers to record, in the order the output columns take; all layers when None.
     per_head : bool
         Keep heads: :meth:`run` returns (V, L, H) instead of the head mean (V, L).
+    position_agnostic : bool
+        Also compute the position-agnostic row (UTP Eq. 2) at the same layers, into :attr:`last_attn_pa`.
 
     Attributes
     ----------
     last_logits : torch.Tensor or None
         (vocab,) logits of the last prompt position from the latest :meth:`run`.
+    last_attn_mean : np.ndarray or None
+        (V, L) float32 head-mean rows of the latest :meth:`run` (also when ``per_head``).
+    last_attn_pa : np.ndarray or None
+        (V, L) float32 head-mean position-agnostic rows of the latest :meth:`run` (``position_agnostic``).
 
     Examples
     --------
@@ -107,9 +156,17 @@ class LastTokenAttentionCapture:
     ...     attn = cap.run(inputs, adapter.layout(inputs))      # (V, L) float32
     """
 
-    def __init__(self, adapter: ModelAdapter, *, layers: Sequence[int] | None = None, per_head: bool = False) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        *,
+        layers: Sequence[int] | None = None,
+        per_head: bool = False,
+        position_agnostic: bool = False,
+    ) -> None:
         self.adapter = adapter
         self.per_head = bool(per_head)
+        self.position_agnostic = bool(position_agnostic)
         n_layers = int(adapter.n_layers)
         if layers is None:
             chosen = list(range(n_layers))
@@ -131,7 +188,12 @@ class LastTokenAttentionCapture:
         self._active = False
         self._visual_index: torch.Tensor | None = None  # (V,) int64 on the model device
         self._rows: dict[int, torch.Tensor] = {}
+        self._pa_rows: dict[int, torch.Tensor] = {}
+        self._uniform_delta: torch.Tensor | None = None  # (V, P) p' - p per visual token and axis
+        self._pa_rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (V, D)
         self.last_logits: torch.Tensor | None = None
+        self.last_attn_mean: np.ndarray | None = None
+        self.last_attn_pa: np.ndarray | None = None
 
     # ------------------------------------------------------------------ context
     @property
@@ -201,15 +263,46 @@ class LastTokenAttentionCapture:
         layer = self._layer_of.get(id(module))
         if layer is not None and layer in self._wanted:
             with torch.no_grad():
-                probs = last_token_attention_row(module, query, key, attention_mask, scaling)  # (B, H, S)
-                probs = probs[0]  # (H, S)
+                scores, mask_row = last_token_scores(module, query, key, attention_mask, scaling)  # (B, H, S)
+                probs = torch.softmax(scores[0], dim=-1)  # (H, S)
                 if self._visual_index is not None:
                     probs = probs.index_select(1, self._visual_index)  # (H, V)
-                row = probs if self.per_head else probs.mean(dim=0)  # (H, V) or (V,)
-                self._rows[layer] = row.detach()
+                self._rows[layer] = probs.detach() if self.per_head else probs.mean(dim=0)  # (H, V) or (V,)
+                if self.position_agnostic and self._visual_index is not None:
+                    self._pa_rows[layer] = self._pa_row(module, query, key, scores[0], mask_row, scaling)  # (V,)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+
+    def _pa_row(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scores: torch.Tensor,
+        mask_row: torch.Tensor | None,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """(V,) head-mean position-agnostic attention of the last query (UTP Eq. 2)."""
+        from posbias.profiler.signals import position_agnostic_scores, rope_rotation
+
+        if scaling is None:
+            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        if self._pa_rotation is None:  # once per forward: the RoPE module has run (dynamic RoPE updated)
+            inv_freq, sections = self.adapter.rope_parameters()
+            if 2 * int(inv_freq.shape[0]) != int(key.shape[-1]):
+                raise PosbiasError(
+                    f"RoPE rotates {2 * int(inv_freq.shape[0])} of {int(key.shape[-1])} head dims (partial rotary); "
+                    "position-agnostic attention supports full rotary only: drop attn_pa from --signals"
+                )
+            self._pa_rotation = rope_rotation(self._uniform_delta.to(key.device), inv_freq, sections)  # (V, D) x2
+        cos, sin = self._pa_rotation
+        pa_scores = position_agnostic_scores(
+            scores, query[0, :, -1, :], key[0], self._visual_index, cos, sin, float(scaling),
+            None if mask_row is None else mask_row[0],
+        )  # (H, S)
+        probs = torch.softmax(pa_scores, dim=-1).index_select(1, self._visual_index)  # (H, V)
+        return probs.mean(dim=0).detach()  # (V,)
 
     # -------------------------------------------------------------------- run
     def run(self, inputs: dict[str, Any], layout: VisualLayout) -> np.ndarray:
@@ -238,11 +331,20 @@ class LastTokenAttentionCapture:
         self._visual_index = torch.as_tensor(
             np.asarray(layout.visual_index, dtype=np.int64), device=device
         )  # (V,) int64
-        self._rows = {}
+        if self.position_agnostic:
+            from posbias.profiler.signals import uniform_position
+
+            pos = np.asarray(layout.position_ids, dtype=np.int64)  # (V, P)
+            target = uniform_position(pos[0], pos[-1])  # (P,) p' per axis from the first/last visual token
+            self._uniform_delta = torch.as_tensor(target[None, :] - pos, device=device)  # (V, P)
+        self._rows, self._pa_rows, self._pa_rotation = {}, {}, None
+        self.last_attn_mean = self.last_attn_pa = None
         try:
             self.last_logits = self.adapter.forward_last_logits(inputs)  # (vocab,)
         finally:
             self._visual_index = None
+            self._uniform_delta = None
+            self._pa_rotation = None
         missing = [x for x in self.layers if x not in self._rows]
         if missing:
             raise RuntimeError(
@@ -251,10 +353,16 @@ class LastTokenAttentionCapture:
             )
         stacked = torch.stack([self._rows[x] for x in self.layers], dim=0)  # (L, V) or (L, H, V)
         self._rows = {}
+        if self.position_agnostic:
+            pa = torch.stack([self._pa_rows[x] for x in self.layers], dim=0)  # (L, V)
+            self.last_attn_pa = np.ascontiguousarray(pa.to(device="cpu", dtype=torch.float32).numpy().T)  # (V, L)
+            self._pa_rows = {}
         out = stacked.to(device="cpu", dtype=torch.float32).numpy()
         if self.per_head:
+            self.last_attn_mean = np.ascontiguousarray(out.mean(axis=1).T)  # (V, L)
             return np.ascontiguousarray(out.transpose(2, 0, 1))  # (V, L, H)
-        return np.ascontiguousarray(out.T)  # (V, L)
+        self.last_attn_mean = np.ascontiguousarray(out.T)  # (V, L)
+        return self.last_attn_mean
 
 
 def capture_attention(
@@ -274,3 +382,136 @@ def capture_attention(
     """
     with LastTokenAttentionCapture(adapter, layers=layers, per_head=per_head) as cap:
         return cap.run(inputs, layout)
+
+
+class VisionAttentionCapture:
+    """Context manager recording, at the vision attention modules the adapter names, what vision
+    importance needs, while the tower runs on sdpa.
+
+    ``adapter.vision_importance_kind`` decides what is recorded per module and call:
+
+    - ``"cls"`` (LLaVA/CLIP): the [CLS] query row (query 0), softmax over all keys, head mean: (N,).
+    - ``"colmean"`` (Qwen2.5-VL): the mean attention each key receives over all queries and heads,
+      computed in chunks of query rows (:func:`posbias.profiler.signals.attention_column_mean`): (N,).
+
+    Parameters
+    ----------
+    adapter : ModelAdapter
+        Loaded model with vision-signal support (``vision_tower``, ``vision_importance_modules``).
+    """
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.kind = str(adapter.vision_importance_kind)
+        if self.kind not in ("cls", "colmean"):
+            raise PosbiasError(
+                f"adapter {adapter.name!r} has no vision-importance support; drop vision_importance from --signals"
+            )
+        self.tower = adapter.vision_tower()
+        modules = adapter.vision_importance_modules()
+        self._slot_of: dict[int, int] = {id(m): i for i, m in enumerate(modules)}
+        self._records: dict[int, torch.Tensor] = {}
+        self._name = f"posbias_vision_{next(_COUNTER)}"
+        self._prev_impl: str | None = None
+        self._active = False
+
+    @property
+    def name(self) -> str:
+        """The attention-implementation name registered while active."""
+        return self._name
+
+    @property
+    def active(self) -> bool:
+        """True inside the ``with`` block."""
+        return self._active
+
+    def __enter__(self) -> "VisionAttentionCapture":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        if self._active:
+            raise PosbiasError("this vision capture is already active; do not nest the same capture object")
+        self._prev_impl = self.tower.config._attn_implementation
+        AttentionInterface.register(self._name, self._attention)
+        AttentionMaskInterface.register(self._name, sdpa_mask)
+        try:
+            self.tower.set_attn_implementation(self._name)
+            if self.tower.config._attn_implementation != self._name:
+                raise RuntimeError(f"could not switch {type(self.tower).__name__} to the capture attention")
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        try:
+            if self._prev_impl is not None and self.tower.config._attn_implementation != self._prev_impl:
+                self.tower.set_attn_implementation(self._prev_impl)
+        finally:
+            AttentionInterface._global_mapping.pop(self._name, None)
+            AttentionMaskInterface._global_mapping.pop(self._name, None)
+            self._active = False
+
+    def reset(self) -> None:
+        """Forget the records of the previous forward."""
+        self._records = {}
+
+    def records(self) -> list[torch.Tensor]:
+        """One (N,) float32 record per module of ``adapter.vision_importance_modules()``, in that order.
+
+        Raises
+        ------
+        RuntimeError
+            When a module was not called (or called more than once: several images or a video).
+        """
+        missing = [i for i in range(len(self._slot_of)) if i not in self._records]
+        if missing:
+            raise RuntimeError(
+                f"vision capture saw no attention call for module(s) {missing}; the tower did not route "
+                "through the attention interface"
+            )
+        return [self._records[i] for i in range(len(self._slot_of))]
+
+    def _attention(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        slot = self._slot_of.get(id(module))
+        if slot is not None:
+            if slot in self._records:
+                raise PosbiasError(
+                    "the vision tower attended over several images in one forward; vision_importance needs "
+                    "exactly one still image per prompt"
+                )
+            scale = scaling if scaling is not None else (getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+            with torch.no_grad():
+                if attention_mask is not None:
+                    raise PosbiasError("vision_importance expects an unmasked vision tower (one image, no padding)")
+                if self.kind == "cls":
+                    probs = torch.softmax(
+                        torch.matmul(query[0, :, :1].float(), key[0].float().transpose(-1, -2)) * scale, dim=-1
+                    )  # (H, 1, N)
+                    self._records[slot] = probs[:, 0, :].mean(dim=0)  # (N,)
+                else:
+                    from posbias.profiler.signals import attention_column_mean
+
+                    self._records[slot] = attention_column_mean(query[0], key[0], float(scale))  # (N,)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )

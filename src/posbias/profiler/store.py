@@ -1,21 +1,34 @@
-"""The profile store: one HDF5 file (``profile.h5``) of last-token attention to every visual token.
+"""The profile store: last-token attention to every visual token, in HDF5, crash-safe.
 
-The normative format is ``docs/store.md``; this module is its reference writer and reader. The file is
-meant to be read with plain h5py too, so everything in it is a plain dataset or attribute: variable-length
-UTF-8 strings, int32/int64 tables and one ``(T, L)`` float32 attention matrix whose rows are the visual
-tokens of all samples, stacked sample after sample.
+The normative format is ``docs/store.md``; this module is its reference writer and reader. A finished
+store is ONE plain HDF5 file (``profile.h5``) meant to be read with plain h5py too: variable-length UTF-8
+strings, int32/int64 tables and one ``(T, L)`` float32 attention matrix whose rows are the visual tokens
+of all samples, stacked sample after sample, plus optional signal datasets (``/tokens/<name>``,
+``/samples/<name>``, ``/static/<name>``).
 
-The writer appends one sample at a time and flushes after each, so a long run streams to disk and a
-killed run keeps every sample appended before the kill.
+Crash safety. HDF5 is not crash-safe: a process killed while HDF5 updates metadata in place can leave a
+file no library opens. So no file is ever modified in place. While a run is going, every committed batch
+of samples (by default every single sample) is written to a small, complete store file of its own, a
+*segment*, in the folder ``profile.h5.parts/``: written as ``*.tmp``, fsync'ed, then atomically renamed.
+A killed run therefore leaves the last good ``profile.h5`` (if any) plus whole segments;
+:class:`ProfileStore` reads the union as one store. Closing the writer *compacts*: it writes base and
+segments into ``profile.h5.tmp``, fsyncs, renames it over ``profile.h5`` and deletes the segments. The
+base records a ``generation`` counter and segments carry the generation they were written against, so a
+kill between the rename and the deletion cannot count a sample twice (segments of an older generation are
+ignored and deleted by the next writer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import re
+import shutil
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any
@@ -30,8 +43,16 @@ __all__ = [
     "SCHEMA_NAME",
     "SCHEMA_VERSION",
     "REQUIRED_ATTRS",
+    "PARTS_SUFFIX",
     "ProfileStoreWriter",
     "ProfileStore",
+    "parts_dir",
+    "store_exists",
+    "resolve_store_path",
+    "merge_stores",
+    "remove_store",
+    "add_sample_data",
+    "write_utr_loss",
 ]
 
 SCHEMA_NAME = "posbias.profile"
@@ -54,32 +75,55 @@ REQUIRED_ATTRS: tuple[str, ...] = (
     "created",
 )
 
+#: folder of committed segments next to the store file: ``profile.h5`` -> ``profile.h5.parts/``
+PARTS_SUFFIX = ".parts"
+_DEFAULT_NAME = "profile.h5"
+_LOCK_NAME = "LOCK"
+_SEG_RE = re.compile(r"^seg-(\d{6})-(\d{8})\.npz$")
+
 #: attributes the caller of the writer must supply
 _CALLER_REQUIRED = ("model_id", "model_fingerprint", "adapter", "seed")
 #: attributes only the writer sets
-_WRITER_ONLY = ("schema", "schema_version", "created", "complete", "json_attrs")
+_WRITER_ONLY = (
+    "schema",
+    "schema_version",
+    "created",
+    "complete",
+    "json_attrs",
+    "generation",
+    "segment",
+    "static_datasets",
+)
+#: attributes that must agree to resume a store or merge stores
+_IDENTITY_ATTRS = ("model_fingerprint", "adapter", "n_layers", "rope_dims", "seed")
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ROW_CHUNK = 4096  # token rows per chunk
-_LAYER_CHUNK = 4  # layers per chunk of /tokens/attn: one-layer reads touch T/4096 small chunks
+_LAYER_CHUNK = 4  # layers per chunk of (T, L) datasets: one-layer reads touch T/4096 small chunks
 _SAMPLE_CHUNK = 256
+_MAX_CHUNK_BYTES = 2**20
+_COPY_ROWS = 65536  # token rows copied per step when compacting
 _CACHE_BYTES = 16 * 2**20  # chunk cache per dataset
 
 _STR = h5py.string_dtype(encoding="utf-8")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-# name -> (dtype, trailing shape or None for 1-D); the order is the write order of one append
-_SAMPLE_FIELDS: tuple[str, ...] = (
-    "source",
-    "question",
-    "answer",
-    "n_visual",
-    "offset",
-    "grid",
-    "visual_start",
-    "seq_len",
-    "id",  # written last: a sample is present once its id is
-)
+# name -> (dtype, trailing shape); the order is the write order of one append
+_SAMPLE_SPEC: dict[str, tuple[Any, tuple[int, ...]]] = {
+    "source": (_STR, ()),
+    "question": (_STR, ()),
+    "answer": (_STR, ()),
+    "n_visual": (np.dtype(np.int32), ()),
+    "offset": (np.dtype(np.int64), ()),
+    "grid": (np.dtype(np.int32), (2,)),
+    "visual_start": (np.dtype(np.int32), ()),
+    "seq_len": (np.dtype(np.int32), ()),
+    "id": (_STR, ()),
+}
+_SAMPLE_FIELDS: tuple[str, ...] = tuple(_SAMPLE_SPEC)
+_TOKEN_FIELDS: tuple[str, ...] = ("attn", "row", "col", "position")
 _SKIP_FIELDS: tuple[str, ...] = ("source", "reason", "id")
+_STRING_SAMPLE_FIELDS = ("id", "source", "question", "answer")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -137,6 +181,14 @@ def _to_python(value: Any) -> Any:
     return value
 
 
+def _decode_attrs(raw: Mapping[str, Any]) -> dict[str, Any]:
+    attrs = {k: _to_python(v) for k, v in raw.items()}
+    for key in attrs.get("json_attrs", []) or []:
+        if key in attrs and isinstance(attrs[key], str):
+            attrs[key] = json.loads(attrs[key])
+    return attrs
+
+
 def _looks_like_hdf5(path: Path) -> bool:
     """HDF5 signature at offset 0, 512, 1024, ... (the superblock may follow a user block)."""
     try:
@@ -153,16 +205,246 @@ def _looks_like_hdf5(path: Path) -> bool:
     return False
 
 
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    """fsync a file (or a folder, to make a rename in it durable); best effort on filesystems without it."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def parts_dir(path: str | os.PathLike[str]) -> Path:
+    """Folder of the committed segments of the store at ``path`` (``profile.h5`` -> ``profile.h5.parts``)."""
+    p = Path(path)
+    return p.with_name(p.name + PARTS_SUFFIX)
+
+
+def resolve_store_path(path: str | os.PathLike[str]) -> Path:
+    """The store file for ``path``: the path itself, or ``path/profile.h5`` when ``path`` is a run folder."""
+    p = Path(path)
+    if p.is_dir() and not p.name.endswith(PARTS_SUFFIX):
+        inner = p / _DEFAULT_NAME
+        if inner.exists() or parts_dir(inner).is_dir():
+            return inner
+    if p.is_dir() and p.name.endswith(PARTS_SUFFIX):
+        return p.with_name(p.name[: -len(PARTS_SUFFIX)])
+    return p
+
+
+def _segments(path: Path, min_generation: int = 0) -> list[tuple[int, int, Path]]:
+    """Committed segments ``(generation, seq, file)`` of the store at ``path``, in commit order."""
+    d = parts_dir(path)
+    out: list[tuple[int, int, Path]] = []
+    if not d.is_dir():
+        return out
+    for entry in d.iterdir():
+        m = _SEG_RE.match(entry.name)
+        if m and int(m.group(1)) >= min_generation:
+            out.append((int(m.group(1)), int(m.group(2)), entry))
+    out.sort()
+    return out
+
+
+def store_exists(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds a store: the file, or committed segments of an interrupted run."""
+    p = resolve_store_path(path)
+    return p.is_file() or bool(_segments(p))
+
+
+def remove_store(path: str | os.PathLike[str]) -> None:
+    """Delete the store at ``path``: its file, its segment folder and any temporary file."""
+    p = Path(path)
+    for f in (p, p.with_name(p.name + ".tmp")):
+        if f.is_file() or f.is_symlink():
+            f.unlink()
+    d = parts_dir(p)
+    if d.is_dir():
+        shutil.rmtree(d)
+
+
+def _chunk_rows(trailing: tuple[int, ...], itemsize: int, rows: int) -> int:
+    per_row = max(1, int(np.prod(trailing, dtype=np.int64)) * max(1, itemsize))
+    return max(1, min(rows, _MAX_CHUNK_BYTES // per_row))
+
+
+def _dtype_key(dt: Any) -> str:
+    if h5py.check_string_dtype(np.dtype(dt)) is not None:
+        return "str"
+    return np.dtype(dt).str
+
+
+@dataclass
+class _Schema:
+    """Optional datasets of a store: ``name -> (dtype, trailing shape)`` per group, and static paths."""
+
+    tokens: dict[str, tuple[np.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    samples: dict[str, tuple[np.dtype, tuple[int, ...]]] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tokens": {k: [_dtype_key(d), list(s)] for k, (d, s) in sorted(self.tokens.items())},
+            "samples": {k: [_dtype_key(d), list(s)] for k, (d, s) in sorted(self.samples.items())},
+        }
+
+
+def _check_extra_array(where: str, kind: str, name: str, value: Any) -> np.ndarray:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PosbiasError(f"{where}: {kind} name {name!r} must be an identifier (letters, digits, '_')")
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise PosbiasError(
+            f"{where}: {kind}[{name!r}] has dtype {arr.dtype}; pass a numeric or bool numpy array"
+        )
+    return arr
+
+
+# ------------------------------------------------------------------------------------- file builder
+
+
+class _FileBuilder:
+    """Write one complete store file (a segment or a compacted store) to ``path`` from scratch."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_layers: int,
+        rope_dims: int,
+        schema: _Schema,
+        compress: bool,
+        sample_rows: int = _SAMPLE_CHUNK,
+        token_rows: int = _ROW_CHUNK,
+    ) -> None:
+        self.path = path
+        try:
+            self.file = h5py.File(path, "w", rdcc_nbytes=_CACHE_BYTES, locking=False)
+        except OSError as exc:
+            msg = " ".join(str(exc).split())
+            raise PosbiasError(
+                f"cannot create store file {path} ({msg}); check the folder is writable or choose another --out"
+            ) from exc
+        f = self.file
+        self.n_layers = n_layers
+        self.compress = compress
+        samples = f.create_group("samples")
+        srows = max(1, min(sample_rows, _SAMPLE_CHUNK))
+        trows = max(1, min(token_rows, _ROW_CHUNK))
+        for name, (dt, trailing) in _SAMPLE_SPEC.items():
+            self._make(samples, name, trailing, dt, rows=srows, compress=compress and name not in _STRING_SAMPLE_FIELDS)
+        for name, (dt, trailing) in schema.samples.items():
+            self._make(samples, name, trailing, dt, rows=srows, compress=compress)
+        tokens = f.create_group("tokens")
+        self._make(tokens, "attn", (n_layers,), np.float32, rows=trows, cols=min(_LAYER_CHUNK, n_layers), compress=compress)
+        self._make(tokens, "row", (), np.int32, rows=trows, compress=compress)
+        self._make(tokens, "col", (), np.int32, rows=trows, compress=compress)
+        self._make(tokens, "position", (rope_dims,), np.int64, rows=trows, compress=compress)
+        for name, (dt, trailing) in schema.tokens.items():
+            cols = min(_LAYER_CHUNK, n_layers) if trailing == (n_layers,) else None
+            self._make(tokens, name, trailing, dt, rows=trows, cols=cols, compress=compress)
+        skipped = f.create_group("skipped")
+        for name in _SKIP_FIELDS:
+            self._make(skipped, name, (), _STR, rows=srows, compress=False)
+        self.static_paths: list[str] = []
+
+    @staticmethod
+    def _make(
+        group: h5py.Group,
+        name: str,
+        trailing: tuple[int, ...],
+        dtype: Any,
+        *,
+        rows: int,
+        cols: int | None = None,
+        compress: bool = True,
+    ) -> None:
+        dt = np.dtype(dtype)
+        if cols is not None:
+            chunks = (rows, cols)
+        else:
+            chunks = (_chunk_rows(trailing, dt.itemsize, rows), *trailing)
+        kwargs: dict[str, Any] = {}
+        if compress and h5py.check_string_dtype(dt) is None:
+            kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        group.create_dataset(name, shape=(0, *trailing), maxshape=(None, *trailing), dtype=dt, chunks=chunks, **kwargs)
+
+    @staticmethod
+    def append(ds: h5py.Dataset, values: Any) -> None:
+        n = ds.shape[0]
+        k = len(values)
+        if k == 0:
+            return
+        ds.resize(n + k, axis=0)
+        ds[n : n + k] = values
+
+    def set_static(self, path: str, value: np.ndarray) -> None:
+        if path in self.file:
+            del self.file[path]
+        self.file.create_dataset(path, data=value)
+        if path not in self.static_paths:
+            self.static_paths.append(path)
+
+    def finish(self, attrs: Mapping[str, Any], *, durable: bool) -> None:
+        """Write the root attributes, close, and fsync the file."""
+        f = self.file
+        try:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            f.attrs["static_datasets"] = np.array(sorted(self.static_paths), dtype=_STR)
+            f.flush()
+        finally:
+            f.close()
+        if durable:
+            _fsync_path(self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _commit_file(tmp: Path, final: Path, *, durable: bool) -> None:
+    """Atomically publish ``tmp`` as ``final`` (rename, then fsync the folder)."""
+    os.replace(tmp, final)
+    if durable:
+        _fsync_path(final.parent, directory=True)
+
+
 # ---------------------------------------------------------------------------------------------- writer
 
 
+@dataclass
+class _Pending:
+    """Samples, skips and statics appended since the last commit."""
+
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    statics: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs_dirty: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.samples or self.skipped or self.statics or self.attrs_dirty)
+
+
 class ProfileStoreWriter:
-    """Create a profile store and append samples to it, one flushed sample at a time.
+    """Create (or resume) a profile store and append samples to it, crash-safely.
+
+    Every ``commit_every`` appended samples (or skips) are committed as one segment file (written to a
+    temporary name, fsync'ed, atomically renamed into ``<path>.parts/``). ``close()`` compacts everything
+    into the single file ``path``. A process killed at any moment leaves a store that
+    :class:`ProfileStore` opens and that holds every committed sample exactly once.
 
     Parameters
     ----------
     path : str or Path
-        File to create (parent folders are created).
+        Store file to create (parent folders are created).
     n_layers : int
         Number of decoder layers L; every ``attn`` has L columns.
     rope_dims : int
@@ -175,12 +457,21 @@ class ProfileStoreWriter:
         of them) or, for other JSON values (dicts, nested lists, None), as JSON text listed in the
         ``json_attrs`` attribute.
     overwrite : bool
-        Replace an existing file at ``path``.
+        Replace an existing store at ``path`` (file and segments).
+    resume : bool
+        Continue the store at ``path``: its samples and skips are kept (:attr:`done_ids`), new appends
+        go after them. Model fingerprint, adapter, n_layers, rope_dims and seed must match; other
+        caller attributes are updated.
+    commit_every : int
+        Samples or skips per committed segment (1: every sample is durable once ``append`` returns).
+    durable : bool
+        fsync segment files and folders (survives power loss, not only a killed process).
 
     Raises
     ------
     posbias.errors.PosbiasError
-        If ``path`` exists and ``overwrite`` is false, or the arguments are invalid.
+        If ``path`` exists and neither ``overwrite`` nor ``resume`` is set, another process writes the
+        store, the store to resume was made with another model or seed, or the arguments are invalid.
 
     Examples
     --------
@@ -197,62 +488,68 @@ class ProfileStoreWriter:
         rope_dims: int,
         attrs: Mapping[str, Any],
         overwrite: bool = False,
+        resume: bool = False,
+        commit_every: int = 1,
+        durable: bool = True,
     ) -> None:
         self.path = Path(path)
+        where = f"store {self.path}"
         if isinstance(n_layers, bool) or not isinstance(n_layers, (int, np.integer)) or n_layers < 1:
-            raise PosbiasError(f"store {self.path}: n_layers={n_layers!r} must be a positive int")
+            raise PosbiasError(f"{where}: n_layers={n_layers!r} must be a positive int")
         if isinstance(rope_dims, bool) or not isinstance(rope_dims, (int, np.integer)) or rope_dims < 1:
-            raise PosbiasError(
-                f"store {self.path}: rope_dims={rope_dims!r} must be a positive int (1, or 3 for M-RoPE)"
-            )
+            raise PosbiasError(f"{where}: rope_dims={rope_dims!r} must be a positive int (1, or 3 for M-RoPE)")
+        if isinstance(commit_every, bool) or not isinstance(commit_every, (int, np.integer)) or commit_every < 1:
+            raise PosbiasError(f"{where}: commit_every={commit_every!r} must be a positive int")
+        if overwrite and resume:
+            raise PosbiasError(f"{where}: pass either overwrite (start again) or resume (continue), not both")
         self.n_layers = int(n_layers)
         self.rope_dims = int(rope_dims)
-        root_attrs = self._root_attrs(dict(attrs))
+        self.commit_every = int(commit_every)
+        self.durable = bool(durable)
+        caller = dict(attrs)
+        root_attrs = self._root_attrs(caller)  # validates before anything is created
 
         if self.path.is_dir():
-            raise PosbiasError(f"store {self.path} is a directory; choose a file path for the store")
-        if self.path.exists() and not overwrite:
-            raise PosbiasError(f"store {self.path} already exists; pass --overwrite or choose another --out")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+            raise PosbiasError(f"{where} is a directory; choose a file path for the store")
+        exists = store_exists(self.path)
+        if exists and not (overwrite or resume):
+            raise PosbiasError(f"{where} already exists; pass --overwrite or choose another --out")
+        if resume and not exists:
+            raise PosbiasError(f"{where} does not exist, so there is nothing to resume; run without --resume")
+
+        self._closed = True  # until fully opened
+        self._lock_fd: int | None = None
+        self._parts = parts_dir(self.path)
+        self._parts.mkdir(parents=True, exist_ok=True)
+        self._lock()
         try:
-            self._file = h5py.File(self.path, "w", rdcc_nbytes=_CACHE_BYTES)
-        except OSError as exc:
-            hint = ""
-            if "lock" in str(exc).lower():
-                hint = "set HDF5_USE_FILE_LOCKING=FALSE if the filesystem lacks file locks, "
-            msg = " ".join(str(exc).split())
-            raise PosbiasError(
-                f"cannot create store {self.path} ({msg}); {hint}check the folder is writable or choose another --out"
-            ) from exc
-
-        f = self._file
-        for key, value in root_attrs.items():
-            f.attrs[key] = value
-
-        samples = f.create_group("samples")
-        for name in ("id", "source", "question", "answer"):
-            self._make(samples, name, (), _STR, compress=False)
-        self._make(samples, "n_visual", (), np.int32)
-        self._make(samples, "offset", (), np.int64)
-        self._make(samples, "grid", (2,), np.int32)
-        self._make(samples, "visual_start", (), np.int32)
-        self._make(samples, "seq_len", (), np.int32)
-
-        tokens = f.create_group("tokens")
-        self._make(tokens, "attn", (self.n_layers,), np.float32, rows=_ROW_CHUNK, cols=min(_LAYER_CHUNK, self.n_layers))
-        self._make(tokens, "row", (), np.int32, rows=_ROW_CHUNK)
-        self._make(tokens, "col", (), np.int32, rows=_ROW_CHUNK)
-        self._make(tokens, "position", (self.rope_dims,), np.int64, rows=_ROW_CHUNK)
-
-        skipped = f.create_group("skipped")
-        for name in ("id", "source", "reason"):
-            self._make(skipped, name, (), _STR, compress=False)
-        f.flush()
-
-        self._ids: set[str] = set()
-        self._skipped_ids: set[str] = set()
-        self._n_tokens = 0
-        self._closed = False
+            self._ids: set[str] = set()
+            self._skipped_ids: set[str] = set()
+            self._n_tokens = 0
+            self._schema = _Schema()
+            self._schema_fixed = False
+            self._static_paths: set[str] = set()
+            self._pending = _Pending()
+            if resume:
+                self._open_existing(root_attrs)
+            else:
+                if overwrite:
+                    for f in (self.path, self.path.with_name(self.path.name + ".tmp")):
+                        if f.is_file():
+                            f.unlink()
+                    for entry in list(self._parts.iterdir()):
+                        if entry.name != _LOCK_NAME:
+                            entry.unlink() if entry.is_file() else shutil.rmtree(entry)
+                self._generation = 0
+                self._seq = 0
+                self._attrs = root_attrs
+                self._cleanup_stale()
+            self._closed = False
+            self._pending.attrs_dirty = True
+            self.commit()  # the header: from now on the store opens, even before the first sample
+        except BaseException:
+            self._unlock()
+            raise
 
     # -- construction helpers
 
@@ -301,30 +598,75 @@ class ProfileStoreWriter:
         out["json_attrs"] = np.array(sorted(json_keys), dtype=_STR)
         return out
 
-    @staticmethod
-    def _make(
-        group: h5py.Group,
-        name: str,
-        trailing: tuple[int, ...],
-        dtype: Any,
-        *,
-        rows: int = _SAMPLE_CHUNK,
-        cols: int | None = None,
-        compress: bool = True,
-    ) -> None:
-        chunks = (rows,) + ((cols,) if cols is not None else trailing)
-        kwargs: dict[str, Any] = {}
-        if compress:
-            kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-        group.create_dataset(
-            name, shape=(0, *trailing), maxshape=(None, *trailing), dtype=dtype, chunks=chunks, **kwargs
-        )
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no advisory locks on this platform
+            return
+        fd = os.open(self._parts / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise PosbiasError(
+                f"store {self.path} is being written by another process; wait for it to finish or choose another --out"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _cleanup_stale(self) -> None:
+        """Delete temporary files and segments already compacted into the base (we hold the lock)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        if tmp.is_file():
+            tmp.unlink()
+        for entry in list(self._parts.iterdir()):
+            m = _SEG_RE.match(entry.name)
+            if entry.name.endswith(".tmp") or (m and int(m.group(1)) < self._generation):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+    def _open_existing(self, new_attrs: dict[str, Any]) -> None:
+        where = f"store {self.path}"
+        with ProfileStore(self.path) as old:
+            self._generation = old.generation
+            old_attrs = dict(old.raw_attrs)
+            for key in _IDENTITY_ATTRS:
+                a, b = _to_python(old_attrs.get(key)), _to_python(new_attrs.get(key))
+                if a != b:
+                    raise PosbiasError(
+                        f"cannot resume {where}: it was written with {key}={a!r}, this run has {key}={b!r}; "
+                        "use the same model and options, or pass --overwrite to start again"
+                    )
+            self._ids = set(old.sample_ids)
+            self._skipped_ids = {sid for sid, _, _ in old.skipped()}
+            self._n_tokens = old.n_tokens
+            self._schema = old._schema
+            self._schema_fixed = old.n_samples > 0
+            self._static_paths = set(old.static_names())
+            self._seq = old._next_seq
+        merged = {k: v for k, v in old_attrs.items() if k not in ("json_attrs", "static_datasets")}
+        json_keys = set(_to_python(old_attrs.get("json_attrs", [])) or [])
+        for key, value in new_attrs.items():
+            if key in ("created", "json_attrs"):
+                continue
+            merged[key] = value
+        new_json = set(_to_python(new_attrs["json_attrs"]))
+        json_keys = (json_keys - set(new_attrs)) | new_json
+        merged["json_attrs"] = np.array(sorted(json_keys), dtype=_STR)
+        merged["complete"] = False
+        self._attrs = merged
+        self._cleanup_stale()
 
     # -- public API
 
     @property
     def n_samples(self) -> int:
-        """Samples appended so far."""
+        """Samples in the store so far (including those of a resumed store)."""
         return len(self._ids)
 
     @property
@@ -336,6 +678,11 @@ class ProfileStoreWriter:
     def n_tokens(self) -> int:
         """Token rows appended so far (T)."""
         return self._n_tokens
+
+    @property
+    def done_ids(self) -> set[str]:
+        """Ids already stored or skipped (a resumed run does not profile them again)."""
+        return self._ids | self._skipped_ids
 
     def _check_open(self) -> None:
         if self._closed:
@@ -352,12 +699,48 @@ class ProfileStoreWriter:
         if sample_id in self._skipped_ids:
             raise PosbiasError(f"{where}: sample id {sample_id!r} was already recorded as skipped; ids must be unique")
 
-    @staticmethod
-    def _append_rows(ds: h5py.Dataset, values: Any) -> None:
-        n = ds.shape[0]
-        k = len(values)
-        ds.resize(n + k, axis=0)
-        ds[n : n + k] = values
+    def _check_extras(
+        self,
+        where: str,
+        v: int,
+        token_data: Mapping[str, Any] | None,
+        sample_data: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        tok: dict[str, np.ndarray] = {}
+        smp: dict[str, np.ndarray] = {}
+        for name, value in (token_data or {}).items():
+            if name in _TOKEN_FIELDS:
+                raise PosbiasError(f"{where}: token_data name {name!r} is reserved; choose another name")
+            arr = _check_extra_array(where, "token_data", name, value)
+            if arr.ndim < 1 or arr.shape[0] != v:
+                raise PosbiasError(
+                    f"{where}: token_data[{name!r}] has shape {arr.shape}; expected ({v}, ...) with one row per visual token"
+                )
+            tok[name] = arr
+        for name, value in (sample_data or {}).items():
+            if name in _SAMPLE_SPEC:
+                raise PosbiasError(f"{where}: sample_data name {name!r} is reserved; choose another name")
+            if f"samples/{name}" in self._static_paths:
+                raise PosbiasError(f"{where}: sample_data name {name!r} is already a static dataset; choose another name")
+            smp[name] = _check_extra_array(where, "sample_data", name, value)
+        want_tok = {k: (a.dtype, tuple(a.shape[1:])) for k, a in tok.items()}
+        want_smp = {k: (a.dtype, tuple(a.shape)) for k, a in smp.items()}
+        if not self._schema_fixed:
+            return tok, smp
+        for kind, got, have in (("token_data", want_tok, self._schema.tokens), ("sample_data", want_smp, self._schema.samples)):
+            if set(got) != set(have):
+                raise PosbiasError(
+                    f"{where}: {kind} names {sorted(got)} differ from the store's {sorted(have)}; "
+                    "every sample of a store must supply the same datasets (same signal options as the first sample)"
+                )
+            for name, (dt, shape) in got.items():
+                hdt, hshape = have[name]
+                if shape != hshape or np.dtype(dt) != np.dtype(hdt):
+                    raise PosbiasError(
+                        f"{where}: {kind}[{name!r}] is {np.dtype(dt)} with trailing shape {shape}; the store has "
+                        f"{np.dtype(hdt)} {hshape}: pass arrays of the store's dtype and shape"
+                    )
+        return tok, smp
 
     def append(
         self,
@@ -368,8 +751,10 @@ class ProfileStoreWriter:
         answer: str | None,
         layout: VisualLayout,
         attn: np.ndarray,
+        token_data: Mapping[str, np.ndarray] | None = None,
+        sample_data: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Append one profiled sample and flush it to disk.
+        """Append one profiled sample (committed to disk once ``commit_every`` are pending).
 
         Parameters
         ----------
@@ -386,6 +771,12 @@ class ProfileStoreWriter:
         attn : np.ndarray
             (V, L) float32 last-token attention, head mean, one column per decoder layer. Stored
             exactly as given, NaN/inf included (readers decide what to do with non-finite rows).
+        token_data : dict of str to np.ndarray, optional
+            More per-token rows: each ``(V, ...)`` numeric array goes to ``/tokens/<name>`` (T, ...).
+        sample_data : dict of str to np.ndarray, optional
+            More per-sample values: each fixed-shape numeric array goes to ``/samples/<name>`` (S, ...).
+            The first sample fixes the names, dtypes and trailing shapes of both dicts; every later
+            sample must supply the same.
 
         Raises
         ------
@@ -440,35 +831,42 @@ class ProfileStoreWriter:
             raise PosbiasError(f"{where}: layout visual_index has shape {vis.shape}; expected ({v},)")
         if int(layout.seq_len) <= int(vis.max()):
             raise PosbiasError(f"{where}: layout seq_len {layout.seq_len} does not cover visual index {int(vis.max())}")
+        tok, smp = self._check_extras(where, v, token_data, sample_data)
+        if not self._schema_fixed:
+            self._schema = _Schema(
+                tokens={k: (a.dtype, tuple(a.shape[1:])) for k, a in tok.items()},
+                samples={k: (a.dtype, tuple(a.shape)) for k, a in smp.items()},
+            )
+            self._schema_fixed = True
 
-        f = self._file
-        offset = self._n_tokens
-        # tokens first, then the sample row (id last): a reader counts a sample only when all its rows exist
-        tok = f["tokens"]
-        self._append_rows(tok["attn"], attn)
-        self._append_rows(tok["row"], rows.astype(np.int32))
-        self._append_rows(tok["col"], cols.astype(np.int32))
-        self._append_rows(tok["position"], pos.astype(np.int64))
-        values: dict[str, Any] = {
-            "source": [source],
-            "question": [question],
-            "answer": ["" if answer is None else answer],
-            "n_visual": np.array([v], dtype=np.int32),
-            "offset": np.array([offset], dtype=np.int64),
-            "grid": np.array([grid], dtype=np.int32),
-            "visual_start": np.array([layout.visual_start], dtype=np.int32),
-            "seq_len": np.array([int(layout.seq_len)], dtype=np.int32),
-            "id": [sample_id],
-        }
-        smp = f["samples"]
-        for name in _SAMPLE_FIELDS:
-            self._append_rows(smp[name], values[name])
-        f.flush()
+        self._pending.samples.append(
+            {
+                "tokens": {
+                    "attn": np.array(attn, dtype=np.float32, copy=True),  # (V, L) float32
+                    "row": rows.astype(np.int32),  # (V,) int32
+                    "col": cols.astype(np.int32),  # (V,) int32
+                    "position": pos.astype(np.int64),  # (V, P) int64
+                    **{k: np.array(a, copy=True) for k, a in tok.items()},
+                },
+                "samples": {
+                    "source": source,
+                    "question": question,
+                    "answer": "" if answer is None else answer,
+                    "n_visual": v,
+                    "grid": grid,
+                    "visual_start": int(layout.visual_start),
+                    "seq_len": int(layout.seq_len),
+                    "id": sample_id,
+                    **{k: np.array(a, copy=True) for k, a in smp.items()},
+                },
+            }
+        )
         self._ids.add(sample_id)
-        self._n_tokens = offset + v
+        self._n_tokens += v
+        self._maybe_commit()
 
     def skip(self, *, sample_id: str, source: str, reason: str) -> None:
-        """Record a sample that could not be profiled, with why, and flush.
+        """Record a sample that could not be profiled, with why.
 
         Raises
         ------
@@ -479,39 +877,145 @@ class ProfileStoreWriter:
         self._check_id(sample_id, source)
         if not isinstance(reason, str) or not reason.strip():
             raise PosbiasError(f"store {self.path}, sample {sample_id!r}: skip reason must be a non-empty string")
-        grp = self._file["skipped"]
-        values = {"source": [source], "reason": [reason], "id": [sample_id]}
-        for name in _SKIP_FIELDS:
-            self._append_rows(grp[name], values[name])
-        self._file.flush()
+        self._pending.skipped.append((sample_id, source, " ".join(reason.split())))
         self._skipped_ids.add(sample_id)
+        self._maybe_commit()
+
+    def set_static(self, name: str, array: Any) -> None:
+        """Store a dataset written once per store (e.g. which region blocks are edge blocks); committed now.
+
+        ``name`` without a group goes to ``/static/<name>``; ``"samples/<name>"`` or ``"static/<name>"``
+        put it at that path (``/samples/region_is_edge`` is where the density fitter looks). Setting the
+        same name again replaces the value.
+        """
+        self._check_open()
+        where = f"store {self.path}"
+        if not isinstance(name, str) or not name:
+            raise PosbiasError(f"{where}: static name {name!r} must be a non-empty string")
+        group, _, leaf = name.rpartition("/")
+        group = group or "static"
+        if group not in ("static", "samples") or not _NAME_RE.match(leaf):
+            raise PosbiasError(f"{where}: static name {name!r} must be NAME, 'static/NAME' or 'samples/NAME'")
+        if group == "samples" and (leaf in _SAMPLE_SPEC or leaf in self._schema.samples):
+            raise PosbiasError(f"{where}: static name {name!r} collides with a per-sample dataset; choose another name")
+        arr = np.asarray(array)
+        if arr.dtype.kind not in "biuf":
+            raise PosbiasError(f"{where}: static {name!r} has dtype {arr.dtype}; pass a numeric or bool array")
+        path = f"{group}/{leaf}"
+        self._pending.statics[path] = np.array(arr, copy=True)
+        self._static_paths.add(path)
+        self.commit()
 
     def update_attrs(self, attrs: Mapping[str, Any]) -> None:
-        """Add or replace caller attributes (same rules as the constructor's ``attrs``)."""
+        """Add or replace caller attributes (same rules as the constructor's ``attrs``); committed now."""
         self._check_open()
-        f = self._file
-        json_keys = set(_to_python(f.attrs["json_attrs"]))
+        where = f"store {self.path}"
+        json_keys = set(_to_python(self._attrs["json_attrs"]))
+        staged: dict[str, Any] = {}
         for key, value in attrs.items():
             if key in _WRITER_ONLY or key in ("n_layers", "rope_dims"):
-                raise PosbiasError(f"store {self.path}: attribute {key!r} is set by the writer; do not update it")
-            f.attrs[key], as_json = _encode_attr(value, f"store {self.path}", key)
+                raise PosbiasError(f"{where}: attribute {key!r} is set by the writer; do not update it")
+            staged[key], as_json = _encode_attr(value, where, key)
             if as_json:
                 json_keys.add(key)
             else:
                 json_keys.discard(key)
-        f.attrs["json_attrs"] = np.array(sorted(json_keys), dtype=_STR)
-        f.flush()
+        self._attrs.update(staged)
+        self._attrs["json_attrs"] = np.array(sorted(json_keys), dtype=_STR)
+        self._pending.attrs_dirty = True
+        self.commit()
+
+    def _maybe_commit(self) -> None:
+        if len(self._pending.samples) + len(self._pending.skipped) >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write everything pending as one segment (temp file, fsync, atomic rename). No-op if nothing is."""
+        self._check_open()
+        pend = self._pending
+        if not pend:
+            return
+        name = f"seg-{self._generation:06d}-{self._seq:08d}.npz"
+        final = self._parts / name
+        tmp = self._parts / (name + ".tmp")
+        arrays: dict[str, np.ndarray] = {}
+        if pend.samples:
+            for name_ in pend.samples[0]["tokens"]:
+                arrays[f"tokens.{name_}"] = np.concatenate([s["tokens"][name_] for s in pend.samples])
+            n_vis = [int(s["samples"]["n_visual"]) for s in pend.samples]
+            for name_ in _SAMPLE_FIELDS:
+                if name_ == "offset":
+                    arrays["samples.offset"] = np.cumsum([0] + n_vis)[:-1].astype(np.int64)  # (k,) int64
+                elif name_ in _STRING_SAMPLE_FIELDS:
+                    arrays[f"samples.{name_}"] = np.array([s["samples"][name_] for s in pend.samples], dtype=str)
+                else:
+                    arrays[f"samples.{name_}"] = np.asarray(
+                        [s["samples"][name_] for s in pend.samples], dtype=_SAMPLE_SPEC[name_][0]
+                    )
+            for name_ in self._schema.samples:
+                arrays[f"samples.{name_}"] = np.stack([s["samples"][name_] for s in pend.samples])
+        else:  # a segment without samples still holds every base dataset, empty
+            arrays["tokens.attn"] = np.zeros((0, self.n_layers), np.float32)
+            arrays["tokens.row"] = np.zeros(0, np.int32)
+            arrays["tokens.col"] = np.zeros(0, np.int32)
+            arrays["tokens.position"] = np.zeros((0, self.rope_dims), np.int64)
+            for name_, (dt, trailing) in _SAMPLE_SPEC.items():
+                strings = name_ in _STRING_SAMPLE_FIELDS
+                arrays[f"samples.{name_}"] = np.zeros((0, *trailing), dtype=str if strings else dt)
+        for i, field_ in enumerate(("id", "source", "reason")):
+            arrays[f"skipped.{field_}"] = np.array([r[i] for r in pend.skipped], dtype=str)
+        for path, value in pend.statics.items():
+            arrays["static." + path.replace("/", ".")] = value
+        attrs = dict(self._attrs)
+        attrs["generation"] = np.int64(self._generation)
+        attrs["segment"] = np.int64(self._seq)
+        attrs["static_datasets"] = sorted(pend.statics)
+        arrays["attrs"] = np.array(json.dumps({k: _to_python(v) for k, v in attrs.items()}))
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                if self.durable:
+                    os.fsync(fh.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _commit_file(tmp, final, durable=self.durable)
+        self._seq += 1
+        self._pending = _Pending()
+
+    def compact(self, *, complete: bool = False) -> None:
+        """Commit what is pending and rewrite base + segments as the single file ``path``."""
+        self._check_open()
+        self.commit()
+        with ProfileStore(self.path) as view:
+            if not view._segment_parts and view.complete == complete:
+                return  # nothing to do: the base already is the store
+            attrs = {k: v for k, v in view.raw_attrs.items() if k not in ("segment", "static_datasets")}
+            attrs["complete"] = bool(complete)
+            attrs["generation"] = np.int64(self._generation + 1)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            _write_compact([view], tmp, attrs, durable=self.durable)
+        _commit_file(tmp, self.path, durable=self.durable)
+        self._generation += 1
+        self._seq = 0
+        self._cleanup_stale()
 
     def close(self, *, complete: bool = True) -> None:
-        """Mark the store complete (unless ``complete=False``), flush and close. Idempotent."""
+        """Commit, compact into the single file ``path`` (marked ``complete`` unless told otherwise) and
+        release the store. Idempotent."""
         if self._closed:
             return
-        self._closed = True
         try:
-            self._file.attrs["complete"] = bool(complete)
-            self._file.flush()
+            self.compact(complete=complete)
+            self._closed = True
+            with contextlib.suppress(OSError):
+                (self._parts / _LOCK_NAME).unlink()
+                self._parts.rmdir()
         finally:
-            self._file.close()
+            self._closed = True
+            self._unlock()
 
     def __enter__(self) -> ProfileStoreWriter:
         return self
@@ -528,22 +1032,317 @@ class ProfileStoreWriter:
             pass
 
 
+# --------------------------------------------------------------------------------------- compaction
+
+
+def _write_compact(
+    views: Sequence[ProfileStore],
+    out: Path,
+    attrs: Mapping[str, Any],
+    *,
+    selection: Sequence[tuple[int, int]] | None = None,
+    skipped: Sequence[tuple[str, str, str]] | None = None,
+    extra_samples: Mapping[str, np.ndarray] | None = None,
+    durable: bool = True,
+) -> None:
+    """Write the samples of ``views`` (all, or ``selection`` = (view, sample) pairs in order) to ``out``;
+    ``extra_samples`` adds per-sample datasets (S_out, ...) in output order."""
+    first = views[0]
+    schema = _Schema(tokens=dict(first._schema.tokens), samples=dict(first._schema.samples))
+    copied = list(schema.samples)
+    for name, arr in (extra_samples or {}).items():
+        schema.samples[name] = (arr.dtype, tuple(arr.shape[1:]))
+    builder = _FileBuilder(out, n_layers=first.n_layers, rope_dims=first.rope_dims, schema=schema, compress=True)
+    try:
+        f = builder.file
+        if selection is None:
+            selection = [(vi, s) for vi, v in enumerate(views) for s in range(v.n_samples)]
+        # runs of consecutive samples of the same part, copied in bulk
+        runs: list[tuple[_Part, int, int]] = []
+        for vi, s in selection:
+            part, local = views[vi]._locate(s)
+            if runs and runs[-1][0] is part and runs[-1][2] == local:
+                runs[-1] = (part, runs[-1][1], local + 1)
+            else:
+                runs.append((part, local, local + 1))
+        offset = 0
+        tok_names = (*_TOKEN_FIELDS, *schema.tokens)
+        buf: dict[str, list[Any]] = {}
+        buffered = 0
+
+        def flush() -> None:
+            nonlocal buffered
+            for key, chunks in buf.items():
+                if chunks and isinstance(chunks[0], np.ndarray):
+                    builder.append(f[key], np.concatenate(chunks))
+                else:
+                    builder.append(f[key], [x for c in chunks for x in c])
+            buf.clear()
+            buffered = 0
+
+        for part, lo, hi in runs:
+            n_vis = part.samples["n_visual"][lo:hi].astype(np.int64)  # (k,)
+            t_lo = int(part.samples["offset"][lo])
+            t_hi = t_lo + int(n_vis.sum())
+            for name in tok_names:
+                for a in range(t_lo, t_hi, _COPY_ROWS):
+                    buf.setdefault(f"tokens/{name}", []).append(part.read(f"tokens/{name}", slice(a, min(a + _COPY_ROWS, t_hi))))
+            for name in copied:
+                buf.setdefault(f"samples/{name}", []).append(part.read(f"samples/{name}", slice(lo, hi)))
+            for name in _SAMPLE_FIELDS:
+                if name == "offset":
+                    values: Any = offset + np.concatenate([[0], np.cumsum(n_vis)[:-1]]).astype(np.int64)
+                else:
+                    values = part.samples[name][lo:hi]
+                buf.setdefault(f"samples/{name}", []).append(values)
+            offset += int(n_vis.sum())
+            buffered += t_hi - t_lo
+            if buffered >= _COPY_ROWS:
+                flush()
+        flush()
+        for name, arr in (extra_samples or {}).items():
+            builder.append(f[f"samples/{name}"], arr)
+        if skipped is None:
+            skipped = [row for v in views for row in v.skipped()]
+        if skipped:
+            builder.append(f["skipped/id"], [r[0] for r in skipped])
+            builder.append(f["skipped/source"], [r[1] for r in skipped])
+            builder.append(f["skipped/reason"], [r[2] for r in skipped])
+        for v in views:
+            for path in v.static_names():
+                builder.set_static(path, v.static(path))
+        builder.finish(attrs, durable=durable)
+    except BaseException:
+        builder.abort()
+        raise
+
+
 # ---------------------------------------------------------------------------------------------- reader
+
+
+def _reencode(key: str, value: Any) -> Any:
+    """A root attribute read back from JSON (a segment) as the HDF5 attribute the writer stores."""
+    if key in ("json_attrs", "static_datasets") or (
+        isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    ):
+        return np.array(list(value), dtype=_STR)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return np.int64(value)
+    return value
+
+
+class _Part:
+    """One file of a store (the HDF5 base or an npz segment), with its per-sample tables in memory.
+
+    Subclasses fill ``raw_attrs`` (HDF5-ready values) and a ``fields`` mapping of dataset path -> shape
+    and dtype, and implement :meth:`read`.
+    """
+
+    path: Path
+    raw_attrs: dict[str, Any]
+
+    def read(self, path: str, sel: Any = slice(None)) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file, if held."""
+
+    def _finish_load(self, where: str, shapes: dict[str, tuple[tuple[int, ...], np.dtype]], static: set[str]) -> None:
+        """Validate and read the tables, given ``shapes`` = {path: (shape, dtype)} of every dataset."""
+        raw = self.raw_attrs
+        schema = _to_python(raw.get("schema", None))
+        if schema != SCHEMA_NAME:
+            raise SchemaError(
+                f"{where} is not a posbias profile store (schema={schema!r}); "
+                "pass a profile.h5 written by 'profile-bias profile'"
+            )
+        version = _to_python(raw.get("schema_version", None))
+        if version != SCHEMA_VERSION:
+            raise SchemaError(
+                f"{where} has schema_version {version}; this posbias reads version {SCHEMA_VERSION}: "
+                "upgrade posbias or re-run profile-bias profile"
+            )
+        missing = [k for k in REQUIRED_ATTRS if k not in raw]
+        missing += [
+            f"/{g}/{n}"
+            for g, names in (("samples", _SAMPLE_FIELDS), ("skipped", _SKIP_FIELDS), ("tokens", _TOKEN_FIELDS))
+            for n in names
+            if f"{g}/{n}" not in shapes
+        ]
+        if missing:
+            raise SchemaError(f"{where} lacks {missing}; it is damaged or not from posbias: re-run profile-bias profile")
+        self.attrs: dict[str, Any] = _decode_attrs(raw)
+        self.n_layers = int(self.attrs["n_layers"])
+        self.rope_dims = int(self.attrs["rope_dims"])
+        if shapes["tokens/attn"][0][1:] != (self.n_layers,) or shapes["tokens/position"][0][1:] != (self.rope_dims,):
+            raise SchemaError(
+                f"{where}: /tokens/attn or /tokens/position disagree with n_layers={self.n_layers}, "
+                f"rope_dims={self.rope_dims}; re-run profile-bias profile"
+            )
+        # optional datasets: per-sample (per-token) when they have a row per /samples/id (/tokens/attn) row;
+        # any other dataset there (e.g. an (n, n) mask added with plain h5py) is read as a static one
+        s_rows, t_rows = shapes["samples/id"][0][0], shapes["tokens/attn"][0][0]
+        tokens_x: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        samples_x: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        for path, (shape, dt) in shapes.items():
+            group, _, leaf = path.partition("/")
+            if path in static or group not in ("tokens", "samples") or "/" in leaf:
+                continue
+            if leaf in (_TOKEN_FIELDS if group == "tokens" else _SAMPLE_SPEC):
+                continue
+            rows = t_rows if group == "tokens" else s_rows
+            if len(shape) >= 1 and shape[0] == rows:
+                (tokens_x if group == "tokens" else samples_x)[leaf] = (np.dtype(dt), tuple(shape[1:]))
+            else:
+                static.add(path)
+        self.static_paths: list[str] = sorted(static)
+        self.schema = _Schema(tokens=tokens_x, samples=samples_x)
+        # a writer killed inside an in-place update may leave a torn last sample: count a sample only if
+        # every row of it exists (cannot happen with segments, which are renamed into place whole)
+        sample_names = [f"samples/{n}" for n in (*_SAMPLE_FIELDS, *samples_x)]
+        token_names = [f"tokens/{n}" for n in (*_TOKEN_FIELDS, *tokens_x)]
+        s = min(shapes[n][0][0] for n in sample_names)
+        t_avail = min(shapes[n][0][0] for n in token_names)
+        n_visual = self.read("samples/n_visual", slice(0, s)).astype(np.int32)  # (S,)
+        offsets = self.read("samples/offset", slice(0, s)).astype(np.int64)  # (S,)
+        while s > 0 and offsets[s - 1] + n_visual[s - 1] > t_avail:
+            s -= 1
+        n_visual, offsets = n_visual[:s], offsets[:s]
+        expected = np.concatenate([[0], np.cumsum(n_visual, dtype=np.int64)[:-1]]) if s else np.zeros(0, np.int64)
+        if not np.array_equal(offsets, expected):
+            raise SchemaError(f"{where}: /samples/offset is not the running sum of n_visual; the file is damaged")
+        self.n_samples = int(s)
+        self.n_tokens = int(n_visual.sum()) if s else 0
+        self.torn_rows = int(max(shapes[n][0][0] for n in sample_names) - s) + int(t_avail - self.n_tokens)
+        self.samples: dict[str, Any] = {
+            "n_visual": n_visual,  # (S,) int32
+            "offset": offsets,  # (S,) int64
+            "grid": self.read("samples/grid", slice(0, s)).astype(np.int32).reshape(-1, 2),  # (S, 2) int32
+            "visual_start": self.read("samples/visual_start", slice(0, s)).astype(np.int32),  # (S,) int32
+            "seq_len": self.read("samples/seq_len", slice(0, s)).astype(np.int32),  # (S,) int32
+        }
+        for name in _STRING_SAMPLE_FIELDS:
+            self.samples[name] = self._strings(f"samples/{name}", s)
+        k = min(shapes[f"skipped/{n}"][0][0] for n in _SKIP_FIELDS)
+        self.skipped = list(
+            zip(self._strings("skipped/id", k), self._strings("skipped/source", k), self._strings("skipped/reason", k), strict=True)
+        )
+
+    def _strings(self, path: str, n: int) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _H5Part(_Part):
+    """The compacted HDF5 store file; kept open."""
+
+    def __init__(self, path: Path, where: str, *, locking: bool | None) -> None:
+        self.path = path
+        try:
+            self._file: h5py.File | None = h5py.File(path, "r", locking=locking, rdcc_nbytes=_CACHE_BYTES)
+        except OSError as exc:
+            if "lock" in str(exc).lower():
+                raise SchemaError(
+                    f"{where} is locked (a writer has it open, or the filesystem lacks file locks); "
+                    "wait for the writer, or open with locking=False / set HDF5_USE_FILE_LOCKING=FALSE"
+                ) from exc
+            msg = " ".join(str(exc).split())
+            raise SchemaError(f"{where} cannot be opened as HDF5 ({msg}); re-run 'profile-bias profile'") from exc
+        try:
+            f = self._file
+            self.raw_attrs = dict(f.attrs.items())
+            shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+
+            def visit(name: str, obj: Any) -> None:
+                if isinstance(obj, h5py.Dataset):
+                    shapes[name] = (tuple(obj.shape), obj.dtype)
+
+            f.visititems(visit)
+            static = {str(p) for p in _to_python(self.raw_attrs.get("static_datasets", [])) or []}
+            self._finish_load(where, shapes, static)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, path: str, sel: Any = slice(None)) -> np.ndarray:
+        assert self._file is not None
+        return self._file[path][sel]
+
+    def _strings(self, path: str, n: int) -> list[str]:
+        assert self._file is not None
+        return list(self._file[path].asstr()[:n])
+
+    def close(self) -> None:
+        if self._file is not None and self._file.id.valid:
+            self._file.close()
+        self._file = None
+
+
+class _NpzPart(_Part):
+    """A committed segment (``.npz``, no pickles); token arrays are read from the file on access."""
+
+    def __init__(self, path: Path, where: str) -> None:
+        self.path = path
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["attrs"][()]))
+                shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+                self._small: dict[str, np.ndarray] = {}
+                for key in z.files:
+                    if key == "attrs":
+                        continue
+                    if key.startswith("static."):
+                        path_ = key[len("static."):].replace(".", "/")
+                        arr = z[key]
+                        self._small[path_] = arr
+                        shapes[path_] = (arr.shape, arr.dtype)
+                        continue
+                    arr = z[key]
+                    path_ = key.replace(".", "/")
+                    shapes[path_] = (arr.shape, arr.dtype)
+                    if not path_.startswith("tokens/"):
+                        self._small[path_] = arr
+        except (OSError, ValueError, KeyError) as exc:
+            msg = " ".join(str(exc).split())
+            raise SchemaError(f"{where} cannot be read ({msg}); delete that segment file and resume the run") from exc
+        self.raw_attrs = {k: _reencode(k, v) for k, v in meta.items()}
+        self._finish_load(where, shapes, set(meta.get("static_datasets", []) or []))
+
+    # the token arrays of the most recently read segment (reads and compaction visit segments in turn)
+    _recent: tuple[Path, dict[str, np.ndarray]] | None = None
+
+    def read(self, path: str, sel: Any = slice(None)) -> np.ndarray:
+        if path in self._small:
+            return self._small[path][sel]
+        recent = _NpzPart._recent
+        if recent is None or recent[0] != self.path:
+            with np.load(self.path, allow_pickle=False) as z:
+                arrays = {k.replace(".", "/"): z[k] for k in z.files if k.startswith("tokens.")}
+            recent = (self.path, arrays)
+            _NpzPart._recent = recent
+        return recent[1][path][sel]
+
+    def close(self) -> None:
+        if _NpzPart._recent is not None and _NpzPart._recent[0] == self.path:
+            _NpzPart._recent = None
+
+    def _strings(self, path: str, n: int) -> list[str]:
+        return [str(x) for x in self._small[path][:n]]
 
 
 class ProfileStore:
     """Read-only view of a profile store; validates the schema name and version on open.
 
-    Per-sample tables are read into memory on open; token arrays are read on demand.
+    Reads a finished store (one file) and an interrupted one (the last compacted file plus the committed
+    segments in ``<path>.parts/``) alike. Per-sample tables are read into memory on open; token arrays
+    are read on demand.
 
     Parameters
     ----------
     path : str or Path
-        The store file.
+        The store file, or a run folder holding ``profile.h5``.
     locking : bool, optional
-        HDF5 file locking (``None``: the HDF5 default, which honours ``HDF5_USE_FILE_LOCKING``).
-        ``False`` lets you read a store while a writer still has it open (you see the samples flushed
-        so far).
+        HDF5 file locking (``None``: the HDF5 default, which honours ``HDF5_USE_FILE_LOCKING``). Store
+        files are never written in place, so reading never needs a writer's lock.
 
     Attributes
     ----------
@@ -562,7 +1361,11 @@ class ProfileStore:
     visual_start, seq_len : np.ndarray
         (S,) int32.
     complete : bool
-        False when the writer never closed (killed run) or closed after an error.
+        False for an interrupted run (segments not yet compacted) or a run closed after an error.
+    pending_segments : int
+        Committed segments not yet compacted into the store file (0 for a finished store).
+    generation : int
+        Compactions so far.
 
     Raises
     ------
@@ -571,106 +1374,114 @@ class ProfileStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, locking: bool | None = None) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise SchemaError(f"store {self.path} does not exist; check the path or run 'profile-bias profile' first")
+        self.path = resolve_store_path(path)
+        where = f"store {self.path}"
         if self.path.is_dir():
-            raise SchemaError(f"store {self.path} is a directory; pass the profile.h5 file inside it")
-        if not _looks_like_hdf5(self.path):
-            raise SchemaError(
-                f"store {self.path} is not an HDF5 file; pass a profile.h5 written by 'profile-bias profile'"
-            )
+            raise SchemaError(f"{where} is a directory; pass the profile.h5 file inside it")
+        self._base: _Part | None = None
+        self._segment_parts: list[_Part] = []
+        self._parts: list[_Part] = []
         try:
-            self._file = h5py.File(self.path, "r", locking=locking, rdcc_nbytes=_CACHE_BYTES)
-        except OSError as exc:
-            if "lock" in str(exc).lower():
-                raise SchemaError(
-                    f"store {self.path} is locked (a writer has it open, or the filesystem lacks file locks); "
-                    "wait for the writer, or open with locking=False / set HDF5_USE_FILE_LOCKING=FALSE"
-                ) from exc
-            msg = " ".join(str(exc).split())
-            raise SchemaError(f"store {self.path} cannot be opened as HDF5 ({msg}); re-run 'profile-bias profile'") from exc
-        try:
-            self._load()
+            if self.path.exists():
+                if not _looks_like_hdf5(self.path):
+                    raise SchemaError(f"{where} is not an HDF5 file; pass a profile.h5 written by 'profile-bias profile'")
+                self._base = _H5Part(self.path, where, locking=locking)
+            generation = int(self._base.attrs.get("generation", 0)) if self._base else 0
+            segs = _segments(self.path, generation)
+            if self._base is None and not segs:
+                raise SchemaError(f"{where} does not exist; check the path or run 'profile-bias profile' first")
+            for _gen, _seq, seg in segs:
+                self._segment_parts.append(_NpzPart(seg, f"{where} (segment {seg.name})"))
+            self._parts = ([self._base] if self._base else []) + self._segment_parts
+            self.generation: int = generation
+            self._next_seq: int = (segs[-1][1] + 1) if segs else 0
+            self._load(where)
         except BaseException:
-            self._file.close()
+            self.close()
             raise
 
-    def _load(self) -> None:
-        f = self._file
-        where = f"store {self.path}"
-        schema = _to_python(f.attrs.get("schema", None))
-        if schema != SCHEMA_NAME:
-            raise SchemaError(
-                f"{where} is not a posbias profile store (schema={schema!r}); "
-                "pass a profile.h5 written by 'profile-bias profile'"
-            )
-        version = _to_python(f.attrs.get("schema_version", None))
-        if version != SCHEMA_VERSION:
-            raise SchemaError(
-                f"{where} has schema_version {version}; this posbias reads version {SCHEMA_VERSION}: "
-                "upgrade posbias or re-run profile-bias profile"
-            )
-        missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
-        missing += [f"/{g}/{n}" for g, names in (("samples", _SAMPLE_FIELDS), ("skipped", _SKIP_FIELDS),
-                                                  ("tokens", ("attn", "row", "col", "position")))
-                    for n in names if f"{g}/{n}" not in f]
-        if missing:
-            raise SchemaError(
-                f"{where} lacks {missing}; it is damaged or not from posbias: re-run profile-bias profile"
-            )
-
-        attrs = {k: _to_python(v) for k, v in f.attrs.items()}
-        for key in attrs.get("json_attrs", []) or []:
-            if key in attrs:
-                attrs[key] = json.loads(attrs[key])
+    def _load(self, where: str) -> None:
+        parts = self._parts
+        first, last = parts[0], parts[-1]
+        for p in parts[1:]:
+            if (p.n_layers, p.rope_dims) != (first.n_layers, first.rope_dims):
+                raise SchemaError(f"{where}: segment {p.path.name} has another n_layers/rope_dims; the store is damaged")
+        # latest attributes win (a resumed run may update caller attributes); creation time of the first
+        self.raw_attrs: dict[str, Any] = dict(last.raw_attrs)
+        self.raw_attrs["created"] = first.raw_attrs["created"]
+        attrs = dict(last.attrs)
+        attrs["created"] = first.attrs["created"]
+        self.pending_segments: int = len(self._segment_parts)
+        self.complete: bool = bool(self._base is not None and self._base.attrs.get("complete", False) and not self._segment_parts)
+        attrs["complete"] = self.complete
         self.attrs: dict[str, Any] = attrs
-        self.n_layers: int = int(attrs["n_layers"])
-        self.rope_dims: int = int(attrs["rope_dims"])
-        self.complete: bool = bool(attrs.get("complete", False))
+        self.n_layers: int = first.n_layers
+        self.rope_dims: int = first.rope_dims
 
-        smp = f["samples"]
-        tok = f["tokens"]
-        if tok["attn"].shape[1:] != (self.n_layers,) or tok["position"].shape[1:] != (self.rope_dims,):
-            raise SchemaError(
-                f"{where}: /tokens/attn or /tokens/position disagree with n_layers={self.n_layers}, "
-                f"rope_dims={self.rope_dims}; re-run profile-bias profile"
-            )
-        # a killed writer may leave a torn last sample: count a sample only if every row of it exists
-        s = min(smp[name].shape[0] for name in _SAMPLE_FIELDS)
-        t_avail = min(tok[name].shape[0] for name in ("attn", "row", "col", "position"))
-        n_visual = smp["n_visual"][:s].astype(np.int32)  # (S,)
-        offsets = smp["offset"][:s].astype(np.int64)  # (S,)
-        while s > 0 and offsets[s - 1] + n_visual[s - 1] > t_avail:
-            s -= 1
-        n_visual, offsets = n_visual[:s], offsets[:s]
-        expected = np.concatenate([[0], np.cumsum(n_visual, dtype=np.int64)[:-1]]) if s else np.zeros(0, np.int64)
-        if not np.array_equal(offsets, expected):
-            raise SchemaError(f"{where}: /samples/offset is not the running sum of n_visual; the file is damaged")
-        self.n_samples: int = int(s)
-        self.n_tokens: int = int(n_visual.sum()) if s else 0
-        self.torn_rows: int = int(max(smp[name].shape[0] for name in _SAMPLE_FIELDS) - s) + int(t_avail - self.n_tokens)
+        # optional datasets must be the same in every part that holds samples
+        with_samples = [p for p in parts if p.n_samples > 0]
+        ref = with_samples[0].schema if with_samples else _Schema()
+        for p in with_samples[1:]:
+            if p.schema.describe() != ref.describe():
+                raise SchemaError(
+                    f"{where}: {p.path.name} holds signal datasets {p.schema.describe()} but earlier parts hold "
+                    f"{ref.describe()}; the run mixed signal options: re-run with --overwrite"
+                )
+        self._schema: _Schema = ref
+
+        self.torn_rows: int = sum(p.torn_rows for p in parts)
         if self.torn_rows:
             warnings.warn(
                 f"{where}: ignoring {self.torn_rows} row(s) of an interrupted write after the last complete sample",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self.n_visual: np.ndarray = n_visual  # (S,) int32
-        self.offsets: np.ndarray = offsets  # (S,) int64
-        self.grids: np.ndarray = smp["grid"][:s].astype(np.int32)  # (S, 2) int32
-        self.visual_start: np.ndarray = smp["visual_start"][:s].astype(np.int32)  # (S,) int32
-        self.seq_len: np.ndarray = smp["seq_len"][:s].astype(np.int32)  # (S,) int32
-        self.sample_ids: list[str] = list(smp["id"].asstr()[:s])
-        self.sources: list[str] = list(smp["source"].asstr()[:s])
-        self.questions: list[str] = list(smp["question"].asstr()[:s])
-        self.answers: list[str] = list(smp["answer"].asstr()[:s])
-        sk = f["skipped"]
-        k = min(sk[name].shape[0] for name in _SKIP_FIELDS)
-        self._skipped = list(
-            zip(sk["id"].asstr()[:k], sk["source"].asstr()[:k], sk["reason"].asstr()[:k], strict=True)
-        )
+        self._part_samples = np.cumsum([0] + [p.n_samples for p in parts]).astype(np.int64)  # (n_parts+1,)
+        self._part_tokens = np.cumsum([0] + [p.n_tokens for p in parts]).astype(np.int64)  # (n_parts+1,)
+        self.n_samples: int = int(self._part_samples[-1])
+        self.n_tokens: int = int(self._part_tokens[-1])
+        self.n_visual: np.ndarray = np.concatenate([p.samples["n_visual"] for p in parts]).astype(np.int32)  # (S,)
+        self.offsets: np.ndarray = (
+            np.concatenate([[0], np.cumsum(self.n_visual, dtype=np.int64)[:-1]]) if self.n_samples else np.zeros(0, np.int64)
+        )  # (S,) int64
+        self.grids: np.ndarray = np.concatenate([p.samples["grid"] for p in parts]).reshape(-1, 2).astype(np.int32)  # (S, 2)
+        self.visual_start: np.ndarray = np.concatenate([p.samples["visual_start"] for p in parts]).astype(np.int32)  # (S,)
+        self.seq_len: np.ndarray = np.concatenate([p.samples["seq_len"] for p in parts]).astype(np.int32)  # (S,)
+        self.sample_ids: list[str] = [x for p in parts for x in p.samples["id"]]
+        self.sources: list[str] = [x for p in parts for x in p.samples["source"]]
+        self.questions: list[str] = [x for p in parts for x in p.samples["question"]]
+        self.answers: list[str] = [x for p in parts for x in p.samples["answer"]]
+        self._skipped = [row for p in parts for row in p.skipped]
+        dup = {i for i in self.sample_ids if self.sample_ids.count(i) > 1} if len(set(self.sample_ids)) != self.n_samples else set()
+        if dup:
+            raise SchemaError(f"{where}: sample ids {sorted(dup)[:3]} appear twice; the store is damaged")
+        self._statics: dict[str, _Part] = {}
+        for p in parts:  # latest value wins
+            for sp in p.static_paths:
+                self._statics[sp] = p
         self._cache: dict[str, np.ndarray] = {}
+
+    # -- internal access
+
+    def _locate(self, s: int) -> tuple[_Part, int]:
+        """(part, index within the part) of global sample ``s``."""
+        k = int(np.searchsorted(self._part_samples, s, side="right") - 1)
+        return self._parts[k], int(s - self._part_samples[k])
+
+    def _read_tokens(self, name: str, col: int | None = None) -> np.ndarray:
+        """(T, ...) rows of ``/tokens/<name>`` over all parts (column ``col`` only, if given)."""
+        chunks: list[np.ndarray] = []
+        for p in self._parts:
+            if p.n_tokens == 0:
+                continue
+            sel = slice(0, p.n_tokens) if col is None else (slice(0, p.n_tokens), col)
+            chunks.append(p.read(f"tokens/{name}", sel))
+        if not chunks:
+            if name == "attn":
+                return np.zeros((0, self.n_layers) if col is None else (0,), dtype=np.float32)
+            dt, trailing = self._schema.tokens.get(name, (np.dtype(np.float32), ()))
+            return np.zeros((0, *(trailing if col is None else trailing[1:])), dtype=dt)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     # -- attention
 
@@ -692,7 +1503,7 @@ class ProfileStore:
         li = self._layer_index(l)
         if self.n_tokens == 0:
             return np.zeros(0, dtype=np.float32)
-        return self._file["tokens/attn"][: self.n_tokens, li]  # (T,) float32
+        return self._read_tokens("attn", li)  # (T,) float32
 
     def layers(self, ls: Iterable[int]) -> np.ndarray:
         """(T, len(ls)) float32 attention at the given layers, in the given order (repeats allowed)."""
@@ -707,7 +1518,7 @@ class ProfileStore:
 
     def all_layers(self) -> np.ndarray:
         """(T, L) float32, the whole attention matrix (T * L * 4 bytes of memory)."""
-        return self._file["tokens/attn"][: self.n_tokens]  # (T, L) float32
+        return self._read_tokens("attn")  # (T, L) float32
 
     def _sample_index(self, i: int) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
@@ -717,11 +1528,14 @@ class ProfileStore:
             raise PosbiasError(f"sample index {i} is out of range for store {self.path} with {self.n_samples} samples")
         return ii
 
+    def _sample_rows(self, i: int, name: str) -> np.ndarray:
+        part, local = self._locate(self._sample_index(i))
+        lo = int(part.samples["offset"][local])
+        return part.read(f"tokens/{name}", slice(lo, lo + int(part.samples["n_visual"][local])))
+
     def sample_attn(self, i: int) -> np.ndarray:
         """(V_i, L) float32 attention of sample ``i``."""
-        ii = self._sample_index(i)
-        lo = int(self.offsets[ii])
-        return self._file["tokens/attn"][lo : lo + int(self.n_visual[ii])]  # (V_i, L) float32
+        return self._sample_rows(i, "attn")  # (V_i, L) float32
 
     def sample_slice(self, i: int) -> slice:
         """Token rows of sample ``i`` in the (T, ...) arrays."""
@@ -729,11 +1543,105 @@ class ProfileStore:
         lo = int(self.offsets[ii])
         return slice(lo, lo + int(self.n_visual[ii]))
 
+    # -- optional signal datasets
+
+    def _where_is(self, name: str) -> str | None:
+        if "/" in name:
+            group, _, leaf = name.rpartition("/")
+            if group == "tokens" and leaf in self._schema.tokens:
+                return "tokens"
+            if group == "samples" and leaf in self._schema.samples:
+                return "samples"
+            return "static" if name in self._statics else None
+        if name in self._schema.tokens:
+            return "tokens"
+        if name in self._schema.samples:
+            return "samples"
+        if f"static/{name}" in self._statics:
+            return "static"
+        return None
+
+    def has(self, name: str) -> bool:
+        """True when the store holds signal ``name``: ``/tokens/<name>``, ``/samples/<name>`` or a static.
+
+        ``name`` may also be a path (``"tokens/attn_pa"``, ``"samples/region_is_edge"``). The base
+        datasets (attn, id, ...) are always present and are not reported here.
+        """
+        return self._where_is(name) is not None
+
+    def signal_names(self) -> dict[str, list[str]]:
+        """Names of the optional datasets: ``{"tokens": [...], "samples": [...], "static": [paths]}``."""
+        return {"tokens": sorted(self._schema.tokens), "samples": sorted(self._schema.samples), "static": sorted(self._statics)}
+
+    def token_data(self, name: str) -> np.ndarray:
+        """(T, ...) rows of ``/tokens/<name>``, sample after sample like :meth:`all_layers`."""
+        leaf = name.split("/", 1)[1] if name.startswith("tokens/") else name
+        if leaf not in self._schema.tokens:
+            raise PosbiasError(
+                f"store {self.path} has no /tokens/{leaf}; it holds {sorted(self._schema.tokens) or 'none'}: "
+                "re-profile with that signal enabled"
+            )
+        if leaf not in self._cache:
+            self._cache[f"tokens/{leaf}"] = self._read_tokens(leaf)
+        return self._cache[f"tokens/{leaf}"]
+
+    def sample_token_data(self, name: str, i: int) -> np.ndarray:
+        """(V_i, ...) rows of ``/tokens/<name>`` of sample ``i``."""
+        leaf = name.split("/", 1)[1] if name.startswith("tokens/") else name
+        if leaf not in self._schema.tokens:
+            raise PosbiasError(f"store {self.path} has no /tokens/{leaf}; re-profile with that signal enabled")
+        return self._sample_rows(i, leaf)
+
+    def sample_data(self, name: str) -> np.ndarray:
+        """(S, ...) values of ``/samples/<name>``."""
+        leaf = name.split("/", 1)[1] if name.startswith("samples/") else name
+        if leaf not in self._schema.samples:
+            raise PosbiasError(
+                f"store {self.path} has no per-sample /samples/{leaf}; it holds {sorted(self._schema.samples) or 'none'}: "
+                "re-profile with that signal enabled"
+            )
+        key = f"samples/{leaf}"
+        if key not in self._cache:
+            chunks = []
+            for p in self._parts:
+                if p.n_samples:
+                    chunks.append(p.read(key, slice(0, p.n_samples)))
+            dt, trailing = self._schema.samples[leaf]
+            self._cache[key] = np.concatenate(chunks) if chunks else np.zeros((0, *trailing), dtype=dt)
+        return self._cache[key]
+
+    @property
+    def utr_loss(self) -> np.ndarray | None:
+        """(S, L) float32 ``/samples/utr_loss`` (UTP information loss, docs/utp.md), or None when absent."""
+        return self.sample_data("utr_loss") if "utr_loss" in self._schema.samples else None
+
+    @property
+    def has_attn_pa(self) -> bool:
+        """True when the store holds ``/tokens/attn_pa`` (position-agnostic attention)."""
+        return "attn_pa" in self._schema.tokens
+
+    def sample_attn_pa(self, i: int) -> np.ndarray:
+        """(V_i, K) ``/tokens/attn_pa`` rows of sample ``i``."""
+        return self.sample_token_data("attn_pa", i)
+
+    def static_names(self) -> list[str]:
+        """Paths of the static datasets (``"static/<name>"`` or ``"samples/<name>"``)."""
+        return sorted(self._statics)
+
+    def static(self, name: str) -> np.ndarray:
+        """A dataset written once per store (``name``, ``"static/<name>"`` or ``"samples/<name>"``)."""
+        path = name if "/" in name else f"static/{name}"
+        if path not in self._statics:
+            raise PosbiasError(
+                f"store {self.path} has no static dataset {path}; it holds {sorted(self._statics) or 'none'}"
+            )
+        return np.asarray(self._statics[path].read(path, ...))
+
     # -- token tables
 
     def _tokens(self, name: str) -> np.ndarray:
         if name not in self._cache:
-            self._cache[name] = self._file[f"tokens/{name}"][: self.n_tokens]
+            self._cache[name] = self._read_tokens(name)
         return self._cache[name]
 
     @property
@@ -778,22 +1686,25 @@ class ProfileStore:
         return counts
 
     def non_finite_samples(self) -> np.ndarray:
-        """(S,) bool, True for samples whose attention has a NaN or inf anywhere (reads all of /tokens/attn
-        in row blocks)."""
-        bad_tok = np.zeros(self.n_tokens, dtype=bool)  # (T,)
-        ds = self._file["tokens/attn"]
-        step = _ROW_CHUNK * 16
-        for lo in range(0, self.n_tokens, step):
-            hi = min(lo + step, self.n_tokens)
-            bad_tok[lo:hi] = ~np.isfinite(ds[lo:hi]).all(axis=1)
+        """(S,) bool, True for samples whose attention has a NaN or inf anywhere (reads /tokens/attn in
+        row blocks)."""
         if self.n_samples == 0:
             return np.zeros(0, dtype=bool)
-        return np.logical_or.reduceat(bad_tok, self.offsets) if self.n_tokens else np.zeros(self.n_samples, bool)
+        bad_tok = np.zeros(self.n_tokens, dtype=bool)  # (T,)
+        for k, p in enumerate(self._parts):
+            if p.n_tokens == 0:
+                continue
+            base = int(self._part_tokens[k])
+            step = _ROW_CHUNK * 16
+            for lo in range(0, p.n_tokens, step):
+                hi = min(lo + step, p.n_tokens)
+                bad_tok[base + lo : base + hi] = ~np.isfinite(p.read("tokens/attn", slice(lo, hi))).all(axis=1)
+        return np.logical_or.reduceat(bad_tok, self.offsets)
 
     def close(self) -> None:
-        """Close the file. Idempotent."""
-        if self._file.id.valid:
-            self._file.close()
+        """Close the files. Idempotent."""
+        for p in self._parts or ([self._base] if self._base else []):
+            p.close()
 
     def __enter__(self) -> ProfileStore:
         return self
@@ -807,5 +1718,201 @@ class ProfileStore:
     def __repr__(self) -> str:
         return (
             f"ProfileStore({str(self.path)!r}, samples={self.n_samples}, tokens={self.n_tokens}, "
-            f"layers={self.n_layers}, rope_dims={self.rope_dims}, skipped={len(self._skipped)})"
+            f"layers={self.n_layers}, rope_dims={self.rope_dims}, skipped={len(self._skipped)}, "
+            f"pending_segments={self.pending_segments})"
         )
+
+
+# ------------------------------------------------------------------------------------------- merging
+
+
+def merge_stores(
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    order: Sequence[str] | None = None,
+    dedupe: bool = False,
+    overwrite: bool = False,
+    attrs: Mapping[str, Any] | None = None,
+    durable: bool = True,
+) -> Path:
+    """Merge several stores (e.g. the shards of a torchrun run) into one store file ``out``.
+
+    Every input may be a finished store or an interrupted one (with segments). The inputs must share
+    model fingerprint, adapter, n_layers, rope_dims, seed and signal datasets.
+
+    Parameters
+    ----------
+    inputs : sequence of path
+        Store files or run folders.
+    out : path
+        Store file to write (atomically: temp file, fsync, rename).
+    order : sequence of str, optional
+        Sample ids in the wanted order (e.g. the run's plan); samples not listed follow in input order.
+    dedupe : bool
+        Keep the first copy of an id found in several inputs (for re-merging after an interrupted
+        merge) instead of raising.
+    overwrite : bool
+        Replace an existing ``out``.
+    attrs : dict, optional
+        Caller attributes to add or replace in the merged store.
+    durable : bool
+        fsync the output.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Raises
+    ------
+    posbias.errors.PosbiasError
+        For no inputs, incompatible inputs, an id in two inputs (without ``dedupe``) or an existing
+        ``out`` without ``overwrite``.
+    """
+    out_path = Path(out)
+    if not inputs:
+        raise PosbiasError("merge: no input stores given; pass the shard stores to merge")
+    in_paths = [resolve_store_path(p) for p in inputs]
+    if out_path.resolve() in [p.resolve() for p in in_paths] and not overwrite:
+        raise PosbiasError(f"merge: output {out_path} is also an input; pass --overwrite to merge into it or choose another output")
+    if store_exists(out_path) and not overwrite:
+        raise PosbiasError(f"merge: output store {out_path} already exists; pass --overwrite or choose another --out")
+    views: list[ProfileStore] = []
+    try:
+        for p in in_paths:
+            views.append(ProfileStore(p))
+        ref = views[0]
+        for v in views[1:]:
+            for key in _IDENTITY_ATTRS:
+                a, b = ref.attrs.get(key), v.attrs.get(key)
+                if a != b:
+                    raise PosbiasError(
+                        f"merge: {v.path} has {key}={b!r} but {ref.path} has {key}={a!r}; merge only stores of one model and seed"
+                    )
+            if v.n_samples and ref.n_samples and v._schema.describe() != ref._schema.describe():
+                raise PosbiasError(
+                    f"merge: {v.path} holds signal datasets {v._schema.describe()} but {ref.path} holds "
+                    f"{ref._schema.describe()}; profile all shards with the same signal options"
+                )
+        base_view = next((v for v in views if v.n_samples), ref)
+        if base_view is not ref:
+            views.remove(base_view)
+            views.insert(0, base_view)
+        selection: list[tuple[int, int]] = []
+        seen: dict[str, Path] = {}
+        for vi, v in enumerate(views):
+            for s, sid in enumerate(v.sample_ids):
+                if sid in seen:
+                    if dedupe:
+                        continue
+                    raise PosbiasError(
+                        f"merge: sample id {sid!r} is in both {seen[sid]} and {v.path}; merge disjoint shards "
+                        "(or pass --dedupe to keep the first copy)"
+                    )
+                seen[sid] = v.path
+                selection.append((vi, s))
+        skipped: list[tuple[str, str, str]] = []
+        for v in views:
+            for row in v.skipped():
+                if row[0] in seen:
+                    if dedupe:
+                        continue
+                    raise PosbiasError(f"merge: id {row[0]!r} is both stored and skipped across inputs; merge disjoint shards")
+                seen[row[0]] = v.path
+                skipped.append(row)
+        if order is not None:
+            rank = {sid: i for i, sid in enumerate(order)}
+            big = len(rank)
+            keyed = [(rank.get(views[vi].sample_ids[s], big + j), (vi, s)) for j, (vi, s) in enumerate(selection)]
+            selection = [sel for _, sel in sorted(keyed, key=lambda t: t[0])]
+            skipped.sort(key=lambda r: rank.get(r[0], big))
+        merged = {
+            k: v for k, v in views[0].raw_attrs.items() if k not in ("segment", "static_datasets") and not k.startswith("shard_")
+        }
+        json_keys = set(_to_python(merged.get("json_attrs", [])) or [])
+        json_keys = {k for k in json_keys if not k.startswith("shard_")}
+        for key, value in (attrs or {}).items():
+            if key in _WRITER_ONLY or key in ("n_layers", "rope_dims"):
+                raise PosbiasError(f"merge: attribute {key!r} is set by the writer; do not pass it")
+            merged[key], as_json = _encode_attr(value, f"merge {out_path}", key)
+            (json_keys.add if as_json else json_keys.discard)(key)
+        merged["json_attrs"] = np.array(sorted(json_keys), dtype=_STR)
+        merged["complete"] = all(v.complete for v in views)
+        # above every input's generation: segments of an input that is also the output are then ignored
+        merged["generation"] = np.int64(1 + max(v.generation for v in views))
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        _write_compact(views, tmp, merged, selection=selection, skipped=skipped, durable=durable)
+    finally:
+        for v in views:
+            v.close()
+    if overwrite and parts_dir(out_path).is_dir():
+        shutil.rmtree(parts_dir(out_path))
+    _commit_file(tmp, out_path, durable=durable)
+    return out_path
+
+
+def add_sample_data(
+    path: str | os.PathLike[str],
+    name: str,
+    ids: Sequence[str],
+    values: Any,
+    *,
+    fill: float = np.nan,
+    durable: bool = True,
+) -> Path:
+    """Add (or replace) the per-sample dataset ``/samples/<name>`` of a closed store, crash-safely.
+
+    The store is rewritten to a temporary file and renamed over the old one, so a kill leaves either
+    the old or the new store. Samples not in ``ids`` get ``fill``.
+
+    Parameters
+    ----------
+    path : path
+        The store (file or run folder); an interrupted store is compacted on the way.
+    name : str
+        Dataset name (an identifier, not a base dataset).
+    ids : sequence of str
+        Sample ids the rows of ``values`` belong to.
+    values : array-like
+        (len(ids), ...) numeric values.
+    fill : float
+        Value of the rows of samples not in ``ids``.
+    durable : bool
+        fsync the new file.
+    """
+    store_path = resolve_store_path(path)
+    arr = np.asarray(values)
+    where = f"store {store_path}"
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in _SAMPLE_SPEC:
+        raise PosbiasError(f"{where}: dataset name {name!r} must be an identifier other than the base datasets")
+    if arr.dtype.kind not in "biuf" or arr.ndim < 1 or arr.shape[0] != len(ids):
+        raise PosbiasError(f"{where}: {name} values must be numeric with one row per id ({len(ids)}), got {arr.shape}")
+    with ProfileStore(store_path) as view:
+        index = {sid: i for i, sid in enumerate(view.sample_ids)}
+        unknown = [sid for sid in ids if sid not in index]
+        if unknown:
+            raise PosbiasError(f"{where}: sample ids {unknown[:3]} are not in the store; pass ids of stored samples")
+        out_dtype = np.result_type(arr.dtype, np.float32) if np.isnan(fill) else arr.dtype
+        full = np.full((view.n_samples, *arr.shape[1:]), fill, dtype=out_dtype)  # (S, ...)
+        full[[index[sid] for sid in ids]] = arr
+        view._schema.samples.pop(name, None)  # replaced, not copied
+        attrs = {k: v for k, v in view.raw_attrs.items() if k not in ("segment", "static_datasets")}
+        attrs["complete"] = view.complete
+        attrs["generation"] = np.int64(view.generation + 1)
+        tmp = store_path.with_name(store_path.name + ".tmp")
+        _write_compact([view], tmp, attrs, extra_samples={name: full}, durable=durable)
+    _commit_file(tmp, store_path, durable=durable)
+    return store_path
+
+
+def write_utr_loss(path: str | os.PathLike[str], ids: Sequence[str], loss: Any) -> Path:
+    """Write UTP's information loss ``/samples/utr_loss`` (S, L) float32 into a closed store (NaN rows for
+    samples not in ``ids``); see :func:`add_sample_data`."""
+    arr = np.asarray(loss, dtype=np.float32)  # (k, L)
+    with ProfileStore(path) as view:
+        n_layers = view.n_layers
+    if arr.ndim != 2 or arr.shape[1] != n_layers:
+        raise PosbiasError(f"utr_loss has shape {arr.shape}; expected (len(ids), {n_layers}) = one value per decoder layer")
+    return add_sample_data(path, "utr_loss", ids, arr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -53,6 +54,8 @@ def solve_milp(
     time_limit: float = 60.0,
     mip_rel_gap: float = 0.0,
     threads: int | None = None,
+    options: dict[str, Any] | None = None,
+    start: np.ndarray | None = None,
 ) -> MilpResult:
     """Minimise ``cost @ x + offset`` s.t. ``row_lower <= matrix @ x <= row_upper``, column bounds, integrality.
 
@@ -76,6 +79,11 @@ def solve_milp(
         Relative gap at which HiGHS stops; 0 asks for a proof of optimality.
     threads : int or None
         HiGHS thread count (None: HiGHS default).
+    options : dict or None
+        Further HiGHS options by name (e.g. ``{"presolve": "off"}``).
+    start : np.ndarray or None
+        (n,) float64 feasible solution handed to HiGHS as its first incumbent (a MIP start); HiGHS
+        checks it and ignores it when infeasible.
 
     Returns
     -------
@@ -110,7 +118,14 @@ def solve_milp(
     h.setOptionValue("mip_abs_gap", 1e-12)
     if threads is not None:
         h.setOptionValue("threads", int(threads))
+    for key, value in (options or {}).items():
+        h.setOptionValue(key, value)
     h.passModel(lp)
+    if start is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = np.asarray(start, dtype=np.float64).tolist()  # (n,)
+        sol.value_valid = True
+        h.setSolution(sol)
     t0 = time.perf_counter()
     h.run()
     seconds = time.perf_counter() - t0

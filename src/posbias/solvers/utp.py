@@ -52,11 +52,14 @@ __all__ = [
     "iter_schedules",
     "brute_force",
     "compact_tables",
+    "summed_tables",
+    "keep_levels",
+    "pwl_cost",
     "check_schedule",
     "UTPSolver",
 ]
 
-FORMULATIONS: tuple[str, ...] = ("compact", "tokens")
+FORMULATIONS: tuple[str, ...] = ("pwl", "compact", "tokens")
 MODES: tuple[str, ...] = ("joint", "per_sample")
 
 
@@ -239,52 +242,216 @@ def compact_tables(metric: np.ndarray, info_loss: np.ndarray) -> tuple[np.ndarra
     return f, float(ell[1] * g[1, v])  # (L-1, V+1), scalar
 
 
+def summed_tables(metrics: Sequence[np.ndarray], losses: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`compact_tables` summed over samples: (L-1, V+1) float64 tables and the constant.
+
+    The joint objective over samples sharing one schedule is the sum of the per-sample objectives, so
+    the joint program has the size of one sample's whatever S is. Vectorised over samples and layers.
+    """
+    ells = np.asarray(losses, dtype=np.float64)  # (S, L)
+    if len(metrics) == 0:
+        raise PosbiasError("no samples to build cost tables from")
+    mets = np.stack([np.asarray(m, dtype=np.float64).T for m in metrics])  # (S, L, V)
+    n_s, n_layers, v = mets.shape
+    tot = mets.sum(axis=2, keepdims=True)  # (S, L, 1)
+    norm = np.divide(mets, tot, out=np.zeros_like(mets), where=tot > 0)  # (S, L, V)
+    order = np.argsort(-mets[:, :-1], axis=2, kind="stable")  # (S, L-1, V) ranks by layer i-1
+    g = np.zeros((n_s, n_layers + 1, v + 1))  # (S, L+1, V+1), g[:, i, k] = G_i(k)
+    np.cumsum(np.take_along_axis(norm[:, 1:], order, axis=2), axis=2, out=g[:, 1:n_layers, 1:])
+    ell_ext = np.concatenate([ells, np.zeros((n_s, 1))], axis=1)  # (S, L+1)
+    f = np.einsum("sl,slk->lk", -ell_ext[:, 1:n_layers], g[:, 1:n_layers]) + np.einsum(
+        "sl,slk->lk", ell_ext[:, 2:], g[:, 2:]
+    )  # (L-1, V+1)
+    const = float((ells[:, 1] * g[:, 1, v]).sum())
+    return f, const
+
+
 # ----------------------------------------------------------------------------------- program builders
 
 
-def _compact_program(
-    f: np.ndarray, const: float, budget: int, min_keep: int
-) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Staircase program over ``u[i, k] = [r_i >= k]`` (i = 1..L-1, k = 1..V); columns i-major."""
-    n_rows_l, vp1 = f.shape  # L-1, V+1
+def keep_levels(f: np.ndarray, min_keep: int, levels: int | None) -> np.ndarray:
+    """Breakpoints (keep levels) of the piecewise-linear model, shared by all layers.
+
+    Parameters
+    ----------
+    f : np.ndarray
+        (L-1, V+1) float64 summed cost tables (:func:`compact_tables`).
+    min_keep : int
+        Smallest admissible ``r_i``; always a breakpoint, as is ``V``.
+    levels : int or None
+        Number of breakpoints (>= 2). None, or at least ``V - min_keep + 1``: every integer level is a
+        breakpoint and the interpolation is the table itself (exact compact costs).
+
+    Returns
+    -------
+    np.ndarray
+        (G,) int64 ascending breakpoints, ``G = min(levels, V - min_keep + 1)``.
+
+    Notes
+    -----
+    Greedy adaptive placement: start from ``{min_keep, V}`` and repeatedly add the level where the
+    interpolation error summed over layers, ``sum_i |f_i(k) - interp_i(k)|``, is largest (it is zero at
+    breakpoints, so each step adds a new level). Deterministic (ties: lowest level).
+    """
+    n_rows, vp1 = f.shape  # L-1, V+1
     v = vp1 - 1
-    n = n_rows_l * v
-    cost = np.diff(f, axis=1).ravel()  # (n,) f_i(k) - f_i(k-1)
-    offset = const + float(f[:, 0].sum())
-    idx = np.arange(n).reshape(n_rows_l, v)  # (L-1, V)
-    blocks_r, blocks_c, blocks_v = [], [], []
-    n_row = 0
-    # u[i, k] - u[i, k+1] >= 0
-    a = idx[:, :-1].ravel()
-    b = idx[:, 1:].ravel()
-    rows = np.arange(a.size) + n_row
-    blocks_r += [rows, rows]
-    blocks_c += [a, b]
-    blocks_v += [np.ones(a.size), -np.ones(a.size)]
-    n_row += a.size
-    # u[i-1, k] - u[i, k] >= 0
-    a = idx[:-1].ravel()
-    b = idx[1:].ravel()
-    rows = np.arange(a.size) + n_row
-    blocks_r += [rows, rows]
-    blocks_c += [a, b]
-    blocks_v += [np.ones(a.size), -np.ones(a.size)]
-    n_row += a.size
-    lower = np.zeros(n_row)
-    upper = np.full(n_row, np.inf)
-    # budget
-    blocks_r.append(np.full(n, n_row))
-    blocks_c.append(np.arange(n))
-    blocks_v.append(np.ones(n))
-    lower = np.append(lower, budget)
-    upper = np.append(upper, budget)
-    n_row += 1
-    matrix = sp.csr_matrix(
-        (np.concatenate(blocks_v), (np.concatenate(blocks_r), np.concatenate(blocks_c))), shape=(n_row, n)
-    )
-    col_lo = np.zeros((n_rows_l, v))
-    col_lo[:, :min_keep] = 1.0
-    return cost, matrix, lower, upper, col_lo.ravel(), np.ones(n), offset
+    if levels is not None and levels < 2:
+        raise PosbiasError(f"levels={levels} must be at least 2 (or None for every keep level)")
+    if levels is None or v - min_keep + 1 <= levels:
+        return np.arange(min_keep, v + 1, dtype=np.int64)
+    ks = np.arange(min_keep, v + 1)  # (K,)
+    vals = f[:, ks]  # (L-1, K)
+    pts = np.zeros(ks.size, dtype=bool)  # (K,) breakpoint flags
+    pts[[0, -1]] = True
+    for _ in range(levels - 2):
+        idx = np.flatnonzero(pts)  # (G,)
+        seg = np.clip(np.searchsorted(idx, np.arange(ks.size), side="right") - 1, 0, idx.size - 2)  # (K,)
+        a, b = idx[seg], idx[seg + 1]
+        w = (np.arange(ks.size) - a) / (b - a)  # (K,)
+        err = np.abs(vals[:, a] * (1 - w) + vals[:, b] * w - vals).sum(axis=0)  # (K,)
+        err[pts] = -1.0
+        pts[int(np.argmax(err))] = True
+    return ks[pts].astype(np.int64)
+
+
+def pwl_cost(f: np.ndarray, points: np.ndarray, schedule_tail: np.ndarray) -> np.ndarray:
+    """Per-layer piecewise-linear cost ``g_i(r_i)`` (L-1,) of ``r = schedule_tail`` (layers 1..L-1)."""
+    r = np.asarray(schedule_tail, dtype=np.float64)  # (L-1,)
+    return np.array([np.interp(r[i], points, f[i, points]) for i in range(f.shape[0])])  # (L-1,)
+
+
+class _PwlProgram:
+    """Incremental (delta) piecewise-linear program of the compact costs over shared keep levels.
+
+    Columns: ``delta[i, s]`` in [0, 1] (fill of segment s of layer i, continuous), ``z[i, s]`` binary only
+    where layer i's interpolated cost has a concave kink at breakpoint s+1 (elsewhere the LP fills
+    segments in order by itself), and integer ``r[i] = p_0 + sum_s d_s delta[i, s]``.
+    Rows: ``delta[i, s+1] <= z[i, s] <= delta[i, s]`` (kinks), the ``r`` definition, monotone order
+    ``delta[i, s] <= delta[i-1, s]`` (implies ``r_i <= r_{i-1}``; with shared levels it is exact, not a
+    relaxation) and ``z[i, s] <= z[i-1, s]`` where both exist (a valid tightening), the budget
+    ``sum_i r_i = B``.
+    """
+
+    def __init__(self, f: np.ndarray, const: float, budget: int, points: np.ndarray) -> None:
+        m = f.shape[0]  # L-1 layers with a choice
+        p = np.asarray(points, dtype=np.int64)  # (G,)
+        n_seg = p.size - 1
+        self.m, self.points, self.f = m, p, f
+        if n_seg == 0:  # min_keep == V: a single admissible level
+            self.n_seg = 0
+            d = np.zeros(0)
+        else:
+            self.n_seg = n_seg
+            d = np.diff(p).astype(np.float64)  # (M,)
+        fp = f[:, p]  # (L-1, G) costs at breakpoints
+        rise = np.diff(fp, axis=1)  # (L-1, M)
+        slope = rise / d if n_seg else rise  # (L-1, M)
+        need = slope[:, 1:] < slope[:, :-1] - 1e-15 * (1 + np.abs(slope[:, :-1]))  # (L-1, M-1) concave kinks
+        nd = m * n_seg
+        nz = int(need.sum())
+        dcol = np.arange(nd).reshape(m, n_seg)  # (L-1, M)
+        zcol = -np.ones((m, max(n_seg - 1, 0)), dtype=np.int64)  # (L-1, M-1), -1: no binary
+        zcol[need] = nd + np.arange(nz)
+        rcol = nd + nz + np.arange(m)  # (L-1,)
+        n = nd + nz + m
+        self.dcol, self.zcol, self.rcol, self.need, self.d, self.n = dcol, zcol, rcol, need, d, n
+        cost = np.zeros(n)
+        cost[dcol.ravel()] = rise.ravel()
+        self.cost = cost
+        self.offset = float(const + fp[:, 0].sum())
+        rr: list[np.ndarray] = []
+        cc: list[np.ndarray] = []
+        vv: list[np.ndarray] = []
+        lo: list[np.ndarray] = []
+        hi: list[np.ndarray] = []
+        row = 0
+
+        def diff_rows(a: np.ndarray, b: np.ndarray) -> None:  # a - b <= 0
+            nonlocal row
+            k = a.size
+            rows = row + np.arange(k)
+            rr.extend([rows, rows])
+            cc.extend([a, b])
+            vv.extend([np.ones(k), -np.ones(k)])
+            lo.append(np.full(k, -np.inf))
+            hi.append(np.zeros(k))
+            row += k
+
+        ii, ss = np.nonzero(need)
+        diff_rows(dcol[ii, ss + 1], zcol[ii, ss])
+        diff_rows(zcol[ii, ss], dcol[ii, ss])
+        rows = row + np.arange(m)  # r_i - sum_s d_s delta[i, s] = p_0
+        rr.extend([rows, np.repeat(rows, n_seg)])
+        cc.extend([rcol, dcol.ravel()])
+        vv.extend([np.ones(m), -np.tile(d, m)])
+        lo.append(np.full(m, float(p[0])))
+        hi.append(np.full(m, float(p[0])))
+        row += m
+        if m > 1 and n_seg:
+            diff_rows(dcol[1:].ravel(), dcol[:-1].ravel())
+            both = need[1:] & need[:-1]
+            a, b = np.nonzero(both)
+            diff_rows(zcol[a + 1, b], zcol[a, b])
+        rr.append(np.full(m, row))
+        cc.append(rcol)
+        vv.append(np.ones(m))
+        lo.append(np.array([float(budget)]))
+        hi.append(np.array([float(budget)]))
+        row += 1
+        self.matrix = sp.csr_matrix(
+            (np.concatenate(vv), (np.concatenate(rr), np.concatenate(cc))), shape=(row, n)
+        )
+        self.row_lower = np.concatenate(lo)
+        self.row_upper = np.concatenate(hi)
+        self.col_lower = np.zeros(n)
+        self.col_upper = np.ones(n)
+        self.col_lower[rcol] = float(p[0])
+        self.col_upper[rcol] = float(p[-1])
+        self.integer = np.zeros(n, dtype=bool)
+        self.integer[nd : nd + nz] = True
+        self.integer[rcol] = True
+
+    def vector(self, tail: np.ndarray) -> np.ndarray:
+        """(n,) column values representing the schedule tail ``r`` (L-1,) (a MIP start)."""
+        r = np.asarray(tail, dtype=np.float64)  # (L-1,)
+        x = np.zeros(self.n)
+        if self.n_seg:
+            p = self.points.astype(np.float64)
+            x[self.dcol.ravel()] = np.clip((r[:, None] - p[None, :-1]) / self.d[None], 0.0, 1.0).ravel()
+            z = r[:, None] >= p[None, 1:-1]  # (L-1, M-1)
+            x[self.zcol[self.need]] = z[self.need]
+        x[self.rcol] = r
+        return x
+
+    def solve(self, *, time_limit: float, mip_rel_gap: float, threads: int | None) -> MilpResult:
+        """LP relaxation -> sub-MIP with the LP-integral binaries fixed (incumbent) -> full MIP from it.
+
+        All three are HiGHS solves; the first two only produce a starting incumbent (RENS-style), the last
+        one is the proof. Presolve and symmetry detection are off for the full MIP: on this model they
+        cost seconds and reduce little (measured, docs/utp.md).
+        """
+        t0 = time.perf_counter()
+        args = (self.cost, self.matrix, self.row_lower, self.row_upper)
+        quick = {"presolve": "off", "mip_detect_symmetry": False}
+        start = None
+        zc = np.flatnonzero(self.integer)
+        zc = zc[~np.isin(zc, self.rcol)]
+        if zc.size:
+            lp = solve_milp(*args, self.col_lower, self.col_upper, np.zeros(self.n, bool), offset=self.offset,
+                            time_limit=time_limit, threads=threads, options=quick)
+            if lp.x is not None:
+                fixed = zc[np.abs(lp.x[zc] - np.round(lp.x[zc])) < 1e-9]
+                lo_, hi_ = self.col_lower.copy(), self.col_upper.copy()
+                lo_[fixed] = hi_[fixed] = np.round(lp.x[fixed])
+                left = max(1e-3, time_limit - (time.perf_counter() - t0))
+                sub = solve_milp(*args, lo_, hi_, self.integer, offset=self.offset, time_limit=left,
+                                 mip_rel_gap=mip_rel_gap, threads=threads)
+                start = sub.x
+        left = max(1e-3, time_limit - (time.perf_counter() - t0))
+        res = solve_milp(*args, self.col_lower, self.col_upper, self.integer, offset=self.offset, time_limit=left,
+                         mip_rel_gap=mip_rel_gap, threads=threads, options=quick, start=start)
+        return MilpResult(status=res.status, objective=res.objective, gap=res.gap, x=res.x,
+                          seconds=time.perf_counter() - t0)
 
 
 def _token_block(metric: np.ndarray, info_loss: np.ndarray, min_keep: int, col0: int, row0: int):
@@ -437,6 +604,14 @@ def _project_schedule(target: np.ndarray, n_visual: int, budget: int, min_keep: 
     return solve_milp(cost, matrix, np.asarray(lo), np.asarray(hi), col_lo, col_hi, integer, time_limit=time_limit)
 
 
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _from_num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
 class UTPSolver:
     """Layer-wise retention schedule for one compression ratio (seed 003 UTR), solved with HiGHS.
 
@@ -444,8 +619,11 @@ class UTPSolver:
     ----------
     ratio : float
         Compression ratio c >= 1.
-    formulation : {"compact", "tokens"}
-        See the module docstring.
+    formulation : {"pwl", "compact", "tokens"}
+        See the module docstring and docs/utp.md. Default ``"pwl"``.
+    levels : int or None
+        Keep levels (breakpoints) of the ``"pwl"`` formulation (default 65; None: every level, which is
+        ``"compact"``). Ignored by the other formulations.
     mode : {"joint", "per_sample"}
         One program over all samples with a shared schedule, or one per sample then aggregation.
     min_keep : int
@@ -456,6 +634,8 @@ class UTPSolver:
         Relative gap at which HiGHS may stop (0: prove optimality).
     threads : int or None
         HiGHS threads.
+    evaluate : bool
+        Also score the schedule under the other models (``objective_compact_``, ``objective_progressive_``).
 
     Attributes
     ----------
@@ -465,6 +645,13 @@ class UTPSolver:
     objective_ : float
         Summed model loss of ``schedule_`` over the samples used (the solver's objective for ``joint``;
         for ``per_sample`` the summed loss of the aggregated schedule under the same formulation).
+    objective_compact_ : float
+        The same schedule's summed loss under the exact compact tables (NaN unless ``evaluate``).
+    objective_progressive_ : float
+        The same schedule's summed loss under progressive top-k pruning, the seed's model
+        (:func:`simulate_loss`; NaN unless ``evaluate``).
+    levels_ : list of int or None
+        Breakpoints used by ``"pwl"``/``"compact"`` (last solve; None for ``"tokens"``).
     status_ : str
         ``"optimal"``, ``"time_limit"``, ``"infeasible"``, ... (worst over the solves made).
     gap_ : float
@@ -481,15 +668,19 @@ class UTPSolver:
         self,
         *,
         ratio: float,
-        formulation: str = "compact",
+        formulation: str = "pwl",
+        levels: int | None = 65,
         mode: str = "joint",
         min_keep: int = 1,
         time_limit: float = 60.0,
         mip_rel_gap: float = 0.0,
         threads: int | None = None,
+        evaluate: bool = True,
     ) -> None:
         self.ratio = ratio
         self.formulation = formulation
+        self.levels = levels
+        self.evaluate = evaluate
         self.mode = mode
         self.min_keep = min_keep
         self.time_limit = time_limit
@@ -505,6 +696,10 @@ class UTPSolver:
             raise PosbiasError(f"mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, np.integer)) or self.min_keep < 0:
             raise PosbiasError(f"min_keep={self.min_keep!r} must be an int >= 0")
+        if self.levels is not None and (
+            isinstance(self.levels, bool) or not isinstance(self.levels, (int, np.integer)) or self.levels < 2
+        ):
+            raise PosbiasError(f"levels={self.levels!r} must be an int >= 2 or None (every keep level)")
         mets = [np.asarray(m, dtype=np.float64) for m in metrics]  # each (V, L)
         ells = np.asarray(losses, dtype=np.float64)  # (S, L)
         if not mets:
@@ -524,23 +719,18 @@ class UTPSolver:
 
     def _solve_one(self, mets: list[np.ndarray], ells: np.ndarray, budget: int, joint: bool) -> tuple[MilpResult, np.ndarray | None]:
         v, n_layers = mets[0].shape
-        if self.formulation == "compact":
-            f = np.zeros((n_layers - 1, v + 1))
-            const = 0.0
-            for m, ell in zip(mets, ells, strict=True):
-                fi, ci = compact_tables(m, ell)
-                f += fi
-                const += ci
-            prog = _compact_program(f, const, budget, int(self.min_keep))
-            res = solve_milp(
-                *prog[:6], np.ones(prog[1].shape[1], bool), offset=prog[6], time_limit=self.time_limit,
-                mip_rel_gap=self.mip_rel_gap, threads=self.threads,
-            )
+        if self.formulation in ("pwl", "compact"):
+            f, const = summed_tables(mets, ells)
+            levels = self.levels if self.formulation == "pwl" else None
+            points = keep_levels(f, int(self.min_keep), levels)
+            self.levels_ = [int(x) for x in points]
+            prog = _PwlProgram(f, const, budget, points)
+            res = prog.solve(time_limit=self.time_limit, mip_rel_gap=self.mip_rel_gap, threads=self.threads)
             if res.x is None:
                 return res, None
-            u = np.round(res.x).reshape(n_layers - 1, v)  # (L-1, V)
-            r = u.sum(axis=1)
+            r = np.round(res.x[prog.rcol])  # (L-1,)
         else:
+            self.levels_ = None
             cost, matrix, lo, hi, clo, chi, integer, offset, xs = _token_program(
                 mets, ells, budget, int(self.min_keep), joint
             )
@@ -558,16 +748,33 @@ class UTPSolver:
             return res, None  # never hand out a schedule that breaks the budget
         return res, sched
 
-    def objective(self, metrics: Sequence[np.ndarray], losses: np.ndarray, schedule: Sequence[int]) -> float:
-        """Summed loss of ``schedule`` over samples under this solver's formulation."""
-        total = 0.0
-        for m, ell in zip(metrics, np.asarray(losses, dtype=np.float64), strict=True):
-            if self.formulation == "tokens":
-                total += simulate_loss(m, ell, schedule)
-            else:
-                f, c = compact_tables(m, ell)
-                total += c + float(f[np.arange(f.shape[0]), np.asarray(schedule[1:], dtype=np.int64)].sum())
-        return total
+    def objective(self, metrics: Sequence[np.ndarray], losses: np.ndarray, schedule: Sequence[int],
+                  formulation: str | None = None) -> float:
+        """Summed loss of ``schedule`` over samples under a formulation's model.
+
+        Parameters
+        ----------
+        metrics, losses
+            As in :meth:`fit`.
+        schedule : sequence of int
+            (L,) schedule, ``schedule[0] = V``.
+        formulation : {"pwl", "compact", "tokens"} or None
+            Model to evaluate (None: this solver's). ``"tokens"`` is the exact progressive top-k loss
+            (:func:`simulate_loss`), ``"compact"`` the per-layer tables, ``"pwl"`` their interpolation
+            over the fitted :attr:`levels_` (or over :func:`keep_levels` of these samples when unfitted).
+        """
+        which = self.formulation if formulation is None else formulation
+        ells = np.asarray(losses, dtype=np.float64)  # (S, L)
+        tail = np.asarray(schedule[1:], dtype=np.int64)  # (L-1,)
+        if which == "tokens":
+            return float(sum(simulate_loss(m, e, schedule) for m, e in zip(metrics, ells, strict=True)))
+        f, const = summed_tables(metrics, ells)
+        if which == "compact":
+            return const + float(f[np.arange(f.shape[0]), tail].sum())
+        points = getattr(self, "levels_", None)
+        if points is None:
+            points = keep_levels(f, int(self.min_keep), self.levels)
+        return const + float(pwl_cost(f, np.asarray(points), tail).sum())
 
     def fit(self, metrics: Sequence[np.ndarray], losses: np.ndarray) -> UTPSolver:
         """Solve for the schedule.
@@ -634,7 +841,15 @@ class UTPSolver:
         self.wall_seconds_ = float(time.perf_counter() - t0)
         self.per_sample_ = per_sample
         self.schedule_ = None if sched is None else [int(x) for x in sched]
-        self.objective_ = float("nan") if sched is None else float(self.objective(mets, ells, sched))
+        if self.mode == "per_sample" and self.formulation == "pwl":  # score on the joint tables' levels
+            self.levels_ = [int(x) for x in keep_levels(summed_tables(mets, ells)[0], int(self.min_keep), self.levels)]
+        nan = float("nan")
+        self.objective_ = nan if sched is None else float(self.objective(mets, ells, sched))
+        self.objective_compact_ = nan
+        self.objective_progressive_ = nan
+        if sched is not None and self.evaluate:
+            self.objective_compact_ = float(self.objective(mets, ells, sched, "compact"))
+            self.objective_progressive_ = float(self.objective(mets, ells, sched, "tokens"))
         return self
 
     # -- serialisation
@@ -644,6 +859,7 @@ class UTPSolver:
         out: dict[str, Any] = {
             "ratio": float(self.ratio),
             "formulation": self.formulation,
+            "levels": None if self.levels is None else int(self.levels),
             "mode": self.mode,
             "min_keep": int(self.min_keep),
             "time_limit": float(self.time_limit),
@@ -655,7 +871,10 @@ class UTPSolver:
                 n_visual=self.n_visual_,
                 n_layers=self.n_layers_,
                 budget=self.budget_,
-                objective=None if not np.isfinite(self.objective_) else float(self.objective_),
+                objective=_num(self.objective_),
+                objective_compact=_num(self.objective_compact_),
+                objective_progressive=_num(self.objective_progressive_),
+                keep_levels=self.levels_,
                 status=self.status_,
                 gap=None if not np.isfinite(self.gap_) else float(self.gap_),
                 solve_seconds=float(self.solve_seconds_),
@@ -669,7 +888,8 @@ class UTPSolver:
         try:
             obj = cls(
                 ratio=float(data["ratio"]),
-                formulation=str(data.get("formulation", "compact")),
+                formulation=str(data.get("formulation", "pwl")),
+                levels=None if data.get("levels", 65) is None else int(data.get("levels", 65)),
                 mode=str(data.get("mode", "joint")),
                 min_keep=int(data.get("min_keep", 1)),
                 time_limit=float(data.get("time_limit", 60.0)),
@@ -682,7 +902,10 @@ class UTPSolver:
             obj.n_visual_ = int(data["n_visual"])
             obj.n_layers_ = int(data["n_layers"])
             obj.budget_ = int(data["budget"])
-            obj.objective_ = float("nan") if data.get("objective") is None else float(data["objective"])
+            obj.objective_ = _from_num(data.get("objective"))
+            obj.objective_compact_ = _from_num(data.get("objective_compact"))
+            obj.objective_progressive_ = _from_num(data.get("objective_progressive"))
+            obj.levels_ = None if data.get("keep_levels") is None else [int(x) for x in data["keep_levels"]]
             obj.status_ = str(data["status"])
             obj.gap_ = float("inf") if data.get("gap") is None else float(data["gap"])
             obj.solve_seconds_ = float(data["solve_seconds"])

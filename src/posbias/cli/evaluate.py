@@ -1,0 +1,77 @@
+"""``profile-bias evaluate``: fidelity of pruning methods against the full model (docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from posbias.cli.common import add_model_options
+from posbias.errors import PosbiasError
+
+__all__ = ["add_parser", "run"]
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 64,128,192") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="compare pruning methods with the full model (KL, agreement, FLOPs, time, memory)",
+        description="Run the full model and the model pruned by each method and budget on samples disjoint from "
+        "the calibration's, and report KL(full||pruned) of the first answer token, top-1 and exact answer "
+        "agreement, accuracy on yes/no labels, FLOPs (seed 000 Eq. 8), prefill time and peak memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_options(p)
+    p.add_argument("--calibration", required=True, help="calibration JSON (its store's samples are excluded)")
+    p.add_argument("--store", default=None, help="the calibration's profile store (default: next to the calibration)")
+    p.add_argument("--methods", type=_csv, default=["fastv", "pore", "posprune", "adaptprune", "utp"],
+                   help="comma-separated methods: fastv, pore, posprune-pbc, posprune, adaptprune, utp")
+    p.add_argument("--keep", type=_csv_ints, default=[64, 128, 192], help="comma-separated kept visual tokens")
+    p.add_argument("--data", action="append", default=None, metavar="SOURCE[:PATH]",
+                   help="sample source; repeat for several (default: embedded)")
+    p.add_argument("--n", type=int, default=16, help="evaluation samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample plan")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer length for exact agreement")
+    p.add_argument("--params", default=None,
+                   help='JSON of per-method parameter overrides, e.g. \'{"posprune": {"mmr_lambda": 0.8}}\'')
+    p.add_argument("--out", default="evaluation.json", help="evaluation JSON to write")
+    p.add_argument("--no-progress", action="store_true", help="no per-sample lines")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from posbias.artifacts import Calibration
+    from posbias.evaluate import EvaluationConfig, evaluate, format_table, write_evaluation
+    from posbias.models.registry import load_adapter
+
+    params = {}
+    if args.params:
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            raise PosbiasError(f"--params is not valid JSON ({exc}); pass e.g. '{{\"posprune\": {{\"mmr_lambda\": 0.8}}}}'") from None
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            raise PosbiasError("--params must be a JSON object {method: {parameter: value}}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise PosbiasError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    cal = Calibration.load(args.calibration)
+    config = EvaluationConfig(methods=args.methods, keeps=args.keep, n=args.n, data=args.data or ["embedded"],
+                              seed=args.seed, max_new_tokens=args.max_new_tokens, params=params, store=args.store)
+    adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
+    doc = evaluate(adapter, cal, config, calibration_path=args.calibration, progress=not args.no_progress)
+    print(format_table(doc))
+    write_evaluation(doc, out)
+    print(f"evaluation -> {out}")
+    return 0

@@ -1,0 +1,146 @@
+"""Helpers shared by the benchmark sources: image decoding and row access to parquet files.
+
+Nothing here downloads anything; every reader works on local copies of the benchmarks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from posbias.data.base import BadSample
+from posbias.errors import PosbiasError
+
+__all__ = ["IMAGE_SUFFIXES", "open_image", "find_parquet_files", "ParquetRows", "one_line"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def open_image(source: bytes | str | os.PathLike[str], sample_id: str) -> Any:
+    """Decode an image (bytes or a file) to an RGB PIL image; :class:`BadSample` with the reason if it fails."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise BadSample(sample_id, "image bytes are empty")
+            img = Image.open(io.BytesIO(bytes(source)))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise BadSample(sample_id, f"image file {path} is missing")
+            img = Image.open(path)
+        img.load()
+        return img.convert("RGB")
+    except BadSample:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadSample(sample_id, one_line(f"cannot decode image: {type(exc).__name__}: {exc}")) from exc
+
+
+def find_parquet_files(path: Path) -> list[Path]:
+    """``path`` itself if it is a .parquet file, else every .parquet file below the folder, sorted."""
+    if path.is_file():
+        return [path] if path.suffix == ".parquet" else []
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    return []
+
+
+class ParquetRows:
+    """Rows of one or more parquet files: small columns in memory, the image column read on demand.
+
+    The image column is read one row group at a time (the smallest unit parquet can read) and the two
+    most recent row groups are cached, so random access costs one row-group read per miss.
+
+    Parameters
+    ----------
+    files : list of Path
+        Parquet files, in order.
+    columns : list of str
+        Small columns to load (missing optional ones are filled with None).
+    required : list of str
+        Columns every file must have (the image column included).
+    image_column : str
+        Column holding the image (struct {bytes, path} or binary).
+    layout : str
+        Name of the layout, for messages.
+    """
+
+    def __init__(self, files: list[Path], columns: list[str], required: list[str], image_column: str, layout: str) -> None:
+        import pyarrow.parquet as pq
+
+        self.files = files
+        self.image_column = image_column
+        self.columns: dict[str, list[Any]] = {c: [] for c in columns}
+        self._where: list[tuple[int, int, int]] = []  # global row -> (file, row group, row in group)
+        self._handles: dict[int, Any] = {}
+        self._cache: OrderedDict[tuple[int, int], list[Any]] = OrderedDict()
+        for fi, f in enumerate(files):
+            try:
+                pf = pq.ParquetFile(f)
+                names = set(pf.schema_arrow.names)
+            except Exception as exc:  # pyarrow raises several types for damaged files
+                raise PosbiasError(
+                    f"{f} is not a readable parquet file ({one_line(str(exc), 120)}); re-download it or remove it from the folder"
+                ) from exc
+            missing = [c for c in required if c not in names]
+            if missing:
+                raise PosbiasError(
+                    f"{f} lacks columns {missing} of the {layout} layout (has {sorted(names)}); pass a copy of that layout"
+                )
+            present = [c for c in columns if c in names]
+            try:
+                table = pf.read(columns=present)
+            except Exception as exc:
+                raise PosbiasError(f"{f}: cannot read columns {present} ({one_line(str(exc), 120)}); re-download the file") from exc
+            n = table.num_rows
+            for c in columns:
+                self.columns[c].extend(table.column(c).to_pylist() if c in present else [None] * n)
+            for rg in range(pf.metadata.num_row_groups):
+                k = pf.metadata.row_group(rg).num_rows
+                self._where.extend((fi, rg, r) for r in range(k))
+        if len(self._where) != sum(1 for _ in self.columns[columns[0]]):
+            raise PosbiasError(f"{files[0]}: row-group metadata disagrees with the data; re-download the files")
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def image(self, row: int) -> Any:
+        """The raw image cell of ``row``: bytes, a dict {bytes, path}, or None."""
+        import pyarrow.parquet as pq
+
+        fi, rg, r = self._where[row]
+        key = (fi, rg)
+        if key not in self._cache:
+            if fi not in self._handles:
+                self._handles[fi] = pq.ParquetFile(self.files[fi])
+            self._cache[key] = self._handles[fi].read_row_group(rg, columns=[self.image_column]).column(0).to_pylist()
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key][r]
+
+    def image_bytes(self, row: int, sample_id: str, base: Path | None = None) -> bytes | Path:
+        """Bytes of the image of ``row`` (or the file its ``path`` names); :class:`BadSample` if absent."""
+        cell = self.image(row)
+        if isinstance(cell, dict):
+            data = cell.get("bytes")
+            if data:
+                return bytes(data)
+            p = cell.get("path")
+            if p and base is not None and (base / p).is_file():
+                return base / p
+            raise BadSample(sample_id, "parquet row has no image bytes")
+        if isinstance(cell, (bytes, bytearray)) and cell:
+            return bytes(cell)
+        raise BadSample(sample_id, "parquet row has no image")

@@ -1,0 +1,401 @@
+"""Token-selection algorithms of the seeds, vectorised in torch (no numpy, no transformers).
+
+Every function takes per-token tensors of one image (or one prompt) and returns int64 indices into them:
+
+- :func:`topk_select`            plain top-k (FastV, PoRe, PBC scores), ascending indices;
+- :func:`mmr_select`             PosPrune's Maximal Marginal Relevance (seed 000, Eq. 7), greedy, pick order;
+- :func:`soft_nms_select`        AdaptPrune's adaptive soft-NMS (seed 004, Algorithm 1), pick order;
+- :func:`arp_select`             PosPrune's Asymmetric Regional Pruning (seed 000, ARP), ascending indices;
+- :func:`gaussian_centre_weight` AdaptPrune's Gaussian centre correction weight over a grid.
+
+Greedy loops run over the k picks (not over tokens); each pick is a handful of vector operations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+from collections.abc import Iterator
+
+import torch
+
+from posbias.errors import PosbiasError
+
+__all__ = [
+    "single_thread",
+    "topk_select",
+    "minmax",
+    "mmr_select",
+    "soft_nms_select",
+    "neighbour_table",
+    "arp_quota",
+    "arp_select",
+    "gaussian_centre_weight",
+]
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch ops on one intra-op thread inside the block.
+
+    The greedy selectors issue hundreds of tiny ops; on a loaded CPU each multi-threaded op waits for the
+    thread pool (measured here: soft-NMS 7.7 ms on one thread vs 284 ms on two busy cores).
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _check_k(k: int, n: int, what: str = "keep") -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise PosbiasError(f"{what}={k!r} must be an int in 1..{n} (the number of candidate visual tokens)")
+    return k
+
+
+def topk_select(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, ascending; ties go to the lower index.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        (N,) float scores.
+    k : int
+        1..N.
+
+    Returns
+    -------
+    torch.Tensor
+        (k,) int64 ascending.
+    """
+    _check_k(k, int(scores.shape[0]))
+    order = torch.sort(-scores.double(), stable=True).indices  # (N,) best first, ties by index
+    return torch.sort(order[:k]).values.to(torch.int64)
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Rescale (N,) to [0, 1] (all zeros when constant), in float32."""
+    x = x.float()
+    lo, hi = x.min(), x.max()
+    span = hi - lo
+    if float(span) <= 0.0:
+        return torch.zeros_like(x)
+    return (x - lo) / span  # (N,) float32
+
+
+def _mmr_select(
+    relevance: torch.Tensor,
+    features: torch.Tensor,
+    k: int,
+    *,
+    lam: float = 0.9,
+    normalize_relevance: bool = True,
+) -> torch.Tensor:
+    """Greedy Maximal Marginal Relevance (PosPrune, seed 000 Eq. 7).
+
+    ``MMR(i) = lam * Rel(i) - (1 - lam) * max_{j in S} cos(f_i, f_j)``; the first pick is the token of
+    highest relevance, then the token of highest MMR among those not yet picked, until ``k`` are picked.
+
+    Parameters
+    ----------
+    relevance : torch.Tensor
+        (N,) relevance, e.g. PBC-corrected attention.
+    features : torch.Tensor
+        (N, D) token features (shallow decoder hidden states); L2-normalised here.
+    k : int
+        Tokens to pick, 1..N.
+    lam : float
+        Relevance weight in [0, 1] (seed: 0.9).
+    normalize_relevance : bool
+        Min-max rescale the relevance to [0, 1] first so that it is commensurate with cosine similarity
+        (attention values are ~1e-3; without it the diversity term alone would decide).
+
+    Returns
+    -------
+    torch.Tensor
+        (k,) int64 indices in pick order (sort them to restore sequence order).
+    """
+    n = int(relevance.shape[0])
+    _check_k(k, n)
+    if not 0.0 <= float(lam) <= 1.0:
+        raise PosbiasError(f"mmr_lambda={lam!r} must lie in [0, 1]; the seed uses 0.9")
+    if features.ndim != 2 or features.shape[0] != n:
+        raise PosbiasError(f"features have shape {tuple(features.shape)}; expected ({n}, D)")
+    rel = minmax(relevance) if normalize_relevance else relevance.float()  # (N,) float32
+    lam = float(lam)
+    if 0.0 < lam < 1.0:
+        # exact pruning of the candidates: a winner j at any step beats the most relevant unpicked token i,
+        # so lam * (r_i - r_j) <= (1 - lam) * (cos_i - cos_j) <= 2 (1 - lam), and r_i >= the k-th largest r
+        kth = torch.topk(rel, k).values[-1]
+        pool = torch.nonzero(rel >= kth - 2.0 * (1.0 - lam) / lam - 1e-6).flatten()  # (P,) ascending
+        if int(pool.shape[0]) < n:
+            sub = _mmr_select(rel[pool], features[pool], k, lam=lam, normalize_relevance=False)
+            return pool[sub]
+    feats = torch.nn.functional.normalize(features.float(), dim=-1)  # (N, D) float32
+    base = lam * rel  # (N,)
+    picks = torch.empty(k, dtype=torch.int64)  # (k,)
+    first = int(torch.argmax(rel))
+    picks[0] = first
+    maxsim = feats @ feats[first]  # (N,) cosine to the selected set
+    taken = torch.zeros(n, dtype=torch.bool)  # (N,)
+    taken[first] = True
+    neg = torch.tensor(float("-inf"))
+    for t in range(1, k):
+        score = torch.where(taken, neg, base - (1.0 - lam) * maxsim)  # (N,)
+        j = int(torch.argmax(score))
+        picks[t] = j
+        taken[j] = True
+        torch.maximum(maxsim, feats @ feats[j], out=maxsim)
+    return picks
+
+
+def neighbour_table(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    window: int,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of each token's neighbours in a square window on its own (sub-)image grid.
+
+    Parameters
+    ----------
+    rows, cols : torch.Tensor
+        (N,) int64 grid coordinates.
+    window : int
+        Odd side length of the window (5: offsets -2..2 along each axis).
+    groups : torch.Tensor, optional
+        (N,) int64 sub-image id of each token; neighbours never cross groups.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, window**2) int64 neighbour indices, ``N`` (a dummy slot) where the window leaves the grid or
+        the cell holds no token of the same group. The token itself is among its neighbours.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+    n = int(rows.shape[0])
+    g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
+    half = window // 2
+    n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
+    lookup = torch.full((n_g, n_r, n_c), n, dtype=torch.int64)  # (G, R+2h, C+2h), padded by the half window
+    lookup[g, rows + half, cols + half] = torch.arange(n)
+    off = torch.arange(-half, half + 1)  # (w,)
+    dr = off.repeat_interleave(window)  # (w*w,)
+    dc = off.repeat(window)  # (w*w,)
+    rr = rows[:, None] + half + dr[None, :]  # (N, w*w)
+    cc = cols[:, None] + half + dc[None, :]  # (N, w*w)
+    return lookup[g[:, None].expand_as(rr), rr, cc]  # (N, w*w) int64
+
+
+def _soft_nms_select(
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    *,
+    sigma_d: float = 1.5,
+    sigma_s: float = 0.05,
+    window: int = 5,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AdaptPrune's adaptive soft-NMS (seed 004, Algorithm 1 lines 4-14).
+
+    Repeatedly pick the highest (already corrected) score; for each neighbour ``j`` of the pick ``i`` in a
+    ``window x window`` square of the same sub-image, ``s_j *= 1 - exp(-d^2 / 2 sigma_d^2) *
+    exp(-(1 - cos(key_i, key_j))^2 / 2 sigma_s^2)`` with ``d`` the grid distance.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        (N,) scores after the Gaussian centre correction (non-negative for the decay to suppress).
+    rows, cols : torch.Tensor
+        (N,) int64 grid coordinates of the tokens.
+    keys : torch.Tensor
+        (N, D) key vectors of the tokens at the scoring layer.
+    k : int
+        Tokens to pick, 1..N.
+    sigma_d, sigma_s : float
+        Spatial and similarity decay widths (anchors: 1.5 and 0.05).
+    window : int
+        Odd side length of the suppression window (anchors: 5).
+    groups : torch.Tensor, optional
+        (N,) sub-image id; suppression never crosses sub-images.
+
+    Returns
+    -------
+    torch.Tensor
+        (k,) int64 indices in pick order.
+    """
+    n = int(scores.shape[0])
+    _check_k(k, n)
+    if not (float(sigma_d) > 0 and float(sigma_s) > 0):
+        raise PosbiasError(f"sigma_d={sigma_d!r} and sigma_s={sigma_s!r} must be > 0 (anchors: 1.5 and 0.05)")
+    if keys.ndim != 2 or keys.shape[0] != n:
+        raise PosbiasError(f"keys have shape {tuple(keys.shape)}; expected ({n}, D)")
+    nbr = neighbour_table(rows, cols, window, groups)  # (N, W)
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1)  # (N, D)
+    half = window // 2
+    off = torch.arange(-half, half + 1, dtype=torch.float64)
+    d2 = off.repeat_interleave(window) ** 2 + off.repeat(window) ** 2  # (W,)
+    spatial = torch.exp(-d2 / (2.0 * float(sigma_d) ** 2)).tolist()  # (W,) distance decay per window slot
+    inv_ss = 1.0 / (2.0 * float(sigma_s) ** 2)
+    nbr_list = nbr.tolist()
+    # scores only ever shrink (or, if negative, approach 0): a lazy max-heap of (-score, index) with stale
+    # entries skipped is exact, and ties go to the lower index like argmax
+    cur = [float(v) for v in scores.double().tolist()]
+    heap = [(-v, j) for j, v in enumerate(cur)]
+    heapq.heapify(heap)
+    taken = [False] * n
+    picks: list[int] = []
+    while len(picks) < k:
+        neg, i = heapq.heappop(heap)
+        if taken[i] or -neg != cur[i]:
+            continue
+        taken[i] = True
+        picks.append(i)
+        slots = [w for w, j in enumerate(nbr_list[i]) if j != n and not taken[j]]
+        if not slots:
+            continue
+        idx = [nbr_list[i][w] for w in slots]
+        cos = (kn[idx] @ kn[i]).tolist()  # similarity only for the live neighbours of this pick
+        for w, j, c in zip(slots, idx, cos):
+            cur[j] *= 1.0 - spatial[w] * math.exp(-((1.0 - c) ** 2) * inv_ss)
+            heapq.heappush(heap, (-cur[j], j))
+    return torch.tensor(picks, dtype=torch.int64)
+
+
+def arp_quota(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    blocks: int = 6,
+    centre_ratio: float = 0.25,
+    edge_ratio: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block id of each token and tokens kept per block under ARP.
+
+    The grid is cut into ``blocks x blocks`` regions (fewer along an axis shorter than ``2 * blocks``, so that
+    a block spans at least 2 tokens a side); the
+    outer ring is the edge, pruned at ``edge_ratio``, the rest the centre, pruned at ``centre_ratio``.
+    A block keeps ``round(n_b * (1 - ratio))`` tokens, at least 1.
+
+    Returns
+    -------
+    block : torch.Tensor
+        (N,) int64 block id (row-major).
+    quota : torch.Tensor
+        (n_blocks,) int64 tokens kept per block.
+    """
+    for name, r in (("arp_centre_ratio", centre_ratio), ("arp_edge_ratio", edge_ratio)):
+        if not 0.0 <= float(r) < 1.0:
+            raise PosbiasError(f"{name}={r!r} must lie in [0, 1) (the seed uses 0.25 centre, 0.5 edge)")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise PosbiasError(f"arp_blocks={blocks!r} must be a positive int (the seed uses 6)")
+    n_rows, n_cols = int(grid[0]), int(grid[1])
+    br_n, bc_n = max(1, min(blocks, n_rows // 2)), max(1, min(blocks, n_cols // 2))  # blocks of >= 2 tokens a side
+    br = (rows.to(torch.int64) * br_n) // n_rows  # (N,)
+    bc = (cols.to(torch.int64) * bc_n) // n_cols  # (N,)
+    block = br * bc_n + bc  # (N,)
+    counts = torch.bincount(block, minlength=br_n * bc_n)  # (n_blocks,)
+    idx = torch.arange(br_n * bc_n)
+    b_r, b_c = idx // bc_n, idx % bc_n
+    edge = (b_r == 0) | (b_r == br_n - 1) | (b_c == 0) | (b_c == bc_n - 1)  # (n_blocks,)
+    if br_n <= 2 and bc_n <= 2:
+        edge = torch.ones_like(edge)
+    ratio = torch.where(edge, torch.tensor(float(edge_ratio)), torch.tensor(float(centre_ratio)))
+    quota = torch.round(counts.double() * (1.0 - ratio.double())).to(torch.int64)
+    quota = torch.where(counts > 0, quota.clamp(min=1), torch.zeros_like(quota))
+    return block, quota
+
+
+def arp_select(
+    importance: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    blocks: int = 6,
+    centre_ratio: float = 0.25,
+    edge_ratio: float = 0.5,
+) -> torch.Tensor:
+    """Asymmetric Regional Pruning (PosPrune, seed 000): keep the most important tokens of each block.
+
+    Parameters
+    ----------
+    importance : torch.Tensor
+        (N,) vision importance ([CLS] attention for LLaVA, mean attention received for Qwen2.5-VL).
+    rows, cols : torch.Tensor
+        (N,) int64 grid coordinates.
+    grid : tuple of int
+        (rows, cols) of the grid.
+    blocks, centre_ratio, edge_ratio
+        See :func:`arp_quota` (seed: 6, 0.25, 0.5: 576 -> 352 tokens on LLaVA's 24x24 grid).
+
+    Returns
+    -------
+    torch.Tensor
+        (M,) int64 ascending indices of the kept tokens.
+    """
+    n = int(importance.shape[0])
+    block, quota = arp_quota(rows, cols, grid, blocks=blocks, centre_ratio=centre_ratio, edge_ratio=edge_ratio)
+    order = torch.sort(-importance.double(), stable=True).indices  # (N,) most important first
+    order = order[torch.sort(block[order], stable=True).indices]  # (N,) grouped by block, importance desc
+    b_sorted = block[order]  # (N,)
+    starts = torch.cumsum(torch.bincount(b_sorted, minlength=quota.shape[0]), 0) - torch.bincount(
+        b_sorted, minlength=quota.shape[0]
+    )  # (n_blocks,) first slot of each block
+    rank = torch.arange(n) - starts[b_sorted]  # (N,) rank within its block
+    kept = order[rank < quota[b_sorted]]
+    return torch.sort(kept).values.to(torch.int64)
+
+
+def gaussian_centre_weight(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    grid: tuple[int, int],
+    sigma: float = 1.0,
+) -> torch.Tensor:
+    """AdaptPrune's centre weight ``exp(-(u^2 + v^2) / (2 sigma^2))`` per token.
+
+    ``u = linspace(-1, 1, rows)[row]``, ``v = linspace(-1, 1, cols)[col]`` (0 on a 1-long axis), so
+    ``sigma = 1`` is the anchor's sigma 12 over ``linspace(-12, 12, 24)``.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) float32 weight in (0, 1].
+    """
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise PosbiasError(f"gaussian sigma={sigma!r} must be a finite number > 0 (centred units; anchors: 1.0)")
+    n_rows, n_cols = int(grid[0]), int(grid[1])
+    u_axis = torch.linspace(-1.0, 1.0, n_rows) if n_rows > 1 else torch.zeros(1)  # (R,)
+    v_axis = torch.linspace(-1.0, 1.0, n_cols) if n_cols > 1 else torch.zeros(1)  # (C,)
+    u, v = u_axis[rows.to(torch.int64)], v_axis[cols.to(torch.int64)]  # (N,), (N,)
+    return torch.exp(-(u * u + v * v) / (2.0 * float(sigma) ** 2))  # (N,) float32
+
+
+def mmr_select(relevance: torch.Tensor, features: torch.Tensor, k: int, *, lam: float = 0.9,
+               normalize_relevance: bool = True) -> torch.Tensor:
+    with single_thread():
+        return _mmr_select(relevance, features, k, lam=lam, normalize_relevance=normalize_relevance)
+
+
+def soft_nms_select(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor, k: int, *,
+                    sigma_d: float = 1.5, sigma_s: float = 0.05, window: int = 5,
+                    groups: torch.Tensor | None = None) -> torch.Tensor:
+    with single_thread():
+        return _soft_nms_select(scores, rows, cols, keys, k, sigma_d=sigma_d, sigma_s=sigma_s, window=window,
+                                groups=groups)
+
+
+mmr_select.__doc__ = _mmr_select.__doc__
+soft_nms_select.__doc__ = _soft_nms_select.__doc__

@@ -1,0 +1,516 @@
+"""Prune visual tokens inside a transformers LLaVA / Qwen2.5-VL model during prefill.
+
+How it works (torch ``nn.Module`` hooks only; nothing in transformers is patched):
+
+1. A forward pre-hook on the VLM sees ``input_ids`` of every call. A call whose prompt holds image tokens
+   and more than one position is a *prefill*: the hook finds the visual positions, checks ``keep``
+   against the visual count (before any compute) and opens a prefill state. Every other call (decoding
+   steps of ``generate``) runs unpruned code paths.
+2. Pre-hooks on each decoder layer gather, for the tokens still alive, the layer's ``position_embeddings``
+   (cos, sin), ``position_ids`` and attention mask; since cos/sin are computed by the model from its own
+   position ids before the first layer, every kept token keeps its original RoPE angle, and for M-RoPE the
+   (t, h, w) components of each kept token travel together.
+3. Forward hooks on the scoring layer(s) score the visual tokens from the layer's own ``q_proj``/``k_proj``
+   outputs (captured by hooks; RoPE applied here with the layer's cos/sin): the last prompt token's
+   attention row, softmax over all keys, head mean, as PyramidDrop recomputes it under sdpa. The
+   method selects the kept visual tokens and the hook returns the hidden states of the kept sequence.
+   Layers after it therefore run on fewer tokens, and their KV cache (transformers 5 keeps one per layer)
+   holds only kept tokens; ``generate`` then decodes against those caches with the original positions
+   (its position ids and ``rope_deltas`` come from the unpruned attention mask).
+4. ARP (``posprune``) prunes before the first decoder layer from a vision importance recorded in the
+   vision tower (:mod:`posbias.runtime.vision`); UTP prunes after every layer its schedule shrinks at.
+
+Removing the hooks (:meth:`Pruner.disable`, or leaving the ``with`` block) restores the model exactly.
+Batch size 1 without padding is supported (the prompt's attention mask must be all ones).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from posbias.artifacts.calibration import Calibration
+from posbias.errors import PosbiasError
+from posbias.runtime.methods import (
+    arp_select,
+    gaussian_centre_weight,
+    mmr_select,
+    soft_nms_select,
+    topk_select,
+)
+from posbias.runtime.scoring import predict_bias, token_positions
+from posbias.runtime.spec import MethodSpec, resolve_method
+
+__all__ = ["Pruner", "PruneRecord", "enable_pruning", "model_kind", "unwrap_model"]
+
+_ARCH = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+
+
+def unwrap_model(model: Any) -> Any:
+    """The transformers model behind a posbias adapter (or the model itself)."""
+    if hasattr(model, "prepare") and hasattr(model, "layout") and hasattr(model, "model"):
+        return model.model
+    return model
+
+
+def model_kind(model: Any) -> str:
+    """``"llava"`` or ``"qwen2_5_vl"`` from ``model.config.model_type``; PosbiasError otherwise."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in _ARCH:
+        raise PosbiasError(
+            f"model of type {mt!r} ({type(model).__name__}) is not supported by the pruner; "
+            "pass a transformers LlavaForConditionalGeneration or Qwen2_5_VLForConditionalGeneration"
+        )
+    return _ARCH[mt]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class PruneRecord:
+    """What the last prefill did.
+
+    Attributes
+    ----------
+    n_visual : int
+        Visual tokens in the prompt.
+    kept : torch.Tensor
+        (K,) int64 ascending raster indices of the visual tokens alive after the last pruning step.
+    stages : list of (int, int)
+        ``(layer, visual tokens alive after it)``; layer -1 is the vision side (before the decoder).
+    tokens_per_layer : list of int
+        Sequence length each decoder layer processed (for FLOPs).
+    select_ms : float
+        Wall time spent scoring and selecting (all stages).
+    """
+
+    n_visual: int
+    seq_len: int
+    kept: torch.Tensor
+    stages: list[tuple[int, int]] = field(default_factory=list)
+    tokens_per_layer: list[int] = field(default_factory=list)
+    select_ms: float = 0.0
+
+
+class _Prefill:
+    """Mutable state of one prefill pass."""
+
+    def __init__(self, visual_pos: torch.Tensor, grid: tuple[int, int], seq_len: int, positions: Any) -> None:
+        self.seq_len = seq_len
+        self.n_visual = int(visual_pos.shape[0])
+        self.grid = grid
+        self.seq_index = torch.arange(seq_len)  # (S_cur,) original positions of the alive tokens
+        self.vis_local = visual_pos.clone()  # (V_cur,) positions of alive visual tokens in the current sequence
+        self.vis_ids = torch.arange(self.n_visual)  # (V_cur,) raster ids of alive visual tokens
+        self.full = True
+        self.positions = positions  # position ids the language model got (or None)
+        self.pos_emb: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.q: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}
+        self.stages: list[tuple[int, int]] = []
+        self.tokens_per_layer: list[int] = []
+        self.select_s = 0.0
+
+
+class Pruner:
+    """Visual-token pruning attached to one model; use :func:`enable_pruning` to build it.
+
+    Use as a context manager (``with enable_pruning(...):``) or call :meth:`disable` when done.
+
+    Attributes
+    ----------
+    spec : MethodSpec
+        Resolved method, layer(s), budget and parameters.
+    last : PruneRecord or None
+        Record of the latest prefill.
+    """
+
+    def __init__(self, model: Any, spec: MethodSpec) -> None:
+        self.model = model
+        self.kind = model_kind(model)
+        self.spec = spec
+        self.lm = model.model.language_model
+        self.layers = list(self.lm.layers)
+        self.last: PruneRecord | None = None
+        self._state: _Prefill | None = None
+        self._handles: list[Any] = []
+        self._vision: Any = None
+        self._enabled = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def enable(self) -> "Pruner":
+        if self._enabled:
+            return self
+        if getattr(self.model, "_posbias_pruner", None) is not None:
+            raise PosbiasError("pruning is already enabled on this model; disable the other Pruner first")
+        impl = getattr(self.lm.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise PosbiasError(f"the decoder uses attention {impl!r}; the pruner supports sdpa (default) and eager")
+        h = self._handles
+        h.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+        h.append(self.model.register_forward_hook(self._model_post))
+        h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            h.append(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
+            if i in self.spec.score_layers:
+                h.append(layer.register_forward_hook(self._make_layer_post(i), with_kwargs=True))
+                h.append(layer.self_attn.q_proj.register_forward_hook(self._make_proj_hook(i, "q")))
+                h.append(layer.self_attn.k_proj.register_forward_hook(self._make_proj_hook(i, "k")))
+        if self.spec.arp:
+            from posbias.runtime.vision import VisionImportance
+
+            self._vision = VisionImportance(self.model, self.kind)
+            self._vision.attach()
+        self.model._posbias_pruner = self
+        self._enabled = True
+        return self
+
+    def disable(self) -> None:
+        """Remove every hook; the model is exactly as before :func:`enable_pruning`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._vision is not None:
+            self._vision.detach()
+            self._vision = None
+        if getattr(self.model, "_posbias_pruner", None) is self:
+            del self.model._posbias_pruner
+        self._state = None
+        self._enabled = False
+
+    def __enter__(self) -> "Pruner":
+        return self.enable()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.disable()
+
+    # ------------------------------------------------------------------ model-level hooks
+    def _grid(self, kwargs: dict, n_visual: int, visual_pos: torch.Tensor | None = None) -> tuple[int, int]:
+        if self.kind == "llava":
+            side = int(round(n_visual ** 0.5))
+            if side * side != n_visual:
+                raise PosbiasError(f"the prompt holds {n_visual} image tokens, not one square image; pass one image")
+            return side, side
+        thw = kwargs.get("image_grid_thw")
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        pos = kwargs.get("position_ids")
+        if thw is None and isinstance(pos, torch.Tensor) and pos.ndim == 3 and visual_pos is not None:
+            # generate() passes precomputed vision outputs and M-RoPE positions instead of image_grid_thw
+            hw = pos[-2:, 0].index_select(-1, visual_pos.to(pos.device))  # (2, V) h and w components
+            rows = int(hw[0].max() - hw[0].min()) + 1
+            cols = int(hw[1].max() - hw[1].min()) + 1
+            if rows * cols != n_visual:
+                raise PosbiasError(f"the image tokens' M-RoPE positions span {rows}x{cols}, not {n_visual}; pass one image")
+            return rows, cols
+        if thw is None or thw.shape[0] != 1:
+            raise PosbiasError("the pruner needs image_grid_thw for exactly one image per prompt (batch 1)")
+        t, h, w = (int(x) for x in thw[0].tolist())
+        if t != 1 or (h // merge) * (w // merge) != n_visual:
+            raise PosbiasError(f"image_grid_thw {[t, h, w]} does not match {n_visual} image tokens; pass one still image")
+        return h // merge, w // merge
+
+    def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self._state = None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] < 2:
+            return
+        image_id = int(self.model.config.image_token_id)
+        is_img = input_ids == image_id  # (B, S)
+        if not bool(is_img.any()):
+            return
+        if input_ids.shape[0] != 1:
+            raise PosbiasError(f"pruning supports batch size 1; got a batch of {input_ids.shape[0]} prompts")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
+            raise PosbiasError("the prompt's attention_mask has padding; pruning supports one unpadded prompt")
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0:
+            raise PosbiasError("pruning needs the image prompt prefilled from an empty cache; pass a fresh cache")
+        visual_pos = torch.nonzero(is_img[0]).flatten().cpu()  # (V,)
+        n_visual = int(visual_pos.shape[0])
+        grid = self._grid(kwargs, n_visual, visual_pos)
+        self.spec.check_budget(n_visual)  # one-line error before the vision tower runs
+        self._state = _Prefill(visual_pos, grid, int(input_ids.shape[1]), None)
+
+    def _model_post(self, module: Any, args: tuple, output: Any) -> None:
+        st = self._state
+        if st is not None:
+            self.last = PruneRecord(
+                n_visual=st.n_visual,
+                seq_len=st.seq_len,
+                kept=st.vis_ids.clone(),
+                stages=list(st.stages),
+                tokens_per_layer=list(st.tokens_per_layer),
+                select_ms=1000.0 * st.select_s,
+            )
+            if self._vision is not None:
+                self._vision.importance = None  # generate() may run the vision tower before this call
+        self._state = None
+
+    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        st = self._state
+        if st is None:
+            return
+        emb = kwargs.get("inputs_embeds")
+        if emb is None or emb.shape[1] != st.seq_len:
+            self._state = None  # not the prompt we saw (e.g. a custom call); leave it unpruned
+            return
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(st.seq_len, device=emb.device)[None]  # (1, S)
+        elif pos.ndim == 3 and pos.shape[0] == 4:
+            pos = pos[1:]  # drop the text row of packed Qwen positions
+        st.positions = pos
+
+    # ------------------------------------------------------------------ layer hooks
+    def _make_layer_pre(self, i: int):
+        def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            st = self._state
+            if st is None:
+                return self._decode_pre(i, args, kwargs)
+            args = list(args)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if i == 0 and self.spec.arp:
+                hidden = self._apply_arp(hidden)
+            if not st.full:
+                idx = st.seq_index.to(hidden.device)
+                cos, sin = kwargs["position_embeddings"]
+                kwargs["position_embeddings"] = (cos.index_select(-2, idx), sin.index_select(-2, idx))
+                pid = kwargs.get("position_ids")
+                if isinstance(pid, torch.Tensor) and pid.shape[-1] == st.seq_len:
+                    kwargs["position_ids"] = pid.index_select(-1, idx)
+                m = kwargs.get("attention_mask")
+                if isinstance(m, torch.Tensor):
+                    kwargs["attention_mask"] = m.index_select(-2, idx).index_select(-1, idx)
+            st.tokens_per_layer.append(int(hidden.shape[1]))
+            if i in self.spec.score_layers:
+                st.pos_emb[i] = kwargs["position_embeddings"]
+            if args:
+                args[0] = hidden
+            else:
+                kwargs["hidden_states"] = hidden
+            return tuple(args), kwargs
+
+        return hook
+
+    def _decode_pre(self, i: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        m = kwargs.get("attention_mask")
+        if not isinstance(m, torch.Tensor) or self.last is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] != 1:
+            return None
+        all_on = bool(m.all()) if m.dtype == torch.bool else bool((m == 0).all())
+        if not all_on:
+            raise PosbiasError("decoding a pruned prompt with a padded attention mask is not supported; use batch 1")
+        kwargs["attention_mask"] = None  # a single query over an unpadded cache attends to every key
+        return tuple(args), kwargs
+
+    def _make_proj_hook(self, i: int, which: str):
+        def hook(module: Any, args: tuple, output: torch.Tensor) -> None:
+            st = self._state
+            if st is not None:
+                (st.q if which == "q" else st.k)[i] = output.detach()
+
+        return hook
+
+    def _make_layer_post(self, i: int):
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+            st = self._state
+            if st is None:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output  # (1, S_cur, D)
+            t0 = time.perf_counter()
+            keep_local = self._select(i, hidden)  # (K,) indices into the current visual tokens, or None
+            st.select_s += time.perf_counter() - t0
+            st.q.pop(i, None)
+            st.k.pop(i, None)
+            st.pos_emb.pop(i, None)
+            if keep_local is None:
+                return None
+            new_hidden = self._drop(hidden, keep_local)
+            st.stages.append((i, int(keep_local.shape[0])))
+            if isinstance(output, tuple):
+                return (new_hidden, *output[1:])
+            return new_hidden
+
+        return hook
+
+    # ------------------------------------------------------------------ pruning steps
+    def _drop(self, hidden: torch.Tensor, keep_local: torch.Tensor) -> torch.Tensor:
+        """Keep all text tokens and the visual tokens ``keep_local`` (indices into the alive visual tokens)."""
+        st = self._state
+        assert st is not None
+        s_cur = int(hidden.shape[1])
+        alive = torch.ones(s_cur, dtype=torch.bool)
+        alive[st.vis_local] = False
+        alive[st.vis_local[keep_local]] = True
+        local = torch.nonzero(alive).flatten()  # (S_new,) ascending
+        st.seq_index = st.seq_index[local]
+        new_pos = torch.full((s_cur,), -1, dtype=torch.int64)
+        new_pos[local] = torch.arange(local.shape[0])
+        st.vis_local = new_pos[st.vis_local[keep_local]]
+        st.vis_ids = st.vis_ids[keep_local]
+        st.full = False
+        return hidden.index_select(1, local.to(hidden.device))
+
+    def _apply_arp(self, hidden: torch.Tensor) -> torch.Tensor:
+        st = self._state
+        assert st is not None and self._vision is not None
+        imp = self._vision.importance
+        if imp is None or imp.shape[0] != st.n_visual:
+            raise RuntimeError("ARP saw no vision importance for this prompt; the vision hooks did not fire")
+        t0 = time.perf_counter()
+        rows, cols = st.vis_ids // st.grid[1], st.vis_ids % st.grid[1]
+        p = self.spec.params
+        kept = arp_select(imp.float().cpu(), rows, cols, st.grid, blocks=int(p["arp_blocks"]),
+                          centre_ratio=float(p["arp_centre_ratio"]), edge_ratio=float(p["arp_edge_ratio"]))
+        st.select_s += time.perf_counter() - t0
+        self.spec.check_budget(int(kept.shape[0]), after="ARP")
+        st.stages.append((-1, int(kept.shape[0])))
+        return self._drop(hidden, kept)
+
+    def _attention_row(self, i: int, *, agnostic: bool = False) -> torch.Tensor:
+        """(V_cur,) float32 head-mean attention of the last token over the alive visual tokens at layer i."""
+        st = self._state
+        assert st is not None
+        attn = self.layers[i].self_attn
+        q, k = st.q[i], st.k[i]  # (1, S, H*D), (1, S, Hkv*D), before RoPE
+        cos, sin = st.pos_emb[i]  # (1, S, D) each
+        d = int(cos.shape[-1])
+        n_h, n_kv, s = q.shape[-1] // d, k.shape[-1] // d, k.shape[1]
+        qh = q[:, -1:].float().view(1, 1, n_h, d).transpose(1, 2)  # (1, H, 1, D)
+        kh = k.float().view(1, s, n_kv, d).transpose(1, 2)  # (1, Hkv, S, D)
+        c, sn = cos.float().unsqueeze(1), sin.float().unsqueeze(1)  # (1, 1, S, D)
+        qh = qh * c[:, :, -1:] + _rotate_half(qh) * sn[:, :, -1:]
+        k_rot = kh * c + _rotate_half(kh) * sn
+        if agnostic:
+            pc, ps = self._uniform_rope(kh)  # (1, 1, 1, D)
+            vis = st.vis_local.to(kh.device)
+            k_rot[:, :, vis] = kh[:, :, vis] * pc + _rotate_half(kh[:, :, vis]) * ps
+        if n_h != n_kv:
+            k_rot = k_rot.repeat_interleave(n_h // n_kv, dim=1)  # (1, H, S, D)
+        scaling = float(getattr(attn, "scaling", d ** -0.5))
+        probs = torch.softmax((qh @ k_rot.transpose(-1, -2)) * scaling, dim=-1)[0, :, 0]  # (H, S)
+        return probs.mean(0).index_select(0, st.vis_local.to(probs.device)).cpu()  # (V_cur,)
+
+    def _uniform_rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at UTP's uniform visual position p' = floor((p1 + p2) / 2 + 1/2), per M-RoPE component."""
+        st = self._state
+        assert st is not None
+        pos = st.positions  # (1, S) or (3, 1, S) of the full prompt
+        vis_full = st.seq_index[st.vis_local].to(pos.device)  # original positions of the alive visual tokens
+        pv = pos.index_select(-1, vis_full)  # (..., V_cur)
+        p_mid = torch.floor((pv.amin(-1, keepdim=True) + pv.amax(-1, keepdim=True)).double() / 2 + 0.5).long()
+        cos, sin = self.lm.rotary_emb(like.new_zeros(1, 1, 1), p_mid)  # (1, 1, D)
+        return cos.float()[:, None], sin.float()[:, None]
+
+    def _select(self, i: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Indices into the alive visual tokens to keep after layer i, or None when nothing is pruned."""
+        st = self._state
+        assert st is not None
+        spec = self.spec
+        n_cur = int(st.vis_ids.shape[0])
+        m = spec.method
+        if m == "utp":
+            target = spec.schedule[i + 1] if i + 1 < len(spec.schedule) else n_cur
+            target = min(int(target), n_cur)
+            if target >= n_cur:
+                return None
+            scores = self._attention_row(i, agnostic=i < int(spec.params["pa_layers"]))
+            return topk_select(scores, target) if target > 0 else torch.zeros(0, dtype=torch.int64)
+        keep = spec.keep_for(st.n_visual)
+        keep = min(keep, n_cur)
+        attn = self._attention_row(i)  # (V_cur,)
+        rows, cols = st.vis_ids // st.grid[1], st.vis_ids % st.grid[1]
+        if m == "fastv":
+            return topk_select(attn, keep)
+        if m in ("pore", "posprune-pbc", "posprune"):
+            entry = spec.entry
+            x = token_positions(n_cur, entry["domain"], n_visual=st.n_visual, positions=st.vis_ids)
+            bias = predict_bias(entry["fit"], x)  # (V_cur,) float64
+            score = attn.double() / bias if m == "pore" else attn.double() - bias
+            if m != "posprune":
+                return topk_select(score, keep)
+            feats = hidden[0].index_select(0, st.vis_local.to(hidden.device)).cpu()  # (V_cur, D)
+            picks = mmr_select(score, feats, keep, lam=float(spec.params["mmr_lambda"]))
+            return torch.sort(picks).values
+        if m == "adaptprune":
+            score = attn.float()
+            if spec.params["gaussian"]:
+                score = score * self._gaussian(rows, cols, st.grid)
+            keys = st.k[i][0].index_select(0, st.vis_local.to(st.k[i].device)).cpu()  # (V_cur, Hkv*D)
+            picks = soft_nms_select(score, rows, cols, keys, keep, sigma_d=float(spec.params["sigma_d"]),
+                                    sigma_s=float(spec.params["sigma_s"]), window=int(spec.params["window"]))
+            return torch.sort(picks).values
+        raise PosbiasError(f"unknown pruning method {m!r}")  # pragma: no cover - resolve_method guards
+
+    def _gaussian(self, rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        entry = self.spec.entry
+        mask = entry.get("mask")
+        if mask is not None and entry.get("grid") is not None and list(entry["grid"]) == list(grid) \
+                and self.spec.params.get("gaussian_sigma") is None:
+            full = torch.tensor(mask, dtype=torch.float32)  # (R*C,) raster
+            return full[rows * grid[1] + cols]
+        return gaussian_centre_weight(rows, cols, grid, float(self.spec.params["gaussian_sigma_value"]))
+
+
+def enable_pruning(
+    model: Any,
+    calibration: Calibration | None = None,
+    *,
+    method: str | None = None,
+    keep: int | None = None,
+    ratio: float | None = None,
+    layer: int | None = None,
+    params: dict[str, Any] | None = None,
+    schedule: list[int] | None = None,
+    check_fingerprint: bool = True,
+) -> Pruner:
+    """Make a LLaVA or Qwen2.5-VL model drop visual tokens during prefill.
+
+    Parameters
+    ----------
+    model : transformers model or posbias adapter
+        ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` (sdpa or eager).
+    calibration : Calibration, optional
+        Needed by every method but ``fastv``; its fingerprint must equal the model's.
+    method : {"fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp"}, optional
+        Default: the calibration's ``defaults.method`` (``fastv`` without a calibration).
+    keep : int, optional
+        Visual tokens kept after the pruning layer (1..V). Exactly one of ``keep`` and ``ratio``
+        (default: the calibration's ``defaults.keep``). For ``utp`` it picks the schedule whose
+        compression ratio is nearest ``V / keep``.
+    ratio : float, optional
+        Fraction of the visual tokens kept, in (0, 1].
+    layer : int, optional
+        Decoder layer after which tokens are dropped (its last-token attention scores them);
+        default: the method's layer in the calibration.
+    params : dict, optional
+        Overrides of the method's parameters (names: :data:`posbias.runtime.spec.PARAMS`); unknown
+        names are an error.
+    schedule : list of int, optional
+        Explicit UTP schedule (L,) with ``schedule[0] == V`` (instead of the calibration's).
+    check_fingerprint : bool
+        Refuse a calibration made for another model (default True).
+
+    Returns
+    -------
+    Pruner
+        Already enabled; use it as a context manager or call ``disable()``.
+    """
+    model = unwrap_model(model)
+    model_kind(model)
+    spec = resolve_method(model, calibration, method=method, keep=keep, ratio=ratio, layer=layer,
+                          params=params, schedule=schedule, check_fingerprint=check_fingerprint)
+    return Pruner(model, spec).enable()
