@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pdf_name = "report.pdf"
     out_dir = prepare_out_dir(
-        args.out, [STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, pdf_name], args.overwrite
+        args.out, [STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, pdf_name], args.overwrite or args.resume
     )
     store = run_profile(args, out_dir)
     calibration = run_fit(args, store, out_dir / CALIBRATION_FILENAME)

@@ -6,12 +6,13 @@ head reads) when every visual token is removed from layer i on (``f_i``) and the
 full model (``g``). Column 0 removes the visual tokens from the very first layer; the seed uses
 ``l = 2..L``, i.e. columns 1..L-1.
 
-Fast path (:func:`info_loss`): one full forward records the input of every decoder layer and the
-layer kwargs (rotary cos/sin, causal mask). Layers before i are unchanged by removing visual tokens from
-layer i on, so run i starts from the recorded input of layer i restricted to the text tokens and runs
-layers i..L-1 on text tokens only, with their original RoPE positions (the recorded cos/sin gathered
-at the text positions, which carries Qwen2.5-VL's 3-D M-RoPE unchanged). All L runs go through each
-layer as one batch. Naive path (:func:`info_loss_naive`): L ordinary full forwards, each with the text
+Fast path (:func:`info_loss`): one full forward records the input of every decoder layer, the layer
+kwargs (rotary cos/sin) and the KV cache. Layers before i are unchanged by removing visual tokens from
+layer i on, and the text tokens before the image are unchanged at every layer (causal), so run i
+starts from the recorded input of layer i restricted to the text tokens after the image and runs
+layers i..L-1 on those only, attending to the prefix's cached keys/values and to each other, with
+their original RoPE positions (the recorded cos/sin gathered, which carries Qwen2.5-VL's 3-D M-RoPE
+unchanged). All L runs go through each layer as one batch. Naive path (:func:`info_loss_naive`): L ordinary full forwards, each with the text
 queries' attention to visual keys masked from layer i on.
 """
 
@@ -65,8 +66,11 @@ def _check_inputs(adapter: Any, inputs: dict[str, Any]) -> tuple[np.ndarray, np.
     return text, vis
 
 
-def _record_full(adapter: Any, inputs: dict[str, Any]) -> tuple[list[Any], list[dict[str, Any]], Any]:
-    """Full forward; returns (input hidden state per layer, layer kwargs per layer, final feature (D,))."""
+def _record_full(adapter: Any, inputs: dict[str, Any], *, with_cache: bool = False) -> tuple[list[Any], list[dict[str, Any]], Any, Any]:
+    """Full forward; returns (input hidden state per layer, layer kwargs per layer, final feature (D,), cache).
+
+    ``cache`` is the forward's KV cache (``with_cache``) or None.
+    """
     import torch
 
     lm = adapter.language_model()
@@ -90,45 +94,77 @@ def _record_full(adapter: Any, inputs: dict[str, Any]) -> tuple[list[Any], list[
     handles.append(lm.norm.register_forward_hook(norm_hook))
     try:
         with torch.inference_mode():
-            adapter.model(**inputs, use_cache=False, logits_to_keep=1)
+            out = adapter.model(**inputs, use_cache=with_cache, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
-    return hidden, kwargs_seen, final[0][0, -1]  # final: (D,)
+    cache = getattr(out, "past_key_values", None) if with_cache else None
+    return hidden, kwargs_seen, final[0][0, -1], cache  # final: (D,)
 
 
-def _gather_kwargs(kw: dict[str, Any], text_idx: Any, batch: int) -> dict[str, Any]:
-    """Layer kwargs restricted to the text positions and expanded to ``batch`` runs."""
-    import torch
+def _cache_kv(cache: Any, idx: int) -> tuple[Any, Any]:
+    """(keys, values) (1, H_kv, S, D) of layer ``idx`` from a transformers KV cache (4.x or 5.x layout)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[idx].keys, cache.layers[idx].values
+    return cache.key_cache[idx], cache.value_cache[idx]  # pragma: no cover - transformers 4.x
 
+
+class _PrefixKV:
+    """Stand-in for a KV cache: the attention's ``update`` prepends the prompt prefix's keys/values.
+
+    ``keys[i]``/``values[i]`` (1, H_kv, T_p, D) are layer i's keys (after RoPE) and values of the text tokens
+    before the image, taken from the full forward; every run shares them (expanded over the batch).
+    """
+
+    def __init__(self, keys: list[Any], values: list[Any]) -> None:
+        self.keys = keys
+        self.values = values
+
+    def update(self, key: Any, value: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        import torch
+
+        b = key.shape[0]
+        pk = self.keys[layer_idx].expand(b, -1, -1, -1)  # (B, H_kv, T_p, D)
+        pv = self.values[layer_idx].expand(b, -1, -1, -1)  # (B, H_kv, T_p, D)
+        return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)  # (B, H_kv, T_p + T_a, D)
+
+
+def _suffix_kwargs(kw: dict[str, Any], suffix_idx: Any, batch: int, mask: Any, cache: Any) -> dict[str, Any]:
+    """Layer kwargs for ``batch`` runs over the suffix tokens: gathered RoPE, explicit mask, prefix cache."""
     out: dict[str, Any] = {}
     for key, val in kw.items():
         if key == "position_embeddings":
             cos, sin = val  # (..., 1, S, D) each
-            cos = cos.index_select(-2, text_idx)
-            sin = sin.index_select(-2, text_idx)
+            cos = cos.index_select(-2, suffix_idx)
+            sin = sin.index_select(-2, suffix_idx)
             shape = list(cos.shape)
             shape[-3] = batch
             out[key] = (cos.expand(*shape), sin.expand(*shape))
-        elif key == "attention_mask" and isinstance(val, torch.Tensor):
-            m = val.index_select(-2, text_idx).index_select(-1, text_idx)  # (1, 1, T_t, T_t)
-            out[key] = m.expand(batch, *m.shape[1:])
-        elif key == "position_ids" and isinstance(val, torch.Tensor):
-            p = val.index_select(-1, text_idx)
+        elif key == "position_ids" and hasattr(val, "index_select"):
+            p = val.index_select(-1, suffix_idx)
             shape = list(p.shape)
             shape[-2] = batch
             out[key] = p.expand(*shape)
-        elif key in ("past_key_values", "cache_position"):
-            out[key] = None
-        elif key == "use_cache":
-            out[key] = False
+        elif key in ("attention_mask", "past_key_values", "past_key_value", "cache_position", "use_cache"):
+            continue
         else:
             out[key] = val
+    out["attention_mask"] = mask.expand(batch, -1, -1, -1)  # (B, 1, T_a, T_p + T_a)
+    out["past_key_values"] = cache
+    out["use_cache"] = False
     return out
 
 
 def info_loss(adapter: Any, inputs: dict[str, Any], *, return_features: bool = False) -> Any:
-    """Information loss ``ell`` (L,) of one prompt, fast path (reuses the full forward's layer inputs).
+    """Information loss ``ell`` (L,) of one prompt, fast path.
+
+    One full forward (with its KV cache) records every decoder layer's input. Removing the visual tokens
+    from layer i on changes nothing before layer i, and nothing for the text tokens BEFORE the image at
+    any layer (causal attention: they never see the image). So run i restarts at layer i from the
+    recorded states of the text tokens AFTER the image only (``T_a`` of them), which attend to the
+    prefix's keys/values taken from the full forward's cache plus their own, with their original RoPE
+    positions (recorded cos/sin gathered, so Qwen2.5-VL's 3-D M-RoPE is kept). The L runs go through
+    each layer as one batch (runs 0..i at layer i): ``T_a L (L+1) / 2`` token-layers in all.
 
     Parameters
     ----------
@@ -147,27 +183,42 @@ def info_loss(adapter: Any, inputs: dict[str, Any], *, return_features: bool = F
     """
     import torch
 
-    text, _ = _check_inputs(adapter, inputs)
-    hidden, kwargs_seen, g = _record_full(adapter, inputs)
+    text, vis = _check_inputs(adapter, inputs)
+    hidden, kwargs_seen, g, cache = _record_full(adapter, inputs, with_cache=True)
     lm = adapter.language_model()
     layers = list(lm.layers)
-    n_layers = len(layers)
+    first_vis = int(vis.min())
+    prefix = text[text < first_vis]  # (T_p,) never see the image
+    suffix = text[text > first_vis]  # (T_a,) recomputed per run
     dev = hidden[0].device
-    text_idx = torch.as_tensor(text, device=dev)
-    h = None  # (runs, T_t, D)
+    dtype = hidden[0].dtype
+    suffix_idx = torch.as_tensor(suffix, device=dev)
+    prefix_idx = torch.as_tensor(prefix, device=dev)
+    n_p, n_a = int(prefix.size), int(suffix.size)
+    keys, values = [], []
+    for i in range(len(layers)):
+        k, v = _cache_kv(cache, i)  # (1, H_kv, S, D)
+        keys.append(k.index_select(-2, prefix_idx))  # (1, H_kv, T_p, D)
+        values.append(v.index_select(-2, prefix_idx))
+    del cache
+    prefix_kv = _PrefixKV(keys, values)
+    allowed = torch.ones(n_a, n_p + n_a, dtype=torch.bool, device=dev)  # (T_a, T_p + T_a)
+    allowed[:, n_p:] = torch.ones(n_a, n_a, dtype=torch.bool, device=dev).tril()
+    mask = torch.zeros(n_a, n_p + n_a, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = mask[None, None]  # (1, 1, T_a, T_p + T_a) additive
+    h = None  # (runs, T_a, D)
     with torch.inference_mode():
         for i, layer in enumerate(layers):
-            start = hidden[i].index_select(1, text_idx)  # (1, T_t, D) run i starts here
+            start = hidden[i].index_select(1, suffix_idx)  # (1, T_a, D) run i starts here
+            hidden[i] = None  # free as we go
             h = start if h is None else torch.cat([h, start], dim=0)
-            kw = _gather_kwargs(kwargs_seen[i], text_idx, int(h.shape[0]))
+            kw = _suffix_kwargs(kwargs_seen[i], suffix_idx, int(h.shape[0]), mask, prefix_kv)
             out = layer(h, **kw)
             h = out[0] if isinstance(out, tuple) else out
         feats = lm.norm(h[:, -1:, :])[:, 0, :]  # (L, D)
     f = feats.double().cpu().numpy()  # (L, D) float64
     g_np = g.double().cpu().numpy()  # (D,) float64
     ell = feature_angle(f, g_np)  # (L,)
-    if n_layers != f.shape[0]:  # pragma: no cover - defensive
-        raise RuntimeError("internal: one feature per layer expected")
     return (ell, f, g_np) if return_features else ell
 
 
@@ -185,7 +236,7 @@ def info_loss_naive(adapter: Any, inputs: dict[str, Any], *, return_features: bo
     lm = adapter.language_model()
     layers = list(lm.layers)
     model = adapter.model
-    _, _, g = _record_full(adapter, inputs)
+    _, _, g, _ = _record_full(adapter, inputs)
     s = int(inputs["input_ids"].shape[1])
     dtype = adapter.model.get_input_embeddings().weight.dtype
     dev = g.device
