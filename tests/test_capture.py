@@ -168,3 +168,22 @@ def test_capture_in_bfloat16_close_to_float32(noise_image):
     got = capture_attention(bf16, inputs, bf16.layout(inputs))
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=2e-2)
+
+
+def test_position_agnostic_rows_with_layer_subset_and_heads(adapter, noise_image):
+    inputs = adapter.prepare(noise_image, "where is the dog?")
+    layout = adapter.layout(inputs)
+    with LastTokenAttentionCapture(adapter, position_agnostic=True) as cap:
+        attn = cap.run(inputs, layout)  # (V, L)
+        pa = cap.last_attn_pa  # (V, L)
+    np.testing.assert_array_equal(cap.last_attn_mean, attn)
+    with LastTokenAttentionCapture(adapter, layers=[2, 0], per_head=True, position_agnostic=True) as cap2:
+        heads = cap2.run(inputs, layout)  # (V, 2, H)
+    np.testing.assert_allclose(cap2.last_attn_pa, pa[:, [2, 0]], atol=1e-7)
+    np.testing.assert_allclose(cap2.last_attn_mean, attn[:, [2, 0]], atol=1e-7)
+    np.testing.assert_allclose(heads.mean(axis=2), attn[:, [2, 0]], atol=1e-7)
+    assert not np.allclose(pa, attn, atol=1e-6)
+    # without the flag nothing is computed
+    with LastTokenAttentionCapture(adapter) as cap3:
+        cap3.run(inputs, layout)
+    assert cap3.last_attn_pa is None

@@ -463,7 +463,8 @@ def test_profile_loop_stores_signals(tiny_qwen_adapter, tmp_path, per_head):
         # the stored rows of sample 1 are what a direct capture of that sample gives
         item = samples[1]
         inputs = adapter.prepare(item.image, item.question)
-        sig = SignalCapture(adapter, signals="all", per_head=per_head, region_grid=3).run(inputs, adapter.layout(inputs))
+        direct = SignalCapture(adapter, signals="all", per_head=per_head, region_grid=3)
+        sig = direct.run(inputs, adapter.layout(inputs))
         np.testing.assert_allclose(store.sample_attn(1), sig.attn, atol=1e-6)
         np.testing.assert_allclose(store.sample_token_data("attn_pa", 1), sig.token_data["attn_pa"], atol=1e-6)
         np.testing.assert_allclose(store.sample_token_data("vision_importance", 1),

@@ -218,13 +218,17 @@ class TransformersAdapter(ModelAdapter):
         """The vision encoder whose attention implementation the vision-importance capture swaps."""
         from posbias.errors import PosbiasError
 
-        raise PosbiasError(f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals")
+        raise PosbiasError(
+            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
+        )
 
     def vision_importance_modules(self) -> list[Any]:
         """Vision attention modules whose maps define the vision importance (see the subclass)."""
         from posbias.errors import PosbiasError
 
-        raise PosbiasError(f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals")
+        raise PosbiasError(
+            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
+        )
 
     #: "cls": record the [CLS] query row; "colmean": record the mean attention each key receives
     vision_importance_kind: ClassVar[str] = ""
@@ -233,7 +237,9 @@ class TransformersAdapter(ModelAdapter):
         """Map recorded vision rows (one per :meth:`vision_importance_modules`) to (V,) in LLM token order."""
         from posbias.errors import PosbiasError
 
-        raise PosbiasError(f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals")
+        raise PosbiasError(
+            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
+        )
 
     def vision_feature_module(self) -> Any:
         """The module whose first input is the vision-encoder output before projection."""

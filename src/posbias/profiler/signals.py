@@ -91,7 +91,9 @@ def parse_signals(spec: str | Iterable[str]) -> tuple[str, ...]:
         return DEFAULT_SIGNALS
     bad = [x for x in items if x not in SIGNALS]
     if bad:
-        raise PosbiasError(f"--signals {','.join(items)}: unknown {bad}; use 'all' or a comma list of {','.join(SIGNALS)}")
+        raise PosbiasError(
+            f"--signals {','.join(items)}: unknown {bad}; use 'all' or a comma list of {','.join(SIGNALS)}"
+        )
     chosen = set(items) | {"attn"}
     return tuple(x for x in SIGNALS if x in chosen)
 
