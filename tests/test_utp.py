@@ -142,3 +142,85 @@ def test_solve_store_needs_utr_loss(tmp_path):
         assert entry["status"] == "optimal" and entry["n_samples"] == 2 and entry["samples"] == ["s:0", "s:2"]
         assert sum(entry["schedule"][1:]) == entry["budget"]
         assert "no /tokens/attn_pa" in entry["metric"]
+
+
+# ------------------------------------------------------------------------------- pwl / compact (2nd pass)
+
+
+def _compact_enumeration(mets, ells, budget, solver, which):
+    from posbias.solvers.utp import iter_schedules
+
+    v, n_layers = mets[0].shape
+    vals = [(solver.objective(mets, ells, s, which), s) for s in iter_schedules(v, n_layers, budget)]
+    return min(vals, key=lambda t: t[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("ratio", [1.5, 2.5])
+def test_compact_matches_enumeration_of_compact_objective(seed, ratio):
+    # general rankings (layers disagree): the compact model is not the progressive one, but the solver
+    # must be optimal for the compact model it claims; with V=8 every level is a breakpoint, so the
+    # default "pwl" is that same model
+    mets, ells = _instance(seed, s=2)
+    budget = retention_budget(8, 5, ratio)
+    for form in ("compact", "pwl"):
+        solver = UTPSolver(ratio=ratio, formulation=form).fit(mets, ells)
+        best, _ = _compact_enumeration(mets, ells, budget, solver, "compact")
+        assert solver.status_ == "optimal" and solver.gap_ == 0.0
+        assert solver.levels_ == list(range(1, 9))
+        assert solver.objective_ == pytest.approx(best, abs=1e-9)
+        assert solver.objective_compact_ == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_pwl_with_coarse_levels_is_optimal_for_its_model(seed):
+    # V=14 with 5 breakpoints: r_i between breakpoints is priced by linear interpolation; enumeration of
+    # every admissible integer schedule under that same interpolated model finds the solver's optimum
+    mets, ells = _instance(seed, s=3, v=14, n_layers=5)
+    budget = retention_budget(14, 5, 2.0)
+    solver = UTPSolver(ratio=2.0, levels=5).fit(mets, ells)
+    assert len(solver.levels_) == 5 and solver.levels_[0] == 1 and solver.levels_[-1] == 14
+    best, _ = _compact_enumeration(mets, ells, budget, solver, "pwl")
+    assert solver.status_ == "optimal"
+    assert solver.objective_ == pytest.approx(best, abs=1e-9)
+    sched = np.asarray(solver.schedule_)
+    assert sched[1:].sum() == budget and np.all(np.diff(sched) <= 0)
+    # the interpolation is exact at breakpoints, so on a schedule made of breakpoints pwl == compact
+    on_points = [14] + [solver.levels_[-2]] * 4
+    assert solver.objective(mets, ells, on_points, "pwl") == pytest.approx(solver.objective(mets, ells, on_points, "compact"))
+
+
+def test_keep_levels_and_summed_tables():
+    from posbias.solvers.utp import compact_tables, keep_levels, summed_tables
+
+    mets, ells = _instance(9, s=3, v=40, n_layers=6)
+    mets[1] = np.round(mets[1], 1)  # ties: lower index first in every path
+    mets[2][:, 3] = 0.0
+    f, c = summed_tables(mets, ells)
+    f_ref = sum(compact_tables(m, e)[0] for m, e in zip(mets, ells))
+    c_ref = sum(compact_tables(m, e)[1] for m, e in zip(mets, ells))
+    np.testing.assert_allclose(f, f_ref, atol=1e-12)
+    assert c == pytest.approx(c_ref)
+    pts = keep_levels(f, 2, 9)
+    assert pts.tolist() == sorted(set(pts.tolist())) and len(pts) == 9 and pts[0] == 2 and pts[-1] == 40
+    assert keep_levels(f, 2, None).tolist() == list(range(2, 41))
+    assert keep_levels(f, 2, 500).tolist() == list(range(2, 41))
+    with pytest.raises(PosbiasError, match="levels"):
+        UTPSolver(ratio=2.0, levels=1).fit(mets, ells)
+
+
+def test_pwl_large_instance_meets_budget_exactly():
+    # V=576, L=32 with a handful of samples: exact budget, integers, non-increasing, optimal for pwl
+    rng = np.random.default_rng(11)
+    mets = [rng.gamma(0.5, size=(576, 1)) * rng.gamma(2.0, size=(576, 32)) for _ in range(3)]
+    ells = np.linspace(1.2, 0.05, 32)[None] * rng.uniform(0.8, 1.2, (3, 32))
+    solver = UTPSolver(ratio=4.0).fit(mets, ells)
+    sched = np.asarray(solver.schedule_)
+    assert solver.status_ == "optimal" and solver.gap_ == 0.0
+    assert sched[0] == 576 and sched[1:].sum() == 576 * 8 - 576 and np.all(np.diff(sched) <= 0)
+    assert solver.objective_compact_ >= 0 or True  # computed
+    assert np.isfinite(solver.objective_progressive_)
+    d = solver.to_dict()
+    assert d["keep_levels"] == solver.levels_ and len(d["keep_levels"]) == 65
+    back = UTPSolver.from_dict(d)
+    assert back.to_dict() == d

@@ -14,13 +14,13 @@ from posbias.errors import PosbiasError
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
-SUBCOMMANDS = ("profile", "fit", "export", "report", "solve", "evaluate", "merge")
+SUBCOMMANDS = ("profile", "fit", "export", "report", "solve", "evaluate", "merge", "utr")
 PROG = "profile-bias"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(top-level parser for the whole pipeline, parser with the stage subcommands)."""
-    from posbias.cli import evaluate, export, fit, merge, profile, report, run, solve
+    from posbias.cli import evaluate, export, fit, merge, profile, report, run, solve, utr
 
     top = argparse.ArgumentParser(
         prog=PROG,
@@ -36,7 +36,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_arguments(top)
     stages = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = stages.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for module in (profile, fit, export, report, solve, evaluate, merge):
+    for module in (profile, fit, export, report, solve, evaluate, merge, utr):
         module.add_parser(sub)
     return top, stages
 

@@ -31,7 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help="profile.h5 with /samples/utr_loss")
     p.add_argument("--ratios", required=True, type=_ratios, help="compression ratios, e.g. 2,4,8,16")
     p.add_argument("--into", required=True, metavar="CALIBRATION", help="calibration JSON to add schedules to")
-    p.add_argument("--formulation", default="compact", choices=("compact", "tokens"))
+    p.add_argument("--formulation", default="pwl", choices=("pwl", "compact", "tokens"),
+                   help="pwl: compact costs interpolated on --levels keep levels (fast, default); compact: every level "
+                   "(exact compact costs, slow for V=576); tokens: the seed's token-level ILP (exact, small V*L only)")
+    p.add_argument("--levels", type=int, default=65, help="keep levels (breakpoints) of --formulation pwl")
     p.add_argument("--mode", default="joint", choices=("joint", "per_sample"))
     p.add_argument("--pa-layers", type=int, default=3, help="leading layers ranked by position-agnostic rows")
     p.add_argument("--min-keep", type=int, default=1, help="tokens every layer keeps at least")
@@ -39,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def solve_store(store_path: str, ratios: list[float], *, formulation: str = "compact", mode: str = "joint",
-                pa_layers: int = 3, min_keep: int = 1, time_limit: float = 60.0) -> dict[str, dict]:
+def solve_store(store_path: str, ratios: list[float], *, formulation: str = "pwl", mode: str = "joint",
+                pa_layers: int = 3, min_keep: int = 1, time_limit: float = 60.0, levels: int | None = 65) -> dict[str, dict]:
     """Schedules for every ratio from a store; returns the calibration's ``schedules`` section."""
     from posbias.errors import PosbiasError
     from posbias.profiler.store import ProfileStore
@@ -50,8 +53,7 @@ def solve_store(store_path: str, ratios: list[float], *, formulation: str = "com
         loss = store.utr_loss  # (S, L) or None
         if loss is None:
             raise PosbiasError(
-                f"store {store_path} has no /samples/utr_loss; compute it first with "
-                "posbias.profiler.utr.profile_info_loss and posbias.profiler.store.write_utr_loss"
+                f"store {store_path} has no /samples/utr_loss; run 'profile-bias utr --store {store_path}' first"
             )
         if store.n_samples == 0:
             raise PosbiasError(f"store {store_path} has no samples; run 'profile-bias profile' first")
@@ -70,10 +72,13 @@ def solve_store(store_path: str, ratios: list[float], *, formulation: str = "com
             ells.append(loss[i])
             ids.append(store.sample_ids[i])
     if not ids:
-        raise PosbiasError(f"store {store_path} has no sample with finite utr_loss and attention rows; re-profile")
+        raise PosbiasError(
+            f"store {store_path} has no sample with finite utr_loss and attention rows; "
+            f"run 'profile-bias utr --store {store_path}' (or re-profile)"
+        )
     out: dict[str, dict] = {}
     for ratio in ratios:
-        solver = UTPSolver(ratio=ratio, formulation=formulation, mode=mode, min_keep=min_keep,
+        solver = UTPSolver(ratio=ratio, formulation=formulation, levels=levels, mode=mode, min_keep=min_keep,
                            time_limit=time_limit).fit(metrics, np.asarray(ells))
         entry = solver.to_dict()
         entry["metric"] = metric_name
@@ -97,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise PosbiasError(f"calibration {into} is not JSON ({exc}); pass a file written by 'profile-bias fit'") from exc
     schedules = solve_store(args.store, args.ratios, formulation=args.formulation, mode=args.mode,
-                            pa_layers=args.pa_layers, min_keep=args.min_keep, time_limit=args.time_limit)
+                            pa_layers=args.pa_layers, min_keep=args.min_keep, time_limit=args.time_limit,
+                            levels=args.levels)
     doc.setdefault("schedules", {}).update(schedules)
     cal = Calibration.from_dict(doc, source=str(into))
     into.write_text(cal.dumps())

@@ -255,7 +255,12 @@ def summed_tables(metrics: Sequence[np.ndarray], losses: np.ndarray) -> tuple[np
     n_s, n_layers, v = mets.shape
     tot = mets.sum(axis=2, keepdims=True)  # (S, L, 1)
     norm = np.divide(mets, tot, out=np.zeros_like(mets), where=tot > 0)  # (S, L, V)
-    order = np.argsort(-mets[:, :-1], axis=2, kind="stable")  # (S, L-1, V) ranks by layer i-1
+    neg = -mets[:, :-1]  # (S, L-1, V) scores of layer i-1, best first after sorting
+    order = np.argsort(neg, axis=2)  # (S, L-1, V) quicksort: ties in arbitrary order
+    srt = np.take_along_axis(neg, order, axis=2)  # (S, L-1, V)
+    tied = (srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)  # (S, L-1) rows with ties
+    if tied.any():  # ties: lower index first, as in simulate_loss and the runtime
+        order[tied] = np.argsort(neg[tied], axis=1, kind="stable")
     g = np.zeros((n_s, n_layers + 1, v + 1))  # (S, L+1, V+1), g[:, i, k] = G_i(k)
     np.cumsum(np.take_along_axis(norm[:, 1:], order, axis=2), axis=2, out=g[:, 1:n_layers, 1:])
     ell_ext = np.concatenate([ells, np.zeros((n_s, 1))], axis=1)  # (S, L+1)
@@ -323,9 +328,8 @@ def pwl_cost(f: np.ndarray, points: np.ndarray, schedule_tail: np.ndarray) -> np
 class _PwlProgram:
     """Incremental (delta) piecewise-linear program of the compact costs over shared keep levels.
 
-    Columns: ``delta[i, s]`` in [0, 1] (fill of segment s of layer i, continuous), ``z[i, s]`` binary only
-    where layer i's interpolated cost has a concave kink at breakpoint s+1 (elsewhere the LP fills
-    segments in order by itself), and integer ``r[i] = p_0 + sum_s d_s delta[i, s]``.
+    Columns: ``delta[i, s]`` in [0, 1] (fill of segment s of layer i, continuous), ``z[i, s]`` binary
+    (segment s of layer i is full), and integer ``r[i] = p_0 + sum_s d_s delta[i, s]``.
     Rows: ``delta[i, s+1] <= z[i, s] <= delta[i, s]`` (kinks), the ``r`` definition, monotone order
     ``delta[i, s] <= delta[i-1, s]`` (implies ``r_i <= r_{i-1}``; with shared levels it is exact, not a
     relaxation) and ``z[i, s] <= z[i-1, s]`` where both exist (a valid tightening), the budget
@@ -345,8 +349,9 @@ class _PwlProgram:
             d = np.diff(p).astype(np.float64)  # (M,)
         fp = f[:, p]  # (L-1, G) costs at breakpoints
         rise = np.diff(fp, axis=1)  # (L-1, M)
-        slope = rise / d if n_seg else rise  # (L-1, M)
-        need = slope[:, 1:] < slope[:, :-1] - 1e-15 * (1 + np.abs(slope[:, :-1]))  # (L-1, M-1) concave kinks
+        # (L-1, M-1) a binary at every interior breakpoint: dropping those at convex kinks is NOT valid here
+        # (a later concave stretch can make skipping an earlier segment cheaper; caught by enumeration tests)
+        need = np.ones((m, max(n_seg - 1, 0)), dtype=bool)
         nd = m * n_seg
         nz = int(need.sum())
         dcol = np.arange(nd).reshape(m, n_seg)  # (L-1, M)
