@@ -1,8 +1,9 @@
 """UTP benchmarks: schedule solve time vs L, V, S; info-loss fast path vs one full forward.
 
-Usage: python benchmarks/bench_utp.py [--model tiny-llava|demo-llava] [--skip-solve]
+Usage: python benchmarks/bench_utp.py [--model tiny-llava|demo-llava] [--skip-solve] [--skip-loss]
 Synthetic profiles (seeded gamma attention with a persistent per-token component, ell decreasing with
-depth) stand in for stores; the formulation is "compact", mode "joint" unless noted.
+depth) stand in for stores; the formulation is "pwl" (33 keep levels), mode "joint" unless noted.
+The machine is shared: run it twice and read the spread; the info-loss ratio interleaves its two sides.
 """
 
 from __future__ import annotations
@@ -22,15 +23,19 @@ def synth(v: int, n_layers: int, s: int, seed: int = 0):
     return mets, ells
 
 
-def bench_solve(v: int, n_layers: int, s: int, ratio: float = 4.0, mode: str = "joint") -> None:
+def bench_solve(v: int, n_layers: int, s: int, ratio: float = 4.0, mode: str = "joint", levels: int | None = 33,
+                formulation: str = "pwl", seed: int = 0) -> None:
+    """One fit; prints HiGHS time (LP + incumbent sub-MIP + proof) and the fit's wall time (tables included)."""
     from posbias.solvers.utp import UTPSolver
 
-    mets, ells = synth(v, n_layers, s)
+    mets, ells = synth(v, n_layers, s, seed=seed)
     t0 = time.perf_counter()
-    solver = UTPSolver(ratio=ratio, mode=mode, time_limit=120).fit(mets, ells)
+    solver = UTPSolver(ratio=ratio, mode=mode, levels=levels, formulation=formulation, time_limit=300,
+                       evaluate=False).fit(mets, ells)
     wall = time.perf_counter() - t0
-    print(f"solve L={n_layers:3d} V={v:4d} S={s:4d} mode={mode}: status={solver.status_} gap={solver.gap_:.2g} "
-          f"highs={solver.solve_seconds_:.3f}s wall={wall:.3f}s")
+    print(f"solve {formulation:7s} levels={levels!s:4s} L={n_layers:3d} V={v:4d} S={s:4d} c={ratio:g} seed={seed}: "
+          f"status={solver.status_} gap={solver.gap_:.2g} highs={solver.solve_seconds_:.3f}s wall={wall:.3f}s",
+          flush=True)
 
 
 def bench_info_loss(model: str, reps: int = 5) -> None:
@@ -70,13 +75,17 @@ def main() -> None:
     if not args.skip_loss:
         bench_info_loss(args.model)
     if not args.skip_solve:
-        bench_solve(576, 32, 100)
-        for n_layers in (8, 16, 32):
-            bench_solve(144, n_layers, 100)
-        for v in (64, 144, 576):
-            bench_solve(v, 16, 100)
-        for s in (1, 10, 100):
-            bench_solve(144, 16, s)
+        for seed in range(3):  # the headline: L=32, V=576, S=100, one ratio
+            bench_solve(576, 32, 100, seed=seed)
+        for ratio in (2.0, 8.0, 16.0):
+            bench_solve(576, 32, 100, ratio=ratio)
+        bench_solve(576, 32, 100, levels=65)
+        for n_layers in (8, 16, 28, 32, 40):
+            bench_solve(576, n_layers, 100)
+        for v in (64, 144, 324, 576, 1024):
+            bench_solve(v, 32, 100)
+        for s in (1, 10, 100, 500):
+            bench_solve(576, 32, s)
 
 
 if __name__ == "__main__":

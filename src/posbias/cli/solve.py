@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--formulation", default="pwl", choices=("pwl", "compact", "tokens"),
                    help="pwl: compact costs interpolated on --levels keep levels (fast, default); compact: every level "
                    "(exact compact costs, slow for V=576); tokens: the seed's token-level ILP (exact, small V*L only)")
-    p.add_argument("--levels", type=int, default=65, help="keep levels (breakpoints) of --formulation pwl")
+    p.add_argument("--levels", type=int, default=33, help="keep levels (breakpoints) of --formulation pwl (docs/utp.md)")
     p.add_argument("--mode", default="joint", choices=("joint", "per_sample"))
     p.add_argument("--pa-layers", type=int, default=3, help="leading layers ranked by position-agnostic rows")
     p.add_argument("--min-keep", type=int, default=1, help="tokens every layer keeps at least")
@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def solve_store(store_path: str, ratios: list[float], *, formulation: str = "pwl", mode: str = "joint",
-                pa_layers: int = 3, min_keep: int = 1, time_limit: float = 60.0, levels: int | None = 65) -> dict[str, dict]:
+                pa_layers: int = 3, min_keep: int = 1, time_limit: float = 60.0, levels: int | None = 33) -> dict[str, dict]:
     """Schedules for every ratio from a store; returns the calibration's ``schedules`` section."""
     from posbias.errors import PosbiasError
     from posbias.profiler.store import ProfileStore

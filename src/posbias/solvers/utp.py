@@ -13,18 +13,22 @@ where ``pruned_i`` are the tokens dropped at layer i; the tokens kept at layer i
 tokens kept at layer i-1 by ``m[:, i-1]`` (ties: lower index first). :func:`simulate_loss` evaluates this
 progressive top-k pruning for a given schedule.
 
-Two formulations (docs/utp.md derives both):
+Three formulations (docs/utp.md derives them and says what is exact):
 
 ``"tokens"``
     The seed's Eqs. 4-5 exactly: binary ``x[i, j]`` (token j kept at layer i), nesting ``x[i] <= x[i-1]``, and
     the top-k rule linearised with one monotone threshold vector per layer (``x[i,j] = x[i-1,j] AND z[i, rank(j)]``).
     Optimal for progressive top-k pruning; ``O(V L)`` binaries per sample, practical only for small V L.
-``"compact"`` (default)
+``"compact"``
     Each layer measures its pruned mass over a prefix of its own ranking, so the objective separates into
-    per-layer tables ``f_i(r_i)`` and the program has ``(L-1) V`` cumulative binaries ``u[i,k] = [r_i >= k]``
-    (a staircase). It equals the ``"tokens"`` model whenever consecutive layers rank tokens alike and solves
-    L=32, V=576 in well under a second; the joint (shared-schedule) program over S samples has the same
-    size as one sample's because the tables add up.
+    per-layer tables ``f_i(r_i)`` (:func:`compact_tables`); summed over samples for the joint program
+    (:func:`summed_tables`), so S does not change the program's size. Solved over every keep level
+    (an incremental piecewise-linear program with V segments per layer): exact for these tables but
+    ~17 s at L=32, V=576.
+``"pwl"`` (default)
+    The compact tables interpolated linearly between ``levels`` shared keep levels (:func:`keep_levels`),
+    incremental (delta) formulation with one binary per segment and an integer ``r_i``, so ``r_i`` stays
+    integral and the budget is met exactly. With every level a breakpoint (V small) it is ``"compact"``.
 
 Modes: ``"joint"`` solves one program for one schedule shared by all samples (sum of their losses);
 ``"per_sample"`` solves each sample alone and aggregates: the schedule is the feasible one (budget met
@@ -336,7 +340,7 @@ class _PwlProgram:
     ``sum_i r_i = B``.
     """
 
-    def __init__(self, f: np.ndarray, const: float, budget: int, points: np.ndarray) -> None:
+    def __init__(self, f: np.ndarray, const: float, budget: int, points: np.ndarray, *, z_order: bool = True) -> None:
         m = f.shape[0]  # L-1 layers with a choice
         p = np.asarray(points, dtype=np.int64)  # (G,)
         n_seg = p.size - 1
@@ -394,9 +398,10 @@ class _PwlProgram:
         row += m
         if m > 1 and n_seg:
             diff_rows(dcol[1:].ravel(), dcol[:-1].ravel())
-            both = need[1:] & need[:-1]
-            a, b = np.nonzero(both)
-            diff_rows(zcol[a + 1, b], zcol[a, b])
+            if z_order:
+                both = need[1:] & need[:-1]
+                a, b = np.nonzero(both)
+                diff_rows(zcol[a + 1, b], zcol[a, b])
         rr.append(np.full(m, row))
         cc.append(rcol)
         vv.append(np.ones(m))
@@ -627,8 +632,9 @@ class UTPSolver:
     formulation : {"pwl", "compact", "tokens"}
         See the module docstring and docs/utp.md. Default ``"pwl"``.
     levels : int or None
-        Keep levels (breakpoints) of the ``"pwl"`` formulation (default 65; None: every level, which is
-        ``"compact"``). Ignored by the other formulations.
+        Keep levels (breakpoints) of the ``"pwl"`` formulation (default 33, chosen so that L=32, V=576
+        solves in under a second here; 65 takes 1-3.5 s; None: every level, i.e. ``"compact"``). Ignored
+        by the other formulations.
     mode : {"joint", "per_sample"}
         One program over all samples with a shared schedule, or one per sample then aggregation.
     min_keep : int
@@ -674,7 +680,7 @@ class UTPSolver:
         *,
         ratio: float,
         formulation: str = "pwl",
-        levels: int | None = 65,
+        levels: int | None = 33,
         mode: str = "joint",
         min_keep: int = 1,
         time_limit: float = 60.0,
@@ -722,10 +728,11 @@ class UTPSolver:
                 raise PosbiasError(f"sample {k} has non-finite or negative attention/utr_loss; drop it")
         return mets, ells
 
-    def _solve_one(self, mets: list[np.ndarray], ells: np.ndarray, budget: int, joint: bool) -> tuple[MilpResult, np.ndarray | None]:
+    def _solve_one(self, mets: list[np.ndarray], ells: np.ndarray, budget: int, joint: bool,
+                   tables: tuple[np.ndarray, float] | None = None) -> tuple[MilpResult, np.ndarray | None]:
         v, n_layers = mets[0].shape
         if self.formulation in ("pwl", "compact"):
-            f, const = summed_tables(mets, ells)
+            f, const = summed_tables(mets, ells) if tables is None else tables
             levels = self.levels if self.formulation == "pwl" else None
             points = keep_levels(f, int(self.min_keep), levels)
             self.levels_ = [int(x) for x in points]
@@ -803,8 +810,10 @@ class UTPSolver:
         gaps: list[float] = []
         seconds = 0.0
         per_sample: list[list[int]] | None = None
+        tables: tuple[np.ndarray, float] | None = None
         if self.mode == "joint":
-            res, sched = self._solve_one(mets, ells, budget, joint=True)
+            tables = None if self.formulation == "tokens" else summed_tables(mets, ells)
+            res, sched = self._solve_one(mets, ells, budget, joint=True, tables=tables)
             statuses.append(res.status)
             gaps.append(res.gap)
             seconds += res.seconds
@@ -846,14 +855,25 @@ class UTPSolver:
         self.wall_seconds_ = float(time.perf_counter() - t0)
         self.per_sample_ = per_sample
         self.schedule_ = None if sched is None else [int(x) for x in sched]
-        if self.mode == "per_sample" and self.formulation == "pwl":  # score on the joint tables' levels
-            self.levels_ = [int(x) for x in keep_levels(summed_tables(mets, ells)[0], int(self.min_keep), self.levels)]
+        if tables is None and sched is not None:
+            tables = summed_tables(mets, ells)
+        if self.mode == "per_sample" and self.formulation == "pwl" and tables is not None:  # joint tables' levels
+            self.levels_ = [int(x) for x in keep_levels(tables[0], int(self.min_keep), self.levels)]
         nan = float("nan")
-        self.objective_ = nan if sched is None else float(self.objective(mets, ells, sched))
+        if sched is not None and tables is not None and self.formulation != "tokens":
+            f, const = tables
+            tail = np.asarray(sched[1:], dtype=np.int64)  # (L-1,)
+            if self.formulation == "pwl":
+                self.objective_ = const + float(pwl_cost(f, np.asarray(self.levels_), tail).sum())
+            else:
+                self.objective_ = const + float(f[np.arange(f.shape[0]), tail].sum())
+        else:
+            self.objective_ = nan if sched is None else float(self.objective(mets, ells, sched))
         self.objective_compact_ = nan
         self.objective_progressive_ = nan
         if sched is not None and self.evaluate:
-            self.objective_compact_ = float(self.objective(mets, ells, sched, "compact"))
+            f, const = tables
+            self.objective_compact_ = const + float(f[np.arange(f.shape[0]), np.asarray(sched[1:])].sum())
             self.objective_progressive_ = float(self.objective(mets, ells, sched, "tokens"))
         return self
 
@@ -894,7 +914,7 @@ class UTPSolver:
             obj = cls(
                 ratio=float(data["ratio"]),
                 formulation=str(data.get("formulation", "pwl")),
-                levels=None if data.get("levels", 65) is None else int(data.get("levels", 65)),
+                levels=None if data.get("levels", 33) is None else int(data.get("levels", 33)),
                 mode=str(data.get("mode", "joint")),
                 min_keep=int(data.get("min_keep", 1)),
                 time_limit=float(data.get("time_limit", 60.0)),
