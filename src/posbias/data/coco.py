@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from posbias.data.base import BadSample, Sample, SampleSource
-from posbias.data.files import IMAGE_SUFFIXES, one_line, open_image
+from posbias.data.base import BadSample, Sample
+from posbias.data.files import IMAGE_SUFFIXES, RecordSource, one_line, open_image, split_spec
 from posbias.errors import PosbiasError
 
 __all__ = ["COCOSource", "COCO_LAYOUTS", "CAPTION_QUESTION", "OBJECT_QUESTION"]
@@ -66,7 +66,7 @@ def _load_json(path: Path, name: str) -> dict:
     return doc
 
 
-class COCOSource(SampleSource):
+class COCOSource(RecordSource):
     """COCO images with template questions (see the module docstring).
 
     Parameters
@@ -95,10 +95,7 @@ class COCOSource(SampleSource):
         """Factory for ``--data coco:IMAGES[:ANNOTATIONS]``."""
         if not arg:
             raise PosbiasError(f"--data coco needs a path; accepted layouts: {'; '.join(COCO_LAYOUTS)}")
-        images, annotations = arg, None
-        if not Path(arg).exists() and ":" in arg:
-            images, _, annotations = arg.rpartition(":")
-        return cls(images, annotations)
+        return cls(*split_spec(arg))
 
     def _annotation_files(self, annotations: str | Path | None) -> dict[str, Path]:
         split = self.images.name
@@ -173,15 +170,8 @@ class COCOSource(SampleSource):
 
     # -- SampleSource
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def key(self, index: int) -> str:
-        return self._records[index].key
-
     def load(self, index: int) -> Sample:
-        rec = self._records[index]
-        sid = f"{self.name}:{rec.key}"
+        rec, sid = self._usable(index)
         path = self.images / rec.file
         if not path.is_file():
             raise BadSample(sid, f"image file {path} is missing")

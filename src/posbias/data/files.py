@@ -11,10 +11,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from posbias.data.base import BadSample
+from posbias.data.base import BadSample, SampleSource
 from posbias.errors import PosbiasError
 
-__all__ = ["IMAGE_SUFFIXES", "open_image", "find_parquet_files", "ParquetRows", "one_line"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "open_image",
+    "find_parquet_files",
+    "ParquetRows",
+    "one_line",
+    "split_spec",
+    "RecordSource",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -23,6 +31,15 @@ def one_line(text: str, limit: int = 300) -> str:
     """``text`` on one line, at most ``limit`` characters."""
     s = " ".join(str(text).split())
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def split_spec(arg: str) -> tuple[str, str | None]:
+    """``PATH[:EXTRA]`` of a ``--data`` argument: ``(arg, None)`` when ``arg`` names an existing path or holds
+    no ``:``, else the parts around the last ``:``."""
+    if not Path(arg).exists() and ":" in arg:
+        path, _, extra = arg.rpartition(":")
+        return path, extra
+    return arg, None
 
 
 def open_image(source: bytes | str | os.PathLike[str], sample_id: str) -> Any:
@@ -144,3 +161,46 @@ class ParquetRows:
         if isinstance(cell, (bytes, bytearray)) and cell:
             return bytes(cell)
         raise BadSample(sample_id, "parquet row has no image")
+
+
+class RecordSource(SampleSource):
+    """Base of the sources that index their samples up front as records (``self._records``, each with a
+    ``key``; optionally ``bad``, the reason a record cannot be used, and ``row``/``image``, where its image
+    is: a row of ``self._rows`` or a file)."""
+
+    _records: list[Any]
+    _rows: ParquetRows | None = None
+    path: Path
+
+    def _open_path(self, path: str | Path, name: str, benchmark: str, layouts: tuple[str, ...]) -> list[Path]:
+        """Set ``name``, ``path`` (must exist) and ``_rows``; the parquet files at ``path`` (empty when none)."""
+        self.name = name
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise PosbiasError(
+                f"--data {name}:{path}: no such file or folder; pass a local copy of {benchmark} ({'; or '.join(layouts)})"
+            )
+        self._rows = None
+        return find_parquet_files(self.path)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def key(self, index: int) -> str:
+        return self._records[index].key
+
+    def _usable(self, index: int) -> tuple[Any, str]:
+        """Record ``index`` and its sample id; :class:`BadSample` with the reason if it was indexed as bad."""
+        rec = self._records[index]
+        sid = f"{self.name}:{rec.key}"
+        if getattr(rec, "bad", None):
+            raise BadSample(sid, rec.bad)
+        return rec, sid
+
+    def _record_image(self, rec: Any, sid: str) -> Any:
+        """RGB image of ``rec``: from its parquet row (``rec.row``) or its file (``rec.image``)."""
+        if rec.row is not None:
+            assert self._rows is not None
+            return open_image(self._rows.image_bytes(rec.row, sid, base=self.path if self.path.is_dir() else self.path.parent), sid)
+        assert rec.image is not None
+        return open_image(rec.image, sid)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posbias.data.base import BadSample, Sample, SampleSource
-from posbias.data.files import IMAGE_SUFFIXES, ParquetRows, find_parquet_files, one_line, open_image
+from posbias.data.base import Sample
+from posbias.data.files import IMAGE_SUFFIXES, ParquetRows, RecordSource, one_line
 from posbias.errors import PosbiasError
 
 __all__ = ["MMESource", "MME_LAYOUTS"]
@@ -48,7 +48,7 @@ def _norm_answer(answer: Any) -> str | None:
     return {"yes": "Yes", "no": "No"}.get(a.lower())
 
 
-class MMESource(SampleSource):
+class MMESource(RecordSource):
     """MME questions from a local copy (see the module docstring for the layouts).
 
     Parameters
@@ -60,12 +60,7 @@ class MMESource(SampleSource):
     """
 
     def __init__(self, path: str | Path, *, name: str = "mme") -> None:
-        self.name = name
-        self.path = Path(path).expanduser()
-        if not self.path.exists():
-            raise PosbiasError(f"--data {name}:{path}: no such file or folder; pass a local copy of MME ({'; or '.join(MME_LAYOUTS)})")
-        self._rows: ParquetRows | None = None
-        files = find_parquet_files(self.path)
+        files = self._open_path(path, name, "MME", MME_LAYOUTS)
         if files:
             self.layout = "parquet"
             self._records = self._index_parquet(files)
@@ -183,23 +178,9 @@ class MMESource(SampleSource):
 
     # -- SampleSource
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def key(self, index: int) -> str:
-        return self._records[index].key
-
     def load(self, index: int) -> Sample:
-        rec = self._records[index]
-        sid = f"{self.name}:{rec.key}"
-        if rec.bad:
-            raise BadSample(sid, rec.bad)
-        if rec.row is not None:
-            assert self._rows is not None
-            image = open_image(self._rows.image_bytes(rec.row, sid, base=self.path if self.path.is_dir() else self.path.parent), sid)
-        else:
-            assert rec.image is not None
-            image = open_image(rec.image, sid)
+        rec, sid = self._usable(index)
+        image = self._record_image(rec, sid)
         return Sample(
             id=sid,
             source=self.name,

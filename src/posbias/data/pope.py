@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from posbias.data.base import BadSample, Sample, SampleSource
-from posbias.data.files import ParquetRows, find_parquet_files, one_line, open_image
+from posbias.data.base import Sample
+from posbias.data.files import ParquetRows, RecordSource, one_line, split_spec
 from posbias.errors import PosbiasError
 
 __all__ = ["POPESource", "POPE_LAYOUTS"]
@@ -58,7 +58,7 @@ def _label(value: object) -> str | None:
     return s if s in ("yes", "no") else None
 
 
-class POPESource(SampleSource):
+class POPESource(RecordSource):
     """POPE probes from a local copy (see the module docstring for the layouts).
 
     Parameters
@@ -72,12 +72,7 @@ class POPESource(SampleSource):
     """
 
     def __init__(self, path: str | Path, images: str | Path | None = None, *, name: str = "pope") -> None:
-        self.name = name
-        self.path = Path(path).expanduser()
-        if not self.path.exists():
-            raise PosbiasError(f"--data {name}:{path}: no such file or folder; pass a local copy of POPE ({'; or '.join(POPE_LAYOUTS)})")
-        self._rows: ParquetRows | None = None
-        files = find_parquet_files(self.path)
+        files = self._open_path(path, name, "POPE", POPE_LAYOUTS)
         if files:
             self.layout = "parquet"
             self.images = None
@@ -95,10 +90,7 @@ class POPESource(SampleSource):
         """Factory for ``--data pope:QUESTIONS[:IMAGES]``."""
         if not arg:
             raise PosbiasError(f"--data pope needs a path: pope:PATH ({'; or '.join(POPE_LAYOUTS)})")
-        path, images = arg, None
-        if not Path(arg).exists() and ":" in arg:
-            path, _, images = arg.rpartition(":")
-        return cls(path, images)
+        return cls(*split_spec(arg))
 
     # -- indexing
 
@@ -182,22 +174,8 @@ class POPESource(SampleSource):
 
     # -- SampleSource
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def key(self, index: int) -> str:
-        return self._records[index].key
-
     def load(self, index: int) -> Sample:
-        rec = self._records[index]
-        sid = f"{self.name}:{rec.key}"
-        if rec.bad:
-            raise BadSample(sid, rec.bad)
-        if rec.row is not None:
-            assert self._rows is not None
-            image = open_image(self._rows.image_bytes(rec.row, sid, base=self.path if self.path.is_dir() else self.path.parent), sid)
-        else:
-            assert rec.image is not None
-            image = open_image(rec.image, sid)
+        rec, sid = self._usable(index)
+        image = self._record_image(rec, sid)
         return Sample(id=sid, source=self.name, image=image, question=str(rec.question), answer=rec.answer,
                       meta={"variant": rec.variant, "layout": self.layout})

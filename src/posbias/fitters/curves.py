@@ -19,6 +19,7 @@ Each column carries the count-weighted mean of the 1-D position ``x`` and of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,56 @@ def uv_key(uv: np.ndarray) -> np.ndarray:
     """
     q = np.round((np.asarray(uv, dtype=np.float64) + 2.0) * 1e6).astype(np.int64)  # (n, 2) in [1e6, 3e6]
     return q[:, 0] * 4_000_001 + q[:, 1]  # (n,) int64
+
+
+def fit_points(
+    uv: np.ndarray, y: Any, sample_weight: Any, owner: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Checked, finite, positively weighted points of a 2-D fit (shared by the surface fitters).
+
+    Parameters
+    ----------
+    uv : np.ndarray
+        (n, 2) float64 centred coordinates, already shape-checked.
+    y, sample_weight : array-like
+        (n,) values and optional (n,) non-negative weights.
+    owner : str
+        ``"<Fitter>.fit"``, for messages.
+
+    Returns
+    -------
+    uv, y, w : np.ndarray
+        The kept points: (k, 2), (k,), (k,) float64.
+    keep : np.ndarray
+        (n,) bool mask of the kept points.
+    n_excluded : int
+        Points dropped for a non-finite coordinate or value.
+    """
+    yv = np.asarray(y, dtype=np.float64).ravel()  # (n,)
+    if yv.size != uv.shape[0]:
+        raise PosbiasError(f"{owner}: X has {uv.shape[0]} rows but y has {yv.size} values")
+    w = np.ones_like(yv) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()
+    if w.shape != yv.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise PosbiasError(f"{owner}: sample_weight must be (n,) finite and >= 0")
+    finite = np.all(np.isfinite(uv), axis=1) & np.isfinite(yv)  # (n,)
+    n_excluded = int(yv.size - finite.sum())
+    keep = finite & (w > 0)
+    uv, yv, w = uv[keep], yv[keep], w[keep]
+    if yv.size == 0:
+        raise PosbiasError(f"{owner}: no finite points ({n_excluded} non-finite excluded)")
+    return uv, yv, w, keep, n_excluded
+
+
+def count_samples(groups: Any, keep: np.ndarray, uv: np.ndarray, owner: str) -> int:
+    """Samples behind the kept points of a 2-D fit: distinct ``groups[keep]`` when given, else the largest
+    number of points at one (u, v) position (one point per sample and position)."""
+    if groups is not None:
+        g = np.asarray(groups).ravel()
+        if g.size != keep.size:
+            raise PosbiasError(f"{owner}: groups must have one sample id per point")
+        return int(np.unique(g[keep]).size)
+    _, cnt = np.unique(uv_key(uv), return_counts=True)
+    return int(cnt.max())
 
 
 @dataclass

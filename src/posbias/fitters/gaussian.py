@@ -23,7 +23,7 @@ import numpy as np
 
 from posbias.errors import PosbiasError
 from posbias.fitters.base import BaseFitter, r2_score
-from posbias.fitters.curves import uv_key
+from posbias.fitters.curves import count_samples, fit_points, uv_key
 
 __all__ = ["GaussianCentreFitter", "DEFAULT_SIGMA", "SIGMA_BOUNDS", "gaussian_mask"]
 
@@ -149,28 +149,10 @@ class GaussianCentreFitter(BaseFitter):
         """
         self._check_sigma()
         uv = self._check_uv(X, "fit")  # (n, 2)
-        yv = np.asarray(y, dtype=np.float64).ravel()  # (n,)
-        if yv.shape[0] != uv.shape[0]:
-            raise PosbiasError(f"GaussianCentreFitter.fit: X has {uv.shape[0]} rows but y has {yv.size} values")
-        w = np.ones_like(yv) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()
-        if w.shape != yv.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise PosbiasError("GaussianCentreFitter.fit: sample_weight must be (n,) finite and >= 0")
-        finite = np.all(np.isfinite(uv), axis=1) & np.isfinite(yv)  # (n,)
-        n_excluded = int(yv.size - finite.sum())
-        keep = finite & (w > 0)
-        uv, yv, w = uv[keep], yv[keep], w[keep]
-        if yv.size == 0:
-            raise PosbiasError(f"GaussianCentreFitter.fit: no finite points ({n_excluded} non-finite excluded)")
+        uv, yv, w, keep, n_excluded = fit_points(uv, y, sample_weight, "GaussianCentreFitter.fit")  # (k, 2), (k,), (k,)
         if np.any(np.abs(uv) > 1.0 + 1e-9):
             raise PosbiasError("GaussianCentreFitter.fit: X must be centred coordinates in [-1, 1]; use centred_coords(...)")
-        if groups is not None:
-            g = np.asarray(groups).ravel()
-            if g.size != keep.size:
-                raise PosbiasError("GaussianCentreFitter.fit: groups must have one sample id per point")
-            n_samples = int(np.unique(g[keep]).size)
-        else:
-            _, cnt = np.unique(uv_key(uv), return_counts=True)
-            n_samples = int(cnt.max())
+        n_samples = count_samples(groups, keep, uv, "GaussianCentreFitter.fit")
         cu, cv, ym, wm = self._mean_map(uv, yv, w)  # (m,) each
         r2map = cu * cu + cv * cv  # (m,)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from posbias.errors import PosbiasError
 from posbias.fitters.base import BaseFitter, r2_score
-from posbias.fitters.curves import SampleCurves, uv_key
+from posbias.fitters.curves import SampleCurves, count_samples, fit_points, uv_key
 from posbias.fitters.selection import cv_errors, make_folds, polynomial_design
 
 __all__ = [
@@ -122,19 +122,8 @@ class SurfaceBiasFitter(BaseFitter):
         """
         self._check_params()
         uv = self._uv(X, "fit")  # (n, 2)
-        yv = np.asarray(y, dtype=np.float64).ravel()  # (n,)
-        if yv.size != uv.shape[0]:
-            raise PosbiasError(f"SurfaceBiasFitter.fit: X has {uv.shape[0]} rows but y has {yv.size} values")
-        w = np.ones_like(yv) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()
-        if w.shape != yv.shape or not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise PosbiasError("SurfaceBiasFitter.fit: sample_weight must be (n,) finite and >= 0")
-        finite = np.all(np.isfinite(uv), axis=1) & np.isfinite(yv)
-        n_excluded = int(yv.size - finite.sum())
-        keep = finite & (w > 0)
-        uv, yv, w = uv[keep], yv[keep], w[keep]
-        if yv.size == 0:
-            raise PosbiasError(f"SurfaceBiasFitter.fit: no finite points ({n_excluded} non-finite excluded)")
-        _, inv, cnt = np.unique(uv_key(uv), return_inverse=True, return_counts=True)  # (m,), (n,), (m,)
+        uv, yv, w, keep, n_excluded = fit_points(uv, y, sample_weight, "SurfaceBiasFitter.fit")  # (k, 2), (k,), (k,)
+        _, inv = np.unique(uv_key(uv), return_inverse=True)  # (m,), (n,)
         inv = inv.ravel()
         m = int(inv.max()) + 1
         ws = np.bincount(inv, weights=w, minlength=m)  # (m,)
@@ -152,13 +141,7 @@ class SurfaceBiasFitter(BaseFitter):
             raise PosbiasError(
                 f"SurfaceBiasFitter: the {self.kind} degree-{self.degree} system is rank-deficient on this grid; lower the degree"
             )
-        if groups is not None:
-            g = np.asarray(groups).ravel()
-            if g.size != keep.size:
-                raise PosbiasError("SurfaceBiasFitter.fit: groups must have one sample id per point")
-            n_samples = int(np.unique(g[keep]).size)
-        else:
-            n_samples = int(cnt.max())
+        n_samples = count_samples(groups, keep, uv, "SurfaceBiasFitter.fit")
         self.coef_ = coef.astype(np.float64)
         pred = design @ coef  # (m,)
         self.n_samples_ = int(n_samples)

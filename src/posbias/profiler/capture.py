@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 _COUNTER = itertools.count()
+_Swap = TypeVar("_Swap", bound="_AttentionSwap")
 
 
 def last_token_scores(
@@ -127,7 +128,108 @@ def last_token_attention_row(
     return torch.softmax(scores, dim=-1)  # (B, H, S) float32
 
 
-class LastTokenAttentionCapture:
+class _AttentionSwap:
+    """Shared context-manager machinery of the captures: while active, a per-instance attention function
+    is registered with transformers' ``AttentionInterface`` (with ``sdpa``'s mask builder in
+    ``AttentionMaskInterface``) under a private name, and one module (:meth:`_target`) is switched to it;
+    the previous implementation is restored and the name unregistered on exit, also when the body raises.
+
+    The registered function (:meth:`_attention`) hands each call to :meth:`_record`, then to transformers'
+    ``sdpa_attention_forward`` for the real output. Subclasses call :meth:`_init_swap` in ``__init__`` and
+    define :meth:`_target` and :meth:`_record` (and :attr:`_nest_message`, :meth:`_switch_failed_message`).
+    """
+
+    _nest_message = "this capture is already active; do not nest the same capture object"
+
+    def _init_swap(self, prefix: str) -> None:
+        self._name = f"{prefix}_{next(_COUNTER)}"
+        self._prev_impl: str | None = None
+        self._active = False
+
+    def _target(self) -> Any:
+        """The module whose attention implementation is swapped."""
+        raise NotImplementedError
+
+    def _switch_failed_message(self, target: Any) -> str:
+        return f"could not switch {type(target).__name__} to the capture attention"
+
+    def _attention(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self._record(module, query, key, attention_mask, scaling)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    def _record(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> None:
+        """Record what the capture needs from one attention call (before the sdpa forward runs)."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The attention-implementation name registered while active."""
+        return self._name
+
+    @property
+    def active(self) -> bool:
+        """True inside the ``with`` block."""
+        return self._active
+
+    def __enter__(self: _Swap) -> _Swap:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        if self._active:
+            raise PosbiasError(self._nest_message)
+        target = self._target()
+        self._prev_impl = target.config._attn_implementation
+        AttentionInterface.register(self._name, self._attention)
+        AttentionMaskInterface.register(self._name, sdpa_mask)
+        try:
+            target.set_attn_implementation(self._name)
+            if target.config._attn_implementation != self._name:
+                raise RuntimeError(self._switch_failed_message(target))
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        try:
+            target = self._target()
+            if self._prev_impl is not None and target.config._attn_implementation != self._prev_impl:
+                target.set_attn_implementation(self._prev_impl)
+        finally:
+            AttentionInterface._global_mapping.pop(self._name, None)
+            AttentionMaskInterface._global_mapping.pop(self._name, None)
+            self._active = False
+
+
+class LastTokenAttentionCapture(_AttentionSwap):
     """Context manager capturing the last prompt token's attention to the visual tokens, per layer.
 
     Parameters
@@ -183,9 +285,7 @@ class LastTokenAttentionCapture:
         self._wanted = frozenset(chosen)
         modules = adapter.decoder_attention_modules()
         self._layer_of: dict[int, int] = {id(m): i for i, m in enumerate(modules)}
-        self._name = f"posbias_last_token_{next(_COUNTER)}"
-        self._prev_impl: str | None = None
-        self._active = False
+        self._init_swap("posbias_last_token")
         self._visual_index: torch.Tensor | None = None  # (V,) int64 on the model device
         self._rows: dict[int, torch.Tensor] = {}
         self._pa_rows: dict[int, torch.Tensor] = {}
@@ -196,70 +296,30 @@ class LastTokenAttentionCapture:
         self.last_attn_pa: np.ndarray | None = None
 
     # ------------------------------------------------------------------ context
-    @property
-    def name(self) -> str:
-        """The attention-implementation name registered while active."""
-        return self._name
+    def _target(self) -> Any:
+        return self.adapter.language_model()
 
-    @property
-    def active(self) -> bool:
-        """True inside the ``with`` block."""
-        return self._active
-
-    def __enter__(self) -> "LastTokenAttentionCapture":
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        if self._active:
-            raise PosbiasError("this capture is already active; do not nest the same capture object")
-        lm = self.adapter.language_model()
-        self._prev_impl = lm.config._attn_implementation
-        AttentionInterface.register(self._name, self._attention)
-        AttentionMaskInterface.register(self._name, sdpa_mask)
-        try:
-            lm.set_attn_implementation(self._name)
-            if lm.config._attn_implementation != self._name:
-                raise RuntimeError(
-                    f"could not switch {type(lm).__name__} to the capture attention "
-                    f"(still {lm.config._attn_implementation!r})"
-                )
-        except BaseException:
-            self._restore()
-            raise
-        self._active = True
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._restore()
+    def _switch_failed_message(self, target: Any) -> str:
+        return (
+            f"could not switch {type(target).__name__} to the capture attention "
+            f"(still {target.config._attn_implementation!r})"
+        )
 
     def _restore(self) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
         try:
-            lm = self.adapter.language_model()
-            if self._prev_impl is not None and lm.config._attn_implementation != self._prev_impl:
-                lm.set_attn_implementation(self._prev_impl)
+            super()._restore()
         finally:
-            AttentionInterface._global_mapping.pop(self._name, None)
-            AttentionMaskInterface._global_mapping.pop(self._name, None)
-            self._active = False
             self._visual_index = None
 
     # ---------------------------------------------------------------- the hook
-    def _attention(
+    def _record(
         self,
         module: Any,
         query: torch.Tensor,
         key: torch.Tensor,
-        value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Any]:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+        scaling: float | None,
+    ) -> None:
         layer = self._layer_of.get(id(module))
         if layer is not None and layer in self._wanted:
             with torch.no_grad():
@@ -270,9 +330,6 @@ class LastTokenAttentionCapture:
                 self._rows[layer] = probs.detach() if self.per_head else probs.mean(dim=0)  # (H, V) or (V,)
                 if self.position_agnostic and self._visual_index is not None:
                     self._pa_rows[layer] = self._pa_row(module, query, key, scores[0], mask_row, scaling)  # (V,)
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
 
     def _pa_row(
         self,
@@ -384,7 +441,7 @@ def capture_attention(
         return cap.run(inputs, layout)
 
 
-class VisionAttentionCapture:
+class VisionAttentionCapture(_AttentionSwap):
     """Context manager recording, at the vision attention modules the adapter names, what vision
     importance needs, while the tower runs on sdpa.
 
@@ -400,6 +457,8 @@ class VisionAttentionCapture:
         Loaded model with vision-signal support (``vision_tower``, ``vision_importance_modules``).
     """
 
+    _nest_message = "this vision capture is already active; do not nest the same capture object"
+
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self.kind = str(adapter.vision_importance_kind)
@@ -411,53 +470,10 @@ class VisionAttentionCapture:
         modules = adapter.vision_importance_modules()
         self._slot_of: dict[int, int] = {id(m): i for i, m in enumerate(modules)}
         self._records: dict[int, torch.Tensor] = {}
-        self._name = f"posbias_vision_{next(_COUNTER)}"
-        self._prev_impl: str | None = None
-        self._active = False
+        self._init_swap("posbias_vision")
 
-    @property
-    def name(self) -> str:
-        """The attention-implementation name registered while active."""
-        return self._name
-
-    @property
-    def active(self) -> bool:
-        """True inside the ``with`` block."""
-        return self._active
-
-    def __enter__(self) -> "VisionAttentionCapture":
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        if self._active:
-            raise PosbiasError("this vision capture is already active; do not nest the same capture object")
-        self._prev_impl = self.tower.config._attn_implementation
-        AttentionInterface.register(self._name, self._attention)
-        AttentionMaskInterface.register(self._name, sdpa_mask)
-        try:
-            self.tower.set_attn_implementation(self._name)
-            if self.tower.config._attn_implementation != self._name:
-                raise RuntimeError(f"could not switch {type(self.tower).__name__} to the capture attention")
-        except BaseException:
-            self._restore()
-            raise
-        self._active = True
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        try:
-            if self._prev_impl is not None and self.tower.config._attn_implementation != self._prev_impl:
-                self.tower.set_attn_implementation(self._prev_impl)
-        finally:
-            AttentionInterface._global_mapping.pop(self._name, None)
-            AttentionMaskInterface._global_mapping.pop(self._name, None)
-            self._active = False
+    def _target(self) -> Any:
+        return self.tower
 
     def reset(self) -> None:
         """Forget the records of the previous forward."""
@@ -479,19 +495,14 @@ class VisionAttentionCapture:
             )
         return [self._records[i] for i in range(len(self._slot_of))]
 
-    def _attention(
+    def _record(
         self,
         module: Any,
         query: torch.Tensor,
         key: torch.Tensor,
-        value: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Any]:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+        scaling: float | None,
+    ) -> None:
         slot = self._slot_of.get(id(module))
         if slot is not None:
             if slot in self._records:
@@ -512,6 +523,3 @@ class VisionAttentionCapture:
                     from posbias.profiler.signals import attention_column_mean
 
                     self._records[slot] = attention_column_mean(query[0], key[0], float(scale))  # (N,)
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
