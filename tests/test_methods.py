@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import subprocess
@@ -13,6 +14,8 @@ import torch
 
 from posbias.errors import PosbiasError
 from posbias.runtime.methods import (
+    _check_k,
+    minmax,
     arp_quota,
     arp_select,
     gaussian_centre_weight,
@@ -170,3 +173,133 @@ def test_runtime_modules_import_no_heavy_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+# --- the previous (pre-optimisation) implementations, kept verbatim as references of the fast versions ---
+
+
+def _mmr_dense_reference(
+    relevance: torch.Tensor,
+    features: torch.Tensor,
+    k: int,
+    *,
+    lam: float = 0.9,
+    normalize_relevance: bool = True,
+) -> torch.Tensor:
+    """The dense greedy MMR before the lazy version (copied from runtime/methods.py)."""
+    n = int(relevance.shape[0])
+    _check_k(k, n)
+    if not 0.0 <= float(lam) <= 1.0:
+        raise PosbiasError(f"mmr_lambda={lam!r} must lie in [0, 1]; the seed uses 0.9")
+    if features.ndim != 2 or features.shape[0] != n:
+        raise PosbiasError(f"features have shape {tuple(features.shape)}; expected ({n}, D)")
+    rel = minmax(relevance) if normalize_relevance else relevance.float()  # (N,) float32
+    lam = float(lam)
+    if 0.0 < lam < 1.0:
+        # exact pruning of the candidates: a winner j at any step beats the most relevant unpicked token i,
+        # so lam * (r_i - r_j) <= (1 - lam) * (cos_i - cos_j) <= 2 (1 - lam), and r_i >= the k-th largest r
+        kth = torch.topk(rel, k).values[-1]
+        pool = torch.nonzero(rel >= kth - 2.0 * (1.0 - lam) / lam - 1e-6).flatten()  # (P,) ascending
+        if int(pool.shape[0]) < n:
+            sub = _mmr_dense_reference(rel[pool], features[pool], k, lam=lam, normalize_relevance=False)
+            return pool[sub]
+    feats = torch.nn.functional.normalize(features.float(), dim=-1)  # (N, D) float32
+    base = lam * rel  # (N,)
+    picks = torch.empty(k, dtype=torch.int64)  # (k,)
+    first = int(torch.argmax(rel))
+    picks[0] = first
+    maxsim = feats @ feats[first]  # (N,) cosine to the selected set
+    taken = torch.zeros(n, dtype=torch.bool)  # (N,)
+    taken[first] = True
+    neg = torch.tensor(float("-inf"))
+    for t in range(1, k):
+        score = torch.where(taken, neg, base - (1.0 - lam) * maxsim)  # (N,)
+        j = int(torch.argmax(score))
+        picks[t] = j
+        taken[j] = True
+        torch.maximum(maxsim, feats @ feats[j], out=maxsim)
+    return picks
+
+
+def _soft_nms_heap_reference(
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    *,
+    sigma_d: float = 1.5,
+    sigma_s: float = 0.05,
+    window: int = 5,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The per-pick soft-NMS before the tabulated version (copied from runtime/methods.py)."""
+    n = int(scores.shape[0])
+    _check_k(k, n)
+    if not (float(sigma_d) > 0 and float(sigma_s) > 0):
+        raise PosbiasError(f"sigma_d={sigma_d!r} and sigma_s={sigma_s!r} must be > 0 (anchors: 1.5 and 0.05)")
+    if keys.ndim != 2 or keys.shape[0] != n:
+        raise PosbiasError(f"keys have shape {tuple(keys.shape)}; expected ({n}, D)")
+    nbr = neighbour_table(rows, cols, window, groups)  # (N, W)
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1)  # (N, D)
+    half = window // 2
+    off = torch.arange(-half, half + 1, dtype=torch.float64)
+    d2 = off.repeat_interleave(window) ** 2 + off.repeat(window) ** 2  # (W,)
+    spatial = torch.exp(-d2 / (2.0 * float(sigma_d) ** 2)).tolist()  # (W,) distance decay per window slot
+    inv_ss = 1.0 / (2.0 * float(sigma_s) ** 2)
+    nbr_list = nbr.tolist()
+    # scores only ever shrink (or, if negative, approach 0): a lazy max-heap of (-score, index) with stale
+    # entries skipped is exact, and ties go to the lower index like argmax
+    cur = [float(v) for v in scores.double().tolist()]
+    heap = [(-v, j) for j, v in enumerate(cur)]
+    heapq.heapify(heap)
+    taken = [False] * n
+    picks: list[int] = []
+    while len(picks) < k:
+        neg, i = heapq.heappop(heap)
+        if taken[i] or -neg != cur[i]:
+            continue
+        taken[i] = True
+        picks.append(i)
+        slots = [w for w, j in enumerate(nbr_list[i]) if j != n and not taken[j]]
+        if not slots:
+            continue
+        idx = [nbr_list[i][w] for w in slots]
+        cos = (kn[idx] @ kn[i]).tolist()  # similarity only for the live neighbours of this pick
+        for w, j, c in zip(slots, idx, cos):
+            cur[j] *= 1.0 - spatial[w] * math.exp(-((1.0 - c) ** 2) * inv_ss)
+            heapq.heappush(heap, (-cur[j], j))
+    return torch.tensor(picks, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mmr_fast_matches_previous_dense_version_at_2304(seed):
+    g = torch.Generator().manual_seed(seed)
+    rel = torch.rand(2304, generator=g)
+    feats = torch.randn(2304, 576, generator=g)
+    for lam in (0.9, 0.5):
+        got = mmr_select(rel, feats, 256, lam=lam).tolist()
+        assert got == _mmr_dense_reference(rel, feats, 256, lam=lam).tolist()
+    # clustered features (low-rank plus noise): diversity decides many picks
+    feats = torch.randn(2304, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.3 * torch.randn(2304, 64, generator=g)
+    assert mmr_select(rel, feats, 256).tolist() == _mmr_dense_reference(rel, feats, 256).tolist()
+    assert mmr_select(rel, feats, 2304 // 3).tolist() == _mmr_dense_reference(rel, feats, 2304 // 3).tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_soft_nms_fast_matches_previous_version_at_2304(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = _grid(48, 48)
+    scores = torch.rand(2304, generator=g)
+    for keys, (sd, ss, w) in (
+        (torch.randn(2304, 192, generator=g), (1.5, 0.05, 5)),
+        (torch.randn(2304, 8, generator=g) + 3.0 * torch.randn(1, 8, generator=g), (1.5, 0.05, 5)),
+        (torch.randn(2304, 8, generator=g) + 3.0 * torch.randn(1, 8, generator=g), (2.0, 1.0, 7)),
+    ):
+        got = soft_nms_select(scores, rows, cols, keys, 256, sigma_d=sd, sigma_s=ss, window=w).tolist()
+        ref = _soft_nms_heap_reference(scores, rows, cols, keys, 256, sigma_d=sd, sigma_s=ss, window=w).tolist()
+        assert got == ref
+    groups = (cols >= 24).long()
+    keys = torch.randn(2304, 8, generator=g) + 3.0 * torch.randn(1, 8, generator=g)
+    got = soft_nms_select(scores, rows, cols % 24, keys, 256, groups=groups).tolist()
+    assert got == _soft_nms_heap_reference(scores, rows, cols % 24, keys, 256, groups=groups).tolist()

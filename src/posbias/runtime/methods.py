@@ -129,30 +129,112 @@ def _mmr_select(
         raise PosbiasError(f"features have shape {tuple(features.shape)}; expected ({n}, D)")
     rel = minmax(relevance) if normalize_relevance else relevance.float()  # (N,) float32
     lam = float(lam)
+    c = 1.0 - lam
+    base = lam * rel  # (N,) float32, the relevance term of every score
+    first = int(torch.argmax(rel))  # ties: the lower index
+    if k == 1:
+        return torch.tensor([first], dtype=torch.int64)
+    raw = features.float()  # (N, D)
+    f0 = torch.nn.functional.normalize(raw[first], dim=-1)  # (D,)
+    norms = torch.linalg.vector_norm(raw, dim=-1).clamp_min(1e-12)  # (N,) as F.normalize
+    # upper bounds of the scores after the first pick, padded by far more than float32 rounding of the cosines
+    stale = base - c * ((raw @ f0) / norms) + 1e-5 * (c + base.abs())  # (N,)
     if 0.0 < lam < 1.0:
         # exact pruning of the candidates: a winner j at any step beats the most relevant unpicked token i,
         # so lam * (r_i - r_j) <= (1 - lam) * (cos_i - cos_j) <= 2 (1 - lam), and r_i >= the k-th largest r
         kth = torch.topk(rel, k).values[-1]
-        pool = torch.nonzero(rel >= kth - 2.0 * (1.0 - lam) / lam - 1e-6).flatten()  # (P,) ascending
-        if int(pool.shape[0]) < n:
-            sub = _mmr_select(rel[pool], features[pool], k, lam=lam, normalize_relevance=False)
-            return pool[sub]
-    feats = torch.nn.functional.normalize(features.float(), dim=-1)  # (N, D) float32
-    base = lam * rel  # (N,)
-    picks = torch.empty(k, dtype=torch.int64)  # (k,)
-    first = int(torch.argmax(rel))
-    picks[0] = first
-    maxsim = feats @ feats[first]  # (N,) cosine to the selected set
-    taken = torch.zeros(n, dtype=torch.bool)  # (N,)
-    taken[first] = True
-    neg = torch.tensor(float("-inf"))
-    for t in range(1, k):
-        score = torch.where(taken, neg, base - (1.0 - lam) * maxsim)  # (N,)
-        j = int(torch.argmax(score))
-        picks[t] = j
-        taken[j] = True
-        torch.maximum(maxsim, feats @ feats[j], out=maxsim)
-    return picks
+        stale = torch.where(rel >= kth - 2.0 * c / lam - 1e-6, stale, torch.tensor(float("-inf")))
+    stale[first] = float("-inf")
+    return _mmr_lazy(base, raw, stale, k, c, first)
+
+
+def _mmr_lazy(
+    base: torch.Tensor, raw: torch.Tensor, stale: torch.Tensor, k: int, c: float, first: int
+) -> torch.Tensor:
+    """Exact greedy MMR by lazy evaluation in blocks (the picks of the dense greedy, same tie-breaking).
+
+    With ``f`` the L2-normalised features, the score of ``i`` after picks ``S`` is
+    ``min_{p in S} fl(base_i - fl(c * cos(f_i, f_p)))`` (float32 rounding is monotone, so this is
+    ``fl(base_i - c * max_p cos)`` of Eq. 7). It only shrinks as ``S`` grows, so a stale score is an upper bound.
+    Each block takes the ``m`` tokens of highest stale score as candidates, brings their scores up to date with one
+    matmul against the picks, gets their pairwise terms with one ``m x m`` matmul, and picks greedily among them in
+    plain Python (a lazy max-heap) while the best exact score beats ``U``, the best stale score outside the block
+    (ties go to the lower index like ``argmax``). A block that cannot pick is doubled.
+
+    Parameters
+    ----------
+    base : torch.Tensor
+        (N,) float32 ``lam * Rel``.
+    raw : torch.Tensor
+        (N, D) float32 features (normalised here, row by row, as they are gathered).
+    stale : torch.Tensor
+        (N,) float32 upper bounds of the scores after the first pick; ``-inf`` for the first pick and for tokens
+        that cannot win. Updated in place.
+    k, c, first
+        Picks, ``1 - lam``, the first pick.
+    """
+    n, d = int(raw.shape[0]), int(raw.shape[1])
+    fpicks = torch.empty(k, d, dtype=torch.float32)  # (k, D) normalised features of the picks
+    fpicks[0] = torch.nn.functional.normalize(raw[first : first + 1], dim=-1)[0]
+    picks = [first]
+    live = int(torch.isfinite(stale).sum())  # tokens that can still be picked
+    if live < k - 1:
+        raise PosbiasError("MMR candidate pruning kept fewer tokens than the budget (non-finite relevance?)")
+    current: dict[int, float] = {}  # token -> exact score as of all picks so far (carried between blocks)
+    inf = float("-inf")
+    size = 96
+    t = 1
+    while t < k:
+        m = min(size, live)
+        top = torch.topk(stale, m + 1 if m < live else m)  # stale scores, best first
+        cand = top.indices[:m]
+        bound = float(top.values[m]) if m < live else inf  # best stale score outside the block
+        cand_l = cand.tolist()
+        fc = torch.nn.functional.normalize(raw[cand], dim=-1)  # (m, D)
+        bc = base[cand]  # (m,)
+        sc = (bc[:, None] - c * (fc @ fc.T)).tolist()  # (m, m) score of candidate a after picking candidate b
+        s = [current.get(g) for g in cand_l]
+        new = [a for a, v in enumerate(s) if v is None]
+        if new:
+            nt = torch.tensor(new, dtype=torch.int64)
+            fresh = (bc[nt][:, None] - c * (fc[nt] @ fpicks[:t].T)).amin(dim=1).tolist()  # (len(new),)
+            for a, v in zip(new, fresh):
+                s[a] = v
+        heap = [(-v, g, a) for a, (v, g) in enumerate(zip(s, cand_l))]
+        heapq.heapify(heap)
+        seen = [0] * m
+        block: list[int] = []  # candidate positions picked in this block, in order
+        while t < k and heap:
+            neg, g, a = heap[0]
+            if seen[a] < len(block):  # stale within the block: apply the picks it has not seen
+                v, row = -neg, sc[a]
+                for b in block[seen[a] :]:
+                    if row[b] < v:
+                        v = row[b]
+                seen[a] = len(block)
+                heapq.heapreplace(heap, (-v, g, a))
+                continue
+            if -neg <= bound:  # an outside token might score as high: refresh the block
+                break
+            heapq.heappop(heap)
+            s[a] = inf
+            block.append(a)
+            picks.append(g)
+            t += 1
+        if not block:
+            size *= 2  # no progress: the stale bound outside ties or beats the block; widen it
+            continue
+        for neg, g, a in heap:  # bring the remaining candidates up to date with the block's picks
+            v, row = -neg, sc[a]
+            for b in block[seen[a] :]:
+                if row[b] < v:
+                    v = row[b]
+            s[a] = v
+        current = {g: v for g, v in zip(cand_l, s) if v != inf}
+        stale[cand] = torch.tensor(s, dtype=stale.dtype)
+        fpicks[t - len(block) : t] = fc[torch.tensor(block, dtype=torch.int64)]
+        live -= len(block)
+    return torch.tensor(picks, dtype=torch.int64)
 
 
 def neighbour_table(
@@ -240,19 +322,50 @@ def _soft_nms_select(
         raise PosbiasError(f"sigma_d={sigma_d!r} and sigma_s={sigma_s!r} must be > 0 (anchors: 1.5 and 0.05)")
     if keys.ndim != 2 or keys.shape[0] != n:
         raise PosbiasError(f"keys have shape {tuple(keys.shape)}; expected ({n}, D)")
-    nbr = neighbour_table(rows, cols, window, groups)  # (N, W)
+    nbr = neighbour_table(rows, cols, window, groups)  # (N, W), N = no neighbour
     kn = torch.nn.functional.normalize(keys.float(), dim=-1)  # (N, D)
     half = window // 2
     off = torch.arange(-half, half + 1, dtype=torch.float64)
     d2 = off.repeat_interleave(window) ** 2 + off.repeat(window) ** 2  # (W,)
     spatial = torch.exp(-d2 / (2.0 * float(sigma_d) ** 2)).tolist()  # (W,) distance decay per window slot
     inv_ss = 1.0 / (2.0 * float(sigma_s) ** 2)
-    nbr_list = nbr.tolist()
     # scores only ever shrink (or, if negative, approach 0): a lazy max-heap of (-score, index) with stale
     # entries skipped is exact, and ties go to the lower index like argmax
-    cur = [float(v) for v in scores.double().tolist()]
+    cur = scores.double().tolist()
     heap = [(-v, j) for j, v in enumerate(cur)]
     heapq.heapify(heap)
+    order = torch.sort(-scores.double(), stable=True).indices  # (N,) likely picks first
+    # per pick, its neighbours that a decay can change: (slot, neighbour, exponent) with the exponent
+    # -(1 - cos)^2 / (2 sigma_s^2) of Algorithm 1; below _NO_DECAY, 1 - spatial * exp(.) rounds to 1.0 exactly.
+    # Filled in chunks of likely picks (one gather + bmm per chunk), a chunk whenever a pick has no entry yet.
+    decays: dict[int, list[tuple[int, int, float]]] = {}
+    pos = 0  # next position of `order` to tabulate
+    chunk = k + 16  # the first chunk: the top scores, enough when suppression reorders little
+
+    def tabulate(i: int) -> None:
+        nonlocal pos, chunk
+        ids = [i]
+        while len(ids) < chunk and pos < n:
+            j = order_l[pos]
+            pos += 1
+            if j not in decays and j != i:
+                ids.append(j)
+        it = torch.tensor(ids, dtype=torch.int64)
+        chunk = 64
+        nb = nbr.index_select(0, it)  # (B, W)
+        nb_safe = torch.where(nb == n, it[:, None], nb)  # dummy slots point at the pick itself, masked below
+        kg = kn.index_select(0, nb_safe.view(-1)).view(len(ids), -1, kn.shape[1])  # (B, W, D)
+        cs = torch.bmm(kg, kn.index_select(0, it).unsqueeze(-1)).squeeze(-1)  # (B, W) cos(key_i, key_j), float32
+        ex = -((1.0 - cs.double()) ** 2) * inv_ss  # (B, W) float64, as in the per-pair formula
+        keep = (ex >= _NO_DECAY) & (nb != n)
+        for i2 in ids:
+            decays[i2] = []
+        if bool(keep.any()):
+            rw = keep.nonzero().tolist()
+            for (r, w), j, e in zip(rw, nb[keep].tolist(), ex[keep].tolist()):
+                decays[ids[r]].append((w, j, e))
+
+    order_l = order.tolist()
     taken = [False] * n
     picks: list[int] = []
     while len(picks) < k:
@@ -261,15 +374,17 @@ def _soft_nms_select(
             continue
         taken[i] = True
         picks.append(i)
-        slots = [w for w, j in enumerate(nbr_list[i]) if j != n and not taken[j]]
-        if not slots:
-            continue
-        idx = [nbr_list[i][w] for w in slots]
-        cos = (kn[idx] @ kn[i]).tolist()  # similarity only for the live neighbours of this pick
-        for w, j, c in zip(slots, idx, cos):
-            cur[j] *= 1.0 - spatial[w] * math.exp(-((1.0 - c) ** 2) * inv_ss)
-            heapq.heappush(heap, (-cur[j], j))
+        if i not in decays:
+            tabulate(i)
+        for w, j, e in decays[i]:
+            if not taken[j]:
+                cur[j] *= 1.0 - spatial[w] * math.exp(e)
+                heapq.heappush(heap, (-cur[j], j))
     return torch.tensor(picks, dtype=torch.int64)
+
+
+#: exponents below this give exp(.) < 2**-54, so that 1 - spatial * exp(.) == 1.0 in float64 (ln 2**-54 = -37.43)
+_NO_DECAY = -37.45
 
 
 def arp_quota(
