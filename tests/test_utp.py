@@ -119,7 +119,7 @@ def test_info_loss_fast_equals_naive(which, request, noise_image):
 
 
 def test_solve_store_needs_utr_loss(tmp_path):
-    from posbias.cli.solve import solve_store
+    from posbias.solvers.store import solve_store
     from posbias.models.base import VisualLayout
     from posbias.profiler.store import ProfileStoreWriter, write_utr_loss
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from posbias.errors import PosbiasError
 
-__all__ = ["add_model_options", "add_sample_options", "add_fit_options", "prepare_out_dir", "print_table"]
+__all__ = ["add_model_options", "add_sample_options", "add_fit_options", "prepare_out_dir", "print_table", "csv_ints", "csv_names"]
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -36,17 +36,19 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _csv_ints(text: str) -> list[int]:
+def csv_ints(text: str) -> list[int]:
+    """argparse type: a comma-separated list of integers (at least one)."""
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 25,50,100") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 64,128") from None
     if not values:
         raise argparse.ArgumentTypeError("give at least one integer, e.g. 25,50,100")
     return values
 
 
-def _csv_names(text: str) -> list[str]:
+def csv_names(text: str) -> list[str]:
+    """argparse type: a comma-separated list of names."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -66,7 +68,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fit")
     g.add_argument(
         "--methods",
-        type=_csv_names,
+        type=csv_names,
         default=None,
         help="comma-separated methods to fit (default: all of fastv,pore,posprune-pbc,adaptprune-gaussian)",
     )
@@ -99,7 +101,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-stats", action="store_true", help="skip the statistics (consistency, CV table, intervals, 2-D maps)")
     s.add_argument(
         "--group-sizes",
-        type=_csv_ints,
+        type=csv_ints,
         default=None,
         help="consistency group sizes, e.g. 25,50,100 (default: 10,25,50,... up to what the store holds)",
     )

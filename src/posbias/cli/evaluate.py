@@ -6,21 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from posbias.cli.common import add_model_options
+from posbias.cli.common import add_model_options, csv_ints, csv_names
 from posbias.errors import PosbiasError
 
 __all__ = ["add_parser", "run"]
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _csv_ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 64,128,192") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--calibration", required=True, help="calibration JSON (its store's samples are excluded)")
     p.add_argument("--store", default=None, help="the calibration's profile store (default: next to the calibration)")
-    p.add_argument("--methods", type=_csv, default=["fastv", "pore", "posprune", "adaptprune", "utp"],
+    p.add_argument("--methods", type=csv_names, default=["fastv", "pore", "posprune", "adaptprune", "utp"],
                    help="comma-separated methods: fastv, pore, posprune-pbc, posprune, adaptprune, utp")
-    p.add_argument("--keep", type=_csv_ints, default=[64, 128, 192], help="comma-separated kept visual tokens")
+    p.add_argument("--keep", type=csv_ints, default=[64, 128, 192], help="comma-separated kept visual tokens")
     p.add_argument("--data", action="append", default=None, metavar="SOURCE[:PATH]",
                    help="sample source; repeat for several (default: embedded)")
     p.add_argument("--n", type=int, default=16, help="evaluation samples")

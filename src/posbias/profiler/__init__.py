@@ -1,1 +1,42 @@
-"""posbias.profiler"""
+"""posbias.profiler: attention capture, the profiling loop, the HDF5 store, UTP information loss.
+
+Public names load lazily (torch, transformers and h5py are imported on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "LastTokenAttentionCapture",
+    "capture_attention",
+    "SignalCapture",
+    "ProfileStore",
+    "ProfileStoreWriter",
+    "merge_stores",
+    "profile_samples",
+    "ProfileSummary",
+    "info_loss",
+    "fill_utr_loss",
+]
+
+_LAZY = {
+    "LastTokenAttentionCapture": "posbias.profiler.capture",
+    "capture_attention": "posbias.profiler.capture",
+    "SignalCapture": "posbias.profiler.signals",
+    "ProfileStore": "posbias.profiler.store",
+    "ProfileStoreWriter": "posbias.profiler.store",
+    "merge_stores": "posbias.profiler.store",
+    "profile_samples": "posbias.profiler.run",
+    "ProfileSummary": "posbias.profiler.run",
+    "info_loss": "posbias.profiler.utr",
+    "fill_utr_loss": "posbias.profiler.utr",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'posbias.profiler' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
