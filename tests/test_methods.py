@@ -272,7 +272,7 @@ def _soft_nms_heap_reference(
     return torch.tensor(picks, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_mmr_fast_matches_previous_dense_version_at_2304(seed):
     g = torch.Generator().manual_seed(seed)
     rel = torch.rand(2304, generator=g)
@@ -303,3 +303,15 @@ def test_soft_nms_fast_matches_previous_version_at_2304(seed):
     keys = torch.randn(2304, 8, generator=g) + 3.0 * torch.randn(1, 8, generator=g)
     got = soft_nms_select(scores, rows, cols % 24, keys, 256, groups=groups).tolist()
     assert got == _soft_nms_heap_reference(scores, rows, cols % 24, keys, 256, groups=groups).tolist()
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_mmr_fast_matches_dense_with_tied_relevance(seed):
+    # quantised relevance (many exact ties) exercises the tie-breaking and the block refresh paths (bounds that tie
+    # the block's best score). Exactly duplicated feature rows are left out on purpose: their true scores tie
+    # exactly and the blocked matmuls round the cosines differently from the dense mat-vec of the reference.
+    g = torch.Generator().manual_seed(seed)
+    rel = torch.randint(0, 50, (2304,), generator=g).float()
+    feats = torch.randn(2304, 96, generator=g)
+    for lam in (0.9, 0.7):
+        assert mmr_select(rel, feats, 256, lam=lam).tolist() == _mmr_dense_reference(rel, feats, 256, lam=lam).tolist()
