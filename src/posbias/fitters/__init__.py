@@ -10,7 +10,7 @@ Submodules are imported lazily so that ``import posbias.fitters`` costs nothing 
 
 from __future__ import annotations
 
-import importlib
+from posbias._lazy import lazy_getattr
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
@@ -66,7 +66,4 @@ def fitter_from_dict(d: dict[str, Any]) -> "BaseFitter":
     return BaseFitter.from_dict(d)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'posbias.fitters' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -5,8 +5,7 @@ Adapters and heavy imports (torch, transformers) load lazily on first attribute 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from posbias._lazy import lazy_getattr
 
 __all__ = [
     "VisualLayout",
@@ -30,9 +29,4 @@ _LAZY = {
     "tiny_qwen2_5_vl": "posbias.models.tiny",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'posbias.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -5,8 +5,7 @@ Public names load lazily (torch, transformers and h5py are imported on first use
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from posbias._lazy import lazy_getattr
 
 __all__ = [
     "LastTokenAttentionCapture",
@@ -34,9 +33,4 @@ _LAZY = {
     "fill_utr_loss": "posbias.profiler.utr",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'posbias.profiler' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

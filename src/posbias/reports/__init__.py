@@ -5,8 +5,7 @@ Public names load lazily (matplotlib is imported on first use).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from posbias._lazy import lazy_getattr
 
 __all__ = ["render_report", "check_html", "method_color"]
 
@@ -16,9 +15,4 @@ _LAZY = {
     "method_color": "posbias.reports.palette",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'posbias.reports' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

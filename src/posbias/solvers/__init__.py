@@ -5,8 +5,7 @@ Public names load lazily (highspy is imported on first use).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from posbias._lazy import lazy_getattr
 
 __all__ = ["UTPSolver", "retention_budget", "ranking_metric", "simulate_loss", "solve_store", "solve_milp"]
 
@@ -19,9 +18,4 @@ _LAZY = {
     "solve_milp": "posbias.solvers.milp",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'posbias.solvers' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)
