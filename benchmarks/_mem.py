@@ -1,38 +1,20 @@
-"""Peak resident-memory measurement of a code block (CPU: sample RSS in a background thread)."""
+"""Make CPU peak-memory figures trustworthy: fix glibc's mmap threshold before anything allocates.
+
+glibc raises its mmap threshold after large frees, so freed tensors stay resident and later forwards reuse
+them without RSS growing: a sampled-RSS peak (posbias.evaluate.fidelity.peak_memory) would read ~0. With a
+fixed threshold every large buffer is an mmap that RSS sees come and go.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-from typing import Any
+import os
+import sys
 
-import psutil
-
-__all__ = ["peak_rss_delta"]
+__all__ = ["fix_mmap_threshold"]
 
 
-def peak_rss_delta(fn: Callable[[], Any], *, interval: float = 0.0005) -> tuple[Any, int]:
-    """Run ``fn`` and return (its result, peak RSS during the call minus RSS before it, in bytes)."""
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = base
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            rss = proc.memory_info().rss
-            if rss > peak:
-                peak = rss
-            time.sleep(interval)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        result = fn()
-    finally:
-        stop.set()
-        thread.join()
-    peak = max(peak, proc.memory_info().rss)
-    return result, peak - base
+def fix_mmap_threshold(threshold: int = 131072) -> None:
+    """Re-exec this script once with ``MALLOC_MMAP_THRESHOLD_`` set (no-op when it is already set)."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
+        os.execv(sys.executable, [sys.executable, *sys.argv])

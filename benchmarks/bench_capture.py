@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mem import peak_rss_delta  # noqa: E402
+from _mem import fix_mmap_threshold  # noqa: E402
+
 
 
 def _inputs(adapter, words: int):
@@ -32,11 +32,7 @@ def _inputs(adapter, words: int):
 
 
 def main() -> None:
-    # glibc raises its mmap threshold after large frees, so freed tensors would stay resident and hide
-    # later peaks; a fixed threshold makes every large buffer an mmap that RSS sees come and go.
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    fix_mmap_threshold()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="demo-llava")
     ap.add_argument("--repeats", type=int, default=7)
@@ -44,6 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
 
+    from posbias.evaluate.fidelity import peak_memory
     from posbias.models import load_adapter
     from posbias.profiler.capture import LastTokenAttentionCapture
 
@@ -75,30 +72,31 @@ def main() -> None:
     mem = []
     for words in (0, 150):
         inputs, layout = _inputs(adapter, words)
-        _, plain_b = peak_rss_delta(lambda: adapter.forward_last_logits(inputs))
+        _, plain_b = peak_memory(lambda: adapter.forward_last_logits(inputs), interval=0.0005)
 
         def cap_fn():
             with capture:
                 return capture.run(inputs, layout)
 
-        _, cap_b = peak_rss_delta(cap_fn)
+        _, cap_b = peak_memory(cap_fn, interval=0.0005)
         lm = adapter.language_model()
         previous = lm.config._attn_implementation
         lm.set_attn_implementation("eager")
         try:
-            _, eager_b = peak_rss_delta(
-                lambda: adapter.model(**inputs, output_attentions=True, use_cache=False, logits_to_keep=1)
+            _, eager_b = peak_memory(
+                lambda: adapter.model(**inputs, output_attentions=True, use_cache=False, logits_to_keep=1),
+                interval=0.0005,
             )
         finally:
             lm.set_attn_implementation(previous)
         mem.append(
             {
                 "seq_len": layout.seq_len,
-                "plain_peak_mib": plain_b / 2**20,
-                "capture_peak_mib": cap_b / 2**20,
-                "eager_output_attentions_peak_mib": eager_b / 2**20,
-                "capture_over_plain": cap_b / max(plain_b, 1),
-                "capture_over_eager": cap_b / max(eager_b, 1),
+                "plain_peak_mib": plain_b,
+                "capture_peak_mib": cap_b,
+                "eager_output_attentions_peak_mib": eager_b,
+                "capture_over_plain": cap_b / max(plain_b, 1e-6),
+                "capture_over_eager": cap_b / max(eager_b, 1e-6),
             }
         )
     results["memory"] = mem

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _mem import peak_rss_delta  # noqa: E402
-
+from _mem import fix_mmap_threshold  # noqa: E402
 from posbias.data.registry import get_source  # noqa: E402
 from posbias.evaluate import prefill_flops  # noqa: E402
+from posbias.evaluate.fidelity import peak_memory  # noqa: E402
 from posbias.models.registry import load_adapter  # noqa: E402
 from posbias.runtime import enable_pruning  # noqa: E402
 
@@ -31,6 +30,7 @@ __all__ = ["main"]
 
 
 def main() -> None:
+    fix_mmap_threshold()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo-llava")
     ap.add_argument("--keep", type=int, default=64)
@@ -62,8 +62,8 @@ def main() -> None:
     for _ in range(args.repeats):
         t0 = time.perf_counter(); full(); t_full.append(time.perf_counter() - t0)  # noqa: E702
         t0 = time.perf_counter(); pruned(); t_pr.append(time.perf_counter() - t0)  # noqa: E702
-        m_full.append(peak_rss_delta(full)[1])
-        m_pr.append(peak_rss_delta(pruned)[1])
+        m_full.append(peak_memory(full, interval=0.0005)[1])
+        m_pr.append(peak_memory(pruned, interval=0.0005)[1])
     rec = pruner.last
     d, m = int(cfg.hidden_size), int(cfg.intermediate_size)
     f_full = prefill_flops([layout.seq_len] * n_layers, d, m)
@@ -74,7 +74,7 @@ def main() -> None:
           f"{args.layer}; torch threads {torch.get_num_threads()}, median of {args.repeats}")
     print(f"prefill time   full {1000 * tf:8.1f} ms   pruned {1000 * tp:8.1f} ms   ratio {tp / tf:.3f}")
     print(f"FLOPs (Eq. 8)  full {f_full / 1e9:8.2f} G    pruned {f_pr / 1e9:8.2f} G    ratio {f_pr / f_full:.3f}")
-    print(f"peak RSS delta full {mf / 2**20:8.1f} MiB pruned {mp / 2**20:8.1f} MiB ratio {mp / mf if mf else float('nan'):.3f}")
+    print(f"peak RSS delta full {mf:8.1f} MiB pruned {mp:8.1f} MiB ratio {mp / mf if mf else float('nan'):.3f}")
     print(f"selection inside the pruned prefill: {rec.select_ms:.2f} ms")
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "kl_divergence",
     "layer_flops",
     "prefill_flops",
+    "peak_memory",
     "calibration_sample_ids",
     "evaluate",
     "write_evaluation",
@@ -145,8 +146,9 @@ class _PrefillTimer:
             h.remove()
 
 
-def _peak_memory(fn: Any, device: Any) -> tuple[Any, float | None]:
-    """Run ``fn``; (result, peak memory growth in MiB) — CUDA allocator peak, or sampled RSS on CPU."""
+def peak_memory(fn: Any, device: Any = "cpu", *, interval: float = 0.001) -> tuple[Any, float | None]:
+    """Run ``fn``; (result, peak memory growth in MiB) — CUDA allocator peak, or RSS sampled every
+    ``interval`` seconds on CPU (None when psutil is missing)."""
     if getattr(device, "type", str(device)) == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -166,7 +168,7 @@ def _peak_memory(fn: Any, device: Any) -> tuple[Any, float | None]:
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
+            time.sleep(interval)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -200,7 +202,7 @@ def _run(model: Any, inputs: dict[str, Any], max_new_tokens: int, eos: set[int])
     timer = _PrefillTimer(model)
     try:
         with torch.inference_mode():
-            out, mem = _peak_memory(
+            out, mem = peak_memory(
                 lambda: model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                        output_logits=True, return_dict_in_generate=True),
                 model.device,
