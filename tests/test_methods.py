@@ -305,6 +305,20 @@ def test_soft_nms_fast_matches_previous_version_at_2304(seed):
     assert got == _soft_nms_heap_reference(scores, rows, cols % 24, keys, 256, groups=groups).tolist()
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_soft_nms_fast_matches_reference_with_similar_keys_and_negative_scores(seed):
+    # keys of real models are nearly parallel (neighbour cosines ~0.95-0.99): every pick suppresses its whole
+    # window, picks go deep into the score order and the tabulation runs many chunks; negative scores move up
+    # under a decay (the eager re-push path)
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = _grid(48, 48)
+    keys = 5.0 * torch.randn(1, 64, generator=g) + 0.3 * torch.randn(2304, 64, generator=g)
+    for scores in (torch.rand(2304, generator=g) ** 3, torch.randn(2304, generator=g)):
+        got = soft_nms_select(scores, rows, cols, keys, 256).tolist()
+        assert got == _soft_nms_heap_reference(scores, rows, cols, keys, 256).tolist()
+    assert sorted(got) == sorted(set(got))
+
+
 @pytest.mark.parametrize("seed", [6, 7])
 def test_mmr_fast_matches_dense_with_tied_relevance(seed):
     # quantised relevance (many exact ties) exercises the tie-breaking and the block refresh paths (bounds that tie

@@ -13,8 +13,10 @@ Greedy loops run over the k picks (not over tokens); each pick is a handful of v
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
+import gc
 import heapq
 import math
 from collections.abc import Iterator
@@ -38,20 +40,30 @@ __all__ = [
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """Run torch ops on one intra-op thread inside the block.
+    """Run torch ops on one intra-op thread, with Python's cyclic garbage collector paused, inside the block.
 
     The greedy selectors issue hundreds of tiny ops; on a loaded CPU each multi-threaded op waits for the
-    thread pool (measured here: soft-NMS 7.7 ms on one thread vs 284 ms on two busy cores).
+    thread pool (measured here: soft-NMS 7.7 ms on one thread vs 284 ms on two busy cores). They also build
+    thousands of small tuples and lists (heaps, tabulated rows), which trigger collections of every object of
+    the process (torch and transformers hold hundreds of thousands): single passes of several ms, measured
+    as most of soft-NMS's time on a loaded interpreter. The selectors create no reference cycles, so pausing
+    the collector loses nothing; it is re-enabled (if it was on) on exit.
     """
     n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        yield
+        if n == 1:
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
     finally:
-        torch.set_num_threads(n)
+        if was_enabled:
+            gc.enable()
 
 
 def _check_k(k: int, n: int, what: str = "keep") -> int:
@@ -260,6 +272,38 @@ def _mmr_lazy(
     return torch.tensor(picks, dtype=torch.int64)
 
 
+def _neighbour_lookup(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    window: int,
+    groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat padded grid lookup behind :func:`neighbour_table`.
+
+    Returns
+    -------
+    lookup : torch.Tensor
+        (G * (R+2h) * (C+2h),) int64 token index per padded cell, ``N`` where no token sits.
+    flat : torch.Tensor
+        (N,) int64 cell of each token.
+    delta : torch.Tensor
+        (W,) int64 cell offsets of the window slots (row-major, -h..h along each axis):
+        the neighbours of tokens ``ids`` are ``lookup[flat[ids, None] + delta]``.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+    n = int(rows.shape[0])
+    g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
+    half = window // 2
+    n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
+    flat = (g * n_r + rows.to(torch.int64) + half) * n_c + cols.to(torch.int64) + half  # (N,)
+    lookup = torch.full((n_g * n_r * n_c,), n, dtype=torch.int64)  # padding by the half window: no bounds checks
+    lookup[flat] = torch.arange(n)
+    off = torch.arange(-half, half + 1)  # (w,)
+    delta = off.repeat_interleave(window) * n_c + off.repeat(window)  # (w*w,)
+    return lookup, flat, delta
+
+
 def neighbour_table(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -283,20 +327,8 @@ def neighbour_table(
         (N, window**2) int64 neighbour indices, ``N`` (a dummy slot) where the window leaves the grid or
         the cell holds no token of the same group. The token itself is among its neighbours.
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
-    n = int(rows.shape[0])
-    g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
-    half = window // 2
-    n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
-    lookup = torch.full((n_g, n_r, n_c), n, dtype=torch.int64)  # (G, R+2h, C+2h), padded by the half window
-    lookup[g, rows + half, cols + half] = torch.arange(n)
-    off = torch.arange(-half, half + 1)  # (w,)
-    dr = off.repeat_interleave(window)  # (w*w,)
-    dc = off.repeat(window)  # (w*w,)
-    rr = rows[:, None] + half + dr[None, :]  # (N, w*w)
-    cc = cols[:, None] + half + dc[None, :]  # (N, w*w)
-    return lookup[g[:, None].expand_as(rr), rr, cc]  # (N, w*w) int64
+    lookup, flat, delta = _neighbour_lookup(rows, cols, window, groups)
+    return lookup[flat[:, None] + delta[None, :]]  # (N, w*w) int64
 
 
 def _soft_nms_select(
@@ -346,68 +378,120 @@ def _soft_nms_select(
     if keys.ndim != 2 or keys.shape[0] != n:
         raise PosbiasError(f"keys have shape {tuple(keys.shape)}; expected ({n}, D)")
     nbr = neighbour_table(rows, cols, window, groups)  # (N, W), N = no neighbour
-    kn = torch.nn.functional.normalize(keys.float(), dim=-1)  # (N, D)
+    kn = torch.zeros(n + 1, int(keys.shape[1]))  # (N + 1, D): row N, the dummy neighbour, stays zero
+    torch.nn.functional.normalize(keys.float(), dim=-1, out=kn[:n])
     half = window // 2
     off = torch.arange(-half, half + 1, dtype=torch.float64)
     d2 = off.repeat_interleave(window) ** 2 + off.repeat(window) ** 2  # (W,)
-    spatial = torch.exp(-d2 / (2.0 * float(sigma_d) ** 2)).tolist()  # (W,) distance decay per window slot
+    spatial = torch.exp(-d2 / (2.0 * float(sigma_d) ** 2))  # (W,) float64 distance decay per window slot
     inv_ss = 1.0 / (2.0 * float(sigma_s) ** 2)
-    # scores only ever shrink (or, if negative, approach 0): a lazy max-heap of (-score, index) with stale
-    # entries skipped is exact, and ties go to the lower index like argmax
-    cur = scores.double().tolist()
-    heap = [(-v, j) for j, v in enumerate(cur)]
-    heapq.heapify(heap)
-    order = torch.sort(-scores.double(), stable=True).indices  # (N,) likely picks first
-    # per pick, its neighbours that a decay can change: (slot, neighbour, exponent) with the exponent
-    # -(1 - cos)^2 / (2 sigma_s^2) of Algorithm 1; below _NO_DECAY, 1 - spatial * exp(.) rounds to 1.0 exactly.
-    # Filled in chunks of likely picks (one gather + bmm per chunk), a chunk whenever a pick has no entry yet.
-    decays: dict[int, list[tuple[int, int, float]]] = {}
-    pos = 0  # next position of `order` to tabulate
-    chunk = k + 16  # the first chunk: the top scores, enough when suppression reorders little
+    n_w = window * window
+    s64 = scores.double()  # (N,)
+    orig = s64.tolist()  # original scores
+    # current scores, decayed in place; an array so that torch reads them without a copy (cur_t shares its memory)
+    cur = array.array("d", orig)
+    cur_t = torch.frombuffer(cur, dtype=torch.float64)  # (N,) view of `cur`
+    order_l = torch.sort(-s64, stable=True).indices.tolist()  # best original score first
+    # Exact argmax (ties to the lower index) over a stream and a lazy heap. Tokens enter the max-heap of
+    # (-key, index) in `order_l` order, each only once the heap's best key is not above the next token's original
+    # score; keys are upper bounds of the current scores: a decay lowers a non-negative score, so the entry keeps
+    # its old key and is re-pushed with the current score when it surfaces, and a negative score (which a decay
+    # raises towards 0) is pushed again at once. An entry that surfaces with its key equal to the token's current
+    # score is therefore the argmax. Only the tokens the stream reaches (a few hundred) ever get an entry.
+    heap: list[tuple[float, int]] = []
+    ptr = 0  # next position of `order_l` to enter the heap
+    # per tabulated token: its neighbour row (N = no neighbour) and the decay factors 1 - spatial * exp(-(1 - cos)^2
+    # / (2 sigma_s^2)) of Algorithm 1 (float64 from float32 cosines), flat: row r is [r * W, (r + 1) * W). A pick
+    # without a row triggers a chunk: the pick plus the untabulated tokens of highest *current* score (the likely
+    # next picks). With similar keys (real models: neighbour cosines ~0.95-0.99) suppression sends the picks deep
+    # into the original order, so chunks in original order would tabulate most of the grid.
+    row_of: dict[int, int] = {}
+    nb_flat: list[int] = []
+    fac_flat: list[float] = []
+    tabbed = torch.zeros(n, dtype=torch.bool)  # (N,) tokens with a row
+    buf = torch.empty(_NMS_SUB * n_w, int(kn.shape[1]))  # (S*W, D) gather buffer, reused by every chunk
+    neg_inf = float("-inf")
+    first_chunk = [True]
 
     def tabulate(i: int) -> None:
-        nonlocal pos, chunk
-        ids = [i]
-        while len(ids) < chunk and pos < n:
-            j = order_l[pos]
-            pos += 1
-            if j not in decays and j != i:
-                ids.append(j)
-        it = torch.tensor(ids, dtype=torch.int64)
-        chunk = 64
-        nb = nbr.index_select(0, it)  # (B, W)
-        nb_safe = torch.where(nb == n, it[:, None], nb)  # dummy slots point at the pick itself, masked below
-        kg = kn.index_select(0, nb_safe.view(-1)).view(len(ids), -1, kn.shape[1])  # (B, W, D)
-        cs = torch.bmm(kg, kn.index_select(0, it).unsqueeze(-1)).squeeze(-1)  # (B, W) cos(key_i, key_j), float32
-        ex = -((1.0 - cs.double()) ** 2) * inv_ss  # (B, W) float64, as in the per-pair formula
-        keep = (ex >= _NO_DECAY) & (nb != n)
-        for i2 in ids:
-            decays[i2] = []
-        if bool(keep.any()):
-            rw = keep.nonzero().tolist()
-            for (r, w), j, e in zip(rw, nb[keep].tolist(), ex[keep].tolist()):
-                decays[ids[r]].append((w, j, e))
+        size = k if first_chunk[0] else _NMS_CHUNK  # the first chunk: the k best scores
+        first_chunk[0] = False
+        extra = min(size - 1, n - len(row_of) - 1)  # untabulated tokens besides i
+        tabbed[i] = True
+        if extra > 0:
+            cand = cur_t.masked_fill(tabbed, neg_inf)  # (N,) current scores of the untabulated
+            it = torch.topk(cand, extra).indices  # (B - 1,)
+            tabbed[it] = True
+            it = torch.cat([torch.tensor([i]), it])  # (B,)
+        else:
+            it = torch.tensor([i])
+        b_n = int(it.shape[0])
+        nb = nbr.index_select(0, it)  # (B, W) neighbour indices, N = none (kn's zero row)
+        q = kn.index_select(0, it)  # (B, D)
+        cs = torch.empty(b_n, n_w)  # (B, W) cos(key_i, key_j), float32
+        # in sub-chunks through one reused (S*W, D) buffer: a fresh (B, W, D) gather per chunk page-faults on every
+        # call (measured ~10x slower), and a batched mat-vec (bmm) is ~5x slower than the product and sum
+        for s0 in range(0, b_n, _NMS_SUB):
+            s1 = min(b_n, s0 + _NMS_SUB)
+            g = buf[: (s1 - s0) * n_w]  # ((s1-s0)*W, D)
+            torch.index_select(kn, 0, nb[s0:s1].reshape(-1), out=g)
+            g3 = g.view(s1 - s0, n_w, -1)  # (s1-s0, W, D)
+            g3.mul_(q[s0:s1, None, :])
+            torch.sum(g3, -1, out=cs[s0:s1])
+        x = cs.double().sub_(1.0).square_().mul_(-inv_ss).exp_()  # (B, W) float64 exp(-(1 - cos)^2 / (2 sigma_s^2))
+        fac = torch.addcmul(ones_w, spatial, x, value=-1.0)  # (B, W) 1 - spatial * exp(.)
+        base = len(row_of)
+        for r, i2 in enumerate(it.tolist()):
+            row_of[i2] = (base + r) * n_w
+        nb_flat.extend(nb.view(-1).tolist())
+        fac_flat.extend(fac.view(-1).tolist())
 
-    order_l = order.tolist()
-    taken = [False] * n
+    ones_w = torch.ones(n_w, dtype=torch.float64)  # (W,)
+    taken = [False] * (n + 1)
+    taken[n] = True  # the dummy neighbour slot
     picks: list[int] = []
+    push, pop = heapq.heappush, heapq.heappop
+    non_negative = bool((s64 >= 0).all())  # then decays only lower scores: no re-push on a decay
     while len(picks) < k:
-        neg, i = heapq.heappop(heap)
-        if taken[i] or -neg != cur[i]:
+        while ptr < n:  # stream in every token whose original score could beat the heap's best
+            j = order_l[ptr]
+            if heap and (heap[0][0], heap[0][1]) < (-orig[j], j):
+                break
+            ptr += 1
+            if not taken[j]:
+                push(heap, (-cur[j], j))
+        neg, i = pop(heap)
+        if taken[i]:
             continue
+        v = cur[i]
+        if -neg != v:
+            if -neg > v:  # decayed since pushed: back in at its current score
+                push(heap, (-v, i))
+            continue  # (else a newer entry with the raised score exists)
         taken[i] = True
         picks.append(i)
-        if i not in decays:
+        if i not in row_of:
             tabulate(i)
-        for w, j, e in decays[i]:
-            if not taken[j]:
-                cur[j] *= 1.0 - spatial[w] * math.exp(e)
-                heapq.heappush(heap, (-cur[j], j))
+        o = row_of[i]
+        if non_negative:
+            for j, f in zip(nb_flat[o : o + n_w], fac_flat[o : o + n_w]):
+                if not taken[j]:
+                    cur[j] *= f
+        else:
+            for j, f in zip(nb_flat[o : o + n_w], fac_flat[o : o + n_w]):
+                if not taken[j]:
+                    old = cur[j]
+                    cur[j] = new = old * f
+                    if new > old:  # a negative score moved up: its entry is no longer an upper bound
+                        push(heap, (-new, j))
     return torch.tensor(picks, dtype=torch.int64)
 
 
-#: exponents below this give exp(.) < 2**-54, so that 1 - spatial * exp(.) == 1.0 in float64 (ln 2**-54 = -37.43)
-_NO_DECAY = -37.45
+#: rows of a soft-NMS tabulation chunk gathered at once (the (S*W, D) buffer stays in cache)
+_NMS_SUB = 32
+
+#: tokens tabulated per soft-NMS chunk: the pick that needs a row plus the best current scores without one
+_NMS_CHUNK = 32
 
 
 def arp_quota(
