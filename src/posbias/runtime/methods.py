@@ -232,12 +232,11 @@ def _mmr_lazy(
         vals = top.values[:m]  # (m,) exact for the candidates of ``upto == t``
         bound = float(top.values[m]) if m < live else inf  # best stale score outside the block
         fc = raw.index_select(0, cand) / norms[cand, None]  # (m, D) normalised (index_select: faster than [])
-        bc = base[cand]  # (m,)
-        sct = (bc[:, None] - c * (fc @ fc.T)).contiguous()  # (m, m) score of candidate a after picking candidate b
-        nt = torch.nonzero(upto[cand] != t).flatten()  # (m',) candidates whose scores are bounds only
-        if int(nt.shape[0]):
-            vals = vals.clone()
-            vals[nt] = (bc[nt][:, None] - c * (fc.index_select(0, nt) @ fpicks[:t].T)).amin(dim=1)
+        bc = base[cand][:, None]  # (m, 1)
+        sct = (bc - c * (fc @ fc.T)).contiguous()  # (m, m) score of candidate a after picking candidate b
+        # candidates whose scores were only bounds become exact as of all t picks (the others already are); the
+        # same float32 operations as the dense greedy (no fused addmm, whose rounding differs)
+        vals = torch.where(upto[cand] != t, (bc - c * (fc @ fpicks[:t].T)).amin(dim=1), vals)
         sc = _float_view(sct)  # sc[a * m + b] == sct[a, b]; sct stays alive for the block
         heap = [(-v, g, a) for a, (v, g) in enumerate(zip(vals.tolist(), cand.tolist()))]
         heapq.heapify(heap)
@@ -267,7 +266,7 @@ def _mmr_lazy(
         vals[bt] = inf
         stale[cand] = vals
         upto[cand] = t
-        fpicks[t - len(block) : t] = fc.index_select(0, bt)
+        torch.index_select(fc, 0, bt, out=fpicks[t - len(block) : t])
         live -= len(block)
     return torch.tensor(picks, dtype=torch.int64)
 
