@@ -166,7 +166,7 @@ def test_compact_matches_enumeration_of_compact_objective(seed, ratio):
     for form in ("compact", "pwl"):
         solver = UTPSolver(ratio=ratio, formulation=form).fit(mets, ells)
         best, _ = _compact_enumeration(mets, ells, budget, solver, "compact")
-        assert solver.status_ == "optimal" and solver.gap_ == 0.0
+        assert solver.status_ == "optimal" and solver.gap_ <= 1e-12  # 0 up to float rounding of the bounds
         assert solver.levels_ == list(range(1, 9))
         assert solver.objective_ == pytest.approx(best, abs=1e-9)
         assert solver.objective_compact_ == pytest.approx(best, abs=1e-9)
@@ -216,7 +216,7 @@ def test_pwl_large_instance_meets_budget_exactly():
     ells = np.linspace(1.2, 0.05, 32)[None] * rng.uniform(0.8, 1.2, (3, 32))
     solver = UTPSolver(ratio=4.0).fit(mets, ells)
     sched = np.asarray(solver.schedule_)
-    assert solver.status_ == "optimal" and solver.gap_ == 0.0
+    assert solver.status_ == "optimal" and solver.gap_ <= 1e-12  # 0 up to float rounding of the bounds
     assert sched[0] == 576 and sched[1:].sum() == 576 * 8 - 576 and np.all(np.diff(sched) <= 0)
     assert solver.objective_compact_ == pytest.approx(solver.objective(mets, ells, solver.schedule_, "compact"))
     assert np.isfinite(solver.objective_progressive_)

@@ -250,29 +250,45 @@ def summed_tables(metrics: Sequence[np.ndarray], losses: np.ndarray) -> tuple[np
     """:func:`compact_tables` summed over samples: (L-1, V+1) float64 tables and the constant.
 
     The joint objective over samples sharing one schedule is the sum of the per-sample objectives, so
-    the joint program has the size of one sample's whatever S is. Vectorised over samples and layers.
+    the joint program has the size of one sample's whatever S is. Vectorised over layers and over blocks of
+    :data:`TABLE_BLOCK` samples (one (S, L, V) float64 stack of 500 samples is ~74 MB per temporary: page
+    faults alone made the whole-stack version 4x slower, measured in ``benchmarks/bench_utp.py``).
     """
     ells = np.asarray(losses, dtype=np.float64)  # (S, L)
     if len(metrics) == 0:
         raise PosbiasError("no samples to build cost tables from")
-    mets = np.stack([np.asarray(m, dtype=np.float64).T for m in metrics])  # (S, L, V)
-    n_s, n_layers, v = mets.shape
-    tot = mets.sum(axis=2, keepdims=True)  # (S, L, 1)
-    norm = np.divide(mets, tot, out=np.zeros_like(mets), where=tot > 0)  # (S, L, V)
-    neg = -mets[:, :-1]  # (S, L-1, V) scores of layer i-1, best first after sorting
-    order = np.argsort(neg, axis=2)  # (S, L-1, V) quicksort: ties in arbitrary order
-    srt = np.take_along_axis(neg, order, axis=2)  # (S, L-1, V)
-    tied = (srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)  # (S, L-1) rows with ties
-    if tied.any():  # ties: lower index first, as in simulate_loss and the runtime
-        order[tied] = np.argsort(neg[tied], axis=1, kind="stable")
-    g = np.zeros((n_s, n_layers + 1, v + 1))  # (S, L+1, V+1), g[:, i, k] = G_i(k)
-    np.cumsum(np.take_along_axis(norm[:, 1:], order, axis=2), axis=2, out=g[:, 1:n_layers, 1:])
-    ell_ext = np.concatenate([ells, np.zeros((n_s, 1))], axis=1)  # (S, L+1)
-    f = np.einsum("sl,slk->lk", -ell_ext[:, 1:n_layers], g[:, 1:n_layers]) + np.einsum(
-        "sl,slk->lk", ell_ext[:, 2:], g[:, 2:]
-    )  # (L-1, V+1)
-    const = float((ells[:, 1] * g[:, 1, v]).sum())
+    n_s = len(metrics)
+    v, n_layers = np.asarray(metrics[0]).shape
+    f = np.zeros((n_layers - 1, v + 1))  # (L-1, V+1)
+    const = 0.0
+    g = np.zeros((min(TABLE_BLOCK, n_s), n_layers + 1, v + 1))  # (b, L+1, V+1), g[:, i, k] = G_i(k); reused
+    for a in range(0, n_s, TABLE_BLOCK):
+        e = ells[a : a + TABLE_BLOCK]  # (b, L)
+        mets = np.stack([np.asarray(m, dtype=np.float64).T for m in metrics[a : a + TABLE_BLOCK]])  # (b, L, V)
+        nb = mets.shape[0]
+        tot = mets.sum(axis=2, keepdims=True)  # (b, L, 1)
+        norm = np.divide(mets, tot, out=np.zeros_like(mets), where=tot > 0)  # (b, L, V)
+        neg = -mets[:, :-1]  # (b, L-1, V) scores of layer i-1, best first after sorting
+        order = np.argsort(neg, axis=2)  # (b, L-1, V) quicksort: ties in arbitrary order
+        srt = np.take_along_axis(neg, order, axis=2)  # (b, L-1, V)
+        tied = (srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)  # (b, L-1) rows with ties
+        if tied.any():  # ties: lower index first, as in simulate_loss and the runtime
+            order[tied] = np.argsort(neg[tied], axis=1, kind="stable")
+        gb = g[:nb]
+        gb[:, 0] = 0.0
+        gb[:, n_layers] = 0.0
+        gb[:, :, 0] = 0.0
+        np.cumsum(np.take_along_axis(norm[:, 1:], order, axis=2), axis=2, out=gb[:, 1:n_layers, 1:])
+        ell_ext = np.concatenate([e, np.zeros((nb, 1))], axis=1)  # (b, L+1)
+        f += np.einsum("sl,slk->lk", -ell_ext[:, 1:n_layers], gb[:, 1:n_layers]) + np.einsum(
+            "sl,slk->lk", ell_ext[:, 2:], gb[:, 2:]
+        )  # (L-1, V+1)
+        const += float((e[:, 1] * gb[:, 1, v]).sum())
     return f, const
+
+
+#: samples per block in :func:`summed_tables`
+TABLE_BLOCK = 16
 
 
 # ----------------------------------------------------------------------------------- program builders
@@ -327,6 +343,23 @@ def pwl_cost(f: np.ndarray, points: np.ndarray, schedule_tail: np.ndarray) -> np
     """Per-layer piecewise-linear cost ``g_i(r_i)`` (L-1,) of ``r = schedule_tail`` (layers 1..L-1)."""
     r = np.asarray(schedule_tail, dtype=np.float64)  # (L-1,)
     return np.array([np.interp(r[i], points, f[i, points]) for i in range(f.shape[0])])  # (L-1,)
+
+
+#: seconds the incumbent sub-MIP of the pwl/compact solve may take (the proof that follows is exact either way)
+INCUMBENT_SECONDS = 0.4
+
+#: HiGHS options of the pwl/compact proof solve (started from the incumbent); see :meth:`_PwlProgram.solve`
+PROOF_OPTIONS: dict[str, Any] = {
+    "presolve": "off",
+    "mip_detect_symmetry": False,
+    "mip_allow_cut_separation_at_nodes": False,
+    "mip_pool_soft_limit": 10,
+    "mip_heuristic_effort": 0.0,
+    "mip_heuristic_run_feasibility_jump": False,
+    "mip_heuristic_run_rins": False,
+    "mip_heuristic_run_rens": False,
+    "mip_heuristic_run_root_reduced_cost": False,
+}
 
 
 class _PwlProgram:
@@ -436,9 +469,11 @@ class _PwlProgram:
     def solve(self, *, time_limit: float, mip_rel_gap: float, threads: int | None) -> MilpResult:
         """LP relaxation -> sub-MIP with the LP-integral binaries fixed (incumbent) -> full MIP from it.
 
-        All three are HiGHS solves; the first two only produce a starting incumbent (RENS-style), the last
-        one is the proof. Presolve and symmetry detection are off for the full MIP: on this model they
-        cost seconds and reduce little (measured, docs/utp.md).
+        All three are HiGHS solves; the first two only produce a starting incumbent (RENS-style: at most
+        :data:`INCUMBENT_SECONDS`, to a 1e-4 gap), the last one is the proof. The proof runs with presolve,
+        symmetry detection, node cut separation and HiGHS's primal heuristics off and a small cut pool: with
+        the incumbent in hand only the bound has to move, and on this model those components cost more time
+        than they save (measured, docs/utp.md).
         """
         t0 = time.perf_counter()
         args = (self.cost, self.matrix, self.row_lower, self.row_upper)
@@ -453,13 +488,13 @@ class _PwlProgram:
                 fixed = zc[np.abs(lp.x[zc] - np.round(lp.x[zc])) < 1e-9]
                 lo_, hi_ = self.col_lower.copy(), self.col_upper.copy()
                 lo_[fixed] = hi_[fixed] = np.round(lp.x[fixed])
-                left = max(1e-3, time_limit - (time.perf_counter() - t0))
+                left = max(1e-3, min(INCUMBENT_SECONDS, time_limit - (time.perf_counter() - t0)))
                 sub = solve_milp(*args, lo_, hi_, self.integer, offset=self.offset, time_limit=left,
-                                 mip_rel_gap=mip_rel_gap, threads=threads)
+                                 mip_rel_gap=max(mip_rel_gap, 1e-4), threads=threads)
                 start = sub.x
         left = max(1e-3, time_limit - (time.perf_counter() - t0))
         res = solve_milp(*args, self.col_lower, self.col_upper, self.integer, offset=self.offset, time_limit=left,
-                         mip_rel_gap=mip_rel_gap, threads=threads, options=quick, start=start)
+                         mip_rel_gap=mip_rel_gap, threads=threads, options=PROOF_OPTIONS, start=start)
         return MilpResult(status=res.status, objective=res.objective, gap=res.gap, x=res.x,
                           seconds=time.perf_counter() - t0)
 
