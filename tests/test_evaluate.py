@@ -87,3 +87,34 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     rc = main(["evaluate", "--model", "tiny-llava", "--calibration", str(tmp_path / "nope.json"), "--out",
                str(tmp_path / "e.json")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_pinned_mmap_threshold_keeps_large_buffers_mapped_so_rss_peaks_see_them():
+    # glibc raises its mmap threshold after a large buffer is freed: the next 8 MiB buffer then comes from the
+    # heap, stays resident after its free and is reused by the next forward, whose sampled-RSS growth then
+    # under-reads. Pinned (what `profile-bias evaluate` does), it is its own mapping (mallinfo2's hblkhd).
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, sys, torch\n"
+        "from posbias.evaluate import pin_mmap_threshold\n"
+        "class MI2(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',\n"
+        "                'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallinfo2.restype = MI2\n"
+        "if sys.argv[1] == '1':\n"
+        "    assert pin_mmap_threshold()\n"
+        "x = torch.ones(4 * 2**20); del x  # a 16 MiB buffer freed\n"
+        "before = libc.mallinfo2().hblkhd\n"
+        "y = torch.ones(2 * 2**20)  # 8 MiB\n"
+        "print((libc.mallinfo2().hblkhd - before) / 2**20)\n"
+    )
+
+    def mapped(pin: str) -> float:
+        out = subprocess.run([sys.executable, "-c", code, pin], capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    assert mapped("0") < 1.0  # the glibc behaviour the pin exists for: the buffer went to the heap
+    assert mapped("1") >= 8.0

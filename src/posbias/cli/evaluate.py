@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posbias.artifacts import Calibration
-    from posbias.evaluate import EvaluationConfig, evaluate, format_table, write_evaluation
+    from posbias.evaluate import EvaluationConfig, evaluate, format_table, pin_mmap_threshold, write_evaluation
     from posbias.models.registry import load_adapter
 
     params = {}
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     cal = Calibration.load(args.calibration)
     config = EvaluationConfig(methods=args.methods, keeps=args.keep, n=args.n, data=args.data or ["embedded"],
                               seed=args.seed, max_new_tokens=args.max_new_tokens, params=params, store=args.store)
+    pin_mmap_threshold()  # before the model allocates: RSS peaks then see every large buffer (see its docstring)
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
     doc = evaluate(adapter, cal, config, calibration_path=args.calibration, progress=not args.no_progress)
     print(format_table(doc))

@@ -11,6 +11,8 @@ from posbias.evaluate.fidelity import (
     format_table,
     kl_divergence,
     layer_flops,
+    peak_memory,
+    pin_mmap_threshold,
     prefill_flops,
     write_evaluation,
 )
@@ -24,6 +26,8 @@ __all__ = [
     "format_table",
     "kl_divergence",
     "layer_flops",
+    "peak_memory",
+    "pin_mmap_threshold",
     "prefill_flops",
     "write_evaluation",
 ]

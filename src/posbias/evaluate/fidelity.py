@@ -37,6 +37,7 @@ __all__ = [
     "layer_flops",
     "prefill_flops",
     "peak_memory",
+    "pin_mmap_threshold",
     "calibration_sample_ids",
     "evaluate",
     "write_evaluation",
@@ -144,6 +145,37 @@ class _PrefillTimer:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def pin_mmap_threshold(threshold: int = 131072) -> bool:
+    """Fix glibc's mmap threshold for this process so that sampled-RSS peaks see every large buffer.
+
+    glibc raises its mmap threshold after a large buffer is freed; later buffers of that size then come from
+    the heap and stay resident after their free, so a second forward reuses them and its RSS barely grows:
+    :func:`peak_memory` would under-read (to ~0). ``mallopt(M_MMAP_THRESHOLD, threshold)`` fixes the threshold
+    (and turns the dynamic adjustment off): every buffer above it is an mmap that RSS sees come and go. It
+    changes allocation for the whole process, so only measurement processes call it (``profile-bias
+    evaluate`` does, before loading the model); setting ``MALLOC_MMAP_THRESHOLD_`` before start has the
+    same effect.
+
+    Returns
+    -------
+    bool
+        True when the threshold was set (glibc), False elsewhere (then RSS peaks may under-read).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
+    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(int(threshold))))
 
 
 def peak_memory(fn: Any, device: Any = "cpu", *, interval: float = 0.001) -> tuple[Any, float | None]:
