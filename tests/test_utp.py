@@ -224,3 +224,26 @@ def test_pwl_large_instance_meets_budget_exactly():
     assert d["keep_levels"] == solver.levels_ and len(d["keep_levels"]) == 33
     back = UTPSolver.from_dict(d)
     assert back.to_dict() == d
+
+
+@pytest.mark.parametrize("ratio", [1.2, 2.0, 4.0, 8.0, 10.0])
+def test_lagrangian_start_is_admissible_and_not_below_the_optimum(ratio):
+    # the primal heuristic that seeds HiGHS: exact budget, non-increasing, within [min_keep, V], and (being
+    # a feasible point of the same program) never cheaper than the proven optimum
+    from posbias.solvers.utp import _PwlProgram, keep_levels, summed_tables
+
+    mets, ells = _instance(3, s=4, v=64, n_layers=12)
+    f, const = summed_tables(mets, ells)
+    budget = retention_budget(64, 12, ratio)
+    points = keep_levels(f, 1, 17)
+    prog = _PwlProgram(f, const, budget, points)
+    tail = prog.lagrangian_start()
+    assert tail is not None and int(tail.sum()) == budget
+    sched = np.concatenate([[64], tail])
+    assert (np.diff(sched) <= 0).all() and tail.min() >= 1
+    g = prog.interpolated()  # (L-1, V+1)
+    start_cost = const + float(g[np.arange(tail.size), tail].sum())
+    solver = UTPSolver(ratio=ratio, levels=17).fit(mets, ells)
+    assert solver.status_ == "optimal"
+    assert start_cost >= solver.objective_ - 1e-9
+    assert start_cost == pytest.approx(float(prog.cost @ prog.vector(tail)) + prog.offset, abs=1e-9)
