@@ -44,10 +44,9 @@ def single_thread() -> Iterator[None]:
 
     The greedy selectors issue hundreds of tiny ops; on a loaded CPU each multi-threaded op waits for the
     thread pool (measured here: soft-NMS 7.7 ms on one thread vs 284 ms on two busy cores). They also build
-    thousands of small tuples and lists (heaps, tabulated rows), which trigger collections of every object of
-    the process (torch and transformers hold hundreds of thousands): single passes of several ms, measured
-    as most of soft-NMS's time on a loaded interpreter. The selectors create no reference cycles, so pausing
-    the collector loses nothing; it is re-enabled (if it was on) on exit.
+    thousands of small tuples and lists (heaps, tabulated rows), which trigger collections that walk every
+    object of the process (torch and transformers hold hundreds of thousands). The selectors create no
+    reference cycles, so pausing the collector loses nothing; it is re-enabled (if it was on) on exit.
     """
     n = torch.get_num_threads()
     was_enabled = gc.isenabled()
