@@ -270,38 +270,6 @@ def _mmr_lazy(
     return torch.tensor(picks, dtype=torch.int64)
 
 
-def _neighbour_lookup(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    window: int,
-    groups: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat padded grid lookup behind :func:`neighbour_table`.
-
-    Returns
-    -------
-    lookup : torch.Tensor
-        (G * (R+2h) * (C+2h),) int64 token index per padded cell, ``N`` where no token sits.
-    flat : torch.Tensor
-        (N,) int64 cell of each token.
-    delta : torch.Tensor
-        (W,) int64 cell offsets of the window slots (row-major, -h..h along each axis):
-        the neighbours of tokens ``ids`` are ``lookup[flat[ids, None] + delta]``.
-    """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
-    n = int(rows.shape[0])
-    g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
-    half = window // 2
-    n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
-    flat = (g * n_r + rows.to(torch.int64) + half) * n_c + cols.to(torch.int64) + half  # (N,)
-    lookup = torch.full((n_g * n_r * n_c,), n, dtype=torch.int64)  # padding by the half window: no bounds checks
-    lookup[flat] = torch.arange(n)
-    off = torch.arange(-half, half + 1)  # (w,)
-    delta = off.repeat_interleave(window) * n_c + off.repeat(window)  # (w*w,)
-    return lookup, flat, delta
-
-
 def neighbour_table(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -325,7 +293,17 @@ def neighbour_table(
         (N, window**2) int64 neighbour indices, ``N`` (a dummy slot) where the window leaves the grid or
         the cell holds no token of the same group. The token itself is among its neighbours.
     """
-    lookup, flat, delta = _neighbour_lookup(rows, cols, window, groups)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+    n = int(rows.shape[0])
+    g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
+    half = window // 2
+    n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
+    flat = (g * n_r + rows.to(torch.int64) + half) * n_c + cols.to(torch.int64) + half  # (N,) padded cell
+    lookup = torch.full((n_g * n_r * n_c,), n, dtype=torch.int64)  # padding by the half window: no bounds checks
+    lookup[flat] = torch.arange(n)
+    off = torch.arange(-half, half + 1)  # (w,)
+    delta = off.repeat_interleave(window) * n_c + off.repeat(window)  # (w*w,) cell offsets, row-major
     return lookup[flat[:, None] + delta[None, :]]  # (N, w*w) int64
 
 
@@ -409,11 +387,10 @@ def _soft_nms_select(
     tabbed = torch.zeros(n, dtype=torch.bool)  # (N,) tokens with a row
     buf = torch.empty(_NMS_SUB * n_w, int(kn.shape[1]))  # (S*W, D) gather buffer, reused by every chunk
     neg_inf = float("-inf")
-    first_chunk = [True]
+    ones_w = torch.ones(n_w, dtype=torch.float64)  # (W,)
 
     def tabulate(i: int) -> None:
-        size = k if first_chunk[0] else _NMS_CHUNK  # the first chunk: the k best scores
-        first_chunk[0] = False
+        size = _NMS_CHUNK if row_of else k  # the first chunk: the k best scores
         extra = min(size - 1, n - len(row_of) - 1)  # untabulated tokens besides i
         tabbed[i] = True
         if extra > 0:
@@ -444,7 +421,6 @@ def _soft_nms_select(
         nb_flat.extend(nb.view(-1).tolist())
         fac_flat.extend(fac.view(-1).tolist())
 
-    ones_w = torch.ones(n_w, dtype=torch.float64)  # (W,)
     taken = [False] * (n + 1)
     taken[n] = True  # the dummy neighbour slot
     picks: list[int] = []
