@@ -13,13 +13,15 @@ Greedy loops run over the k picks (not over tokens); each pick is a handful of v
 
 from __future__ import annotations
 
-import array
+import bisect
 import contextlib
 import ctypes
+import functools
 import gc
 import heapq
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -162,16 +164,20 @@ def _mmr_select(
     return _mmr_lazy(base, raw, norms, stale, k, c, first)
 
 
-def _float_view(t: torch.Tensor) -> memoryview:
-    """Zero-copy flat view of a contiguous float32 CPU tensor whose items read as Python floats (as ``tolist``).
+_VIEW_FORMATS = {torch.float32: "f", torch.float64: "d", torch.int64: "q"}
 
-    ``tolist`` of an (m, m) block costs ~0.14 ms at m = 96 while the greedy loop reads only a few of its entries.
-    The view does not own the memory: the caller must keep ``t`` alive (and unchanged) while using it.
+
+def _flat_view(t: torch.Tensor) -> memoryview:
+    """Zero-copy flat view of a contiguous CPU tensor whose items read as Python numbers (as ``tolist``).
+
+    ``tolist`` of a table costs ~0.1 ms per 10,000 items while the greedy loops read only a few of them. The view
+    does not own the memory: the caller must keep ``t`` alive while using it. float32, float64 and int64 only.
     """
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-        raise PosbiasError("internal: _float_view needs a contiguous float32 CPU tensor")
-    buf = (ctypes.c_float * t.numel()).from_address(t.data_ptr())
-    return memoryview(buf).cast("B").cast("f")
+    fmt = _VIEW_FORMATS.get(t.dtype)
+    if fmt is None or t.device.type != "cpu" or not t.is_contiguous():
+        raise PosbiasError("internal: _flat_view needs a contiguous float32, float64 or int64 CPU tensor")
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    return memoryview(buf).cast("B").cast(fmt)
 
 
 #: candidates a block of the lazy MMR brings up to date at once (measured best on N=2304, k=256)
@@ -236,7 +242,7 @@ def _mmr_lazy(
         # candidates whose scores were only bounds become exact as of all t picks (the others already are); the
         # same float32 operations as the dense greedy (no fused addmm, whose rounding differs)
         vals = torch.where(upto[cand] != t, (bc - c * (fc @ fpicks[:t].T)).amin(dim=1), vals)
-        sc = _float_view(sct)  # sc[a * m + b] == sct[a, b]; sct stays alive for the block
+        sc = _flat_view(sct)  # sc[a * m + b] == sct[a, b]; sct stays alive for the block
         heap = [(-v, g, a) for a, (v, g) in enumerate(zip(vals.tolist(), cand.tolist()))]
         heapq.heapify(heap)
         seen = [0] * m
@@ -270,6 +276,38 @@ def _mmr_lazy(
     return torch.tensor(picks, dtype=torch.int64)
 
 
+class _NmsLayout(NamedTuple):
+    """Where each token's window lives in a flat cell layout (see :func:`_nms_layout`)."""
+
+    rows: torch.Tensor  # (N,) int64 the grid coordinates the layout was built for
+    cols: torch.Tensor  # (N,) int64
+    cell: torch.Tensor | None  # (N,) int64 cell of each token; None: token i is cell i (a dense row-major grid)
+    n_cells: int
+    shifts: list[int]  # cell offset of each window slot, row-major (the centre is 0)
+    where: torch.Tensor  # (N * W,) int64 item of the per-slot table (see _nms_tables) read for slot w of token i
+    nbr: torch.Tensor  # (N * W,) int64 neighbour token of slot w of token i, N where there is none
+
+
+def _padded_cells(
+    rows: torch.Tensor, cols: torch.Tensor, window: int, groups: torch.Tensor | None
+) -> tuple[torch.Tensor, int, list[int]]:
+    """Padded cell of each token: every (sub-)image grid padded by half a window on each side, row-major.
+
+    Returns ``flat`` ((N,) int64 cell of each token), the number of cells and the cell offset of each window slot
+    (row-major, the centre slot 0). Padding by half a window means that the window of a token never leaves its own
+    padded grid (no bounds checks, no crossing of sub-images).
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+    n = int(rows.shape[0])
+    g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
+    half = window // 2
+    n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
+    flat = (g * n_r + rows.to(torch.int64) + half) * n_c + cols.to(torch.int64) + half  # (N,) padded cell
+    offsets = [dr * n_c + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+    return flat, n_g * n_r * n_c, offsets
+
+
 def neighbour_table(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -293,18 +331,113 @@ def neighbour_table(
         (N, window**2) int64 neighbour indices, ``N`` (a dummy slot) where the window leaves the grid or
         the cell holds no token of the same group. The token itself is among its neighbours.
     """
+    flat, n_cells, offsets = _padded_cells(rows, cols, window, groups)
+    n = int(rows.shape[0])
+    lookup = torch.full((n_cells,), n, dtype=torch.int64)  # (cells,) token of each cell, N = none
+    lookup[flat] = torch.arange(n)
+    return lookup[flat[:, None] + torch.tensor(offsets)[None, :]]  # (N, w*w) int64
+
+
+def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: torch.Tensor | None,
+                dense: bool) -> _NmsLayout:
+    """The flat layout of the soft-NMS tables: the tokens' own order for a dense grid, else the padded grid.
+
+    In a dense row-major grid token ``i`` is cell ``i`` and a window slot is a fixed index offset (a window that
+    wraps around a row end reads a wrong cell, but that slot has no neighbour, so its factor is never applied).
+    The table of the slots after the centre is stored with a left margin of ``far`` cells (the largest offset), so
+    that the mirrored slot ``-s`` of a token at cell ``x`` reads item ``x - s`` of slot ``s`` without going below 0.
+    """
+    n = int(rows.shape[0])
+    n_w = window * window
+    centre = n_w // 2
+    half = window // 2
+    flat, n_padded, offsets = _padded_cells(rows, cols, window, groups)
+    lookup = torch.full((n_padded,), n, dtype=torch.int64)  # (padded cells,) token of each cell, N = none
+    lookup[flat] = torch.arange(n)
+    nbr = lookup[(flat[:, None] + torch.tensor(offsets)[None, :]).view(-1)]  # (N * W,)
+    if dense:
+        width = int(cols.max()) + 1
+        cell, n_cells, at = None, n, torch.arange(n)
+        shifts = [dr * width + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+    else:
+        cell, n_cells, at, shifts = flat, n_padded, flat, offsets
+    far = shifts[-1]
+    src = list(range(n_w))  # the slot whose row of the table holds each slot (itself, or its mirror before the centre)
+    back = [0] * n_w  # cell shift to read it at: -s for the mirrored slots before the centre
+    for w in range(centre):
+        src[w] = n_w - 1 - w
+        back[w] = shifts[w]
+    row = torch.tensor(src) - centre  # (W,) rows 0..P of the table: 0 = the centre, o = slot centre + o
+    where = (row * (far + n_cells) + far + torch.tensor(back))[None, :] + at[:, None]  # (N, W)
+    return _NmsLayout(rows, cols, cell, n_cells, shifts, where.view(-1), nbr)
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_layout(n_rows: int, n_cols: int, window: int) -> _NmsLayout:
+    """Cached layout of a dense row-major ``n_rows x n_cols`` grid (the common single-image case)."""
+    idx = torch.arange(n_rows * n_cols)
+    return _nms_layout(idx // n_cols, idx % n_cols, window, None, dense=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _slot_spatial(window: int, sigma_d: float) -> torch.Tensor:
+    """(P + 1, 1) float64 spatial decay ``exp(-d^2 / 2 sigma_d^2)`` of the centre and the slots after it."""
+    half = window // 2
+    d2 = [float(dr * dr + dc * dc) for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+    return torch.exp(-torch.tensor(d2[len(d2) // 2 :], dtype=torch.float64) / (2.0 * sigma_d**2))[:, None]
+
+
+def _nms_tables(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    keys: torch.Tensor,
+    window: int,
+    sigma_d: float,
+    sigma_s: float,
+    groups: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-NMS decay factors and neighbours of every token's window: (N * W) float64 and (N * W) int64.
+
+    Slot ``w`` of token ``i`` is item ``i * W + w`` (row-major window, the centre is the token itself); its
+    neighbour is ``N`` where the window leaves the (sub-)image or the cell is empty. Every factor is tabulated up
+    front, so the greedy loop issues no tensor op per pick. cos and the spatial decay are symmetric, so only the
+    ``P = (W - 1) / 2`` slots after the centre are computed, each by one mul and one sum over contiguous
+    (cells, D) views (``E[o, x] = k(x) . k(x + s_o)``); the slot ``-s_o`` of the token at cell ``x`` is slot
+    ``s_o`` of cell ``x - s_o``. Dense single-image grids reuse a cached layout; sub-images, holes or another token
+    order are copied into a padded grid whose empty cells hold zero keys.
+    """
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
     n = int(rows.shape[0])
-    g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
-    half = window // 2
-    n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
-    flat = (g * n_r + rows.to(torch.int64) + half) * n_c + cols.to(torch.int64) + half  # (N,) padded cell
-    lookup = torch.full((n_g * n_r * n_c,), n, dtype=torch.int64)  # padding by the half window: no bounds checks
-    lookup[flat] = torch.arange(n)
-    off = torch.arange(-half, half + 1)  # (w,)
-    delta = off.repeat_interleave(window) * n_c + off.repeat(window)  # (w*w,) cell offsets, row-major
-    return lookup[flat[:, None] + delta[None, :]]  # (N, w*w) int64
+    rows, cols = rows.to(torch.int64), cols.to(torch.int64)
+    lay = None
+    if groups is None:
+        n_r, n_c = int(rows.max()) + 1, int(cols.max()) + 1
+        if n_r * n_c == n:
+            cached = _dense_layout(n_r, n_c, window)
+            if torch.equal(rows, cached.rows) and torch.equal(cols, cached.cols):
+                lay = cached
+    if lay is None:
+        lay = _nms_layout(rows, cols, window, groups, dense=False)
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1)  # (N, D)
+    if lay.cell is None:
+        kp = kn  # (cells = N, D)
+    else:
+        kp = torch.zeros(lay.n_cells, int(kn.shape[1]))  # (cells, D)
+        kp.index_copy_(0, lay.cell, kn)
+    m, n_w = lay.n_cells, window * window
+    centre, far = n_w // 2, lay.shifts[-1]
+    e = torch.zeros(centre + 1, far + m)  # (P + 1, margin + cells) float32 cos; row 0: the centre, cos 1
+    e[0] = 1.0
+    prod = torch.empty(m, int(kn.shape[1]))  # (cells, D) products, reused by every slot
+    for o in range(1, centre + 1):
+        s = lay.shifts[centre + o]
+        if s < m:
+            torch.mul(kp[: m - s], kp[s:], out=prod[: m - s])
+            torch.sum(prod[: m - s], -1, out=e[o, far : far + m - s])
+    x = e.double().sub_(1.0).square_().mul_(-1.0 / (2.0 * sigma_s**2)).exp_()  # exp(-(1 - cos)^2 / 2 sigma_s^2)
+    fe = torch.addcmul(torch.ones(1, dtype=torch.float64), _slot_spatial(window, sigma_d), x, value=-1.0)
+    return fe.view(-1)[lay.where], lay.nbr  # (N * W,) float64 1 - spatial * exp(.), (N * W,) int64
 
 
 def _soft_nms_select(
@@ -328,7 +461,7 @@ def _soft_nms_select(
     Parameters
     ----------
     scores : torch.Tensor
-        (N,) scores after the Gaussian centre correction (non-negative for the decay to suppress).
+        (N,) finite scores after the Gaussian centre correction (non-negative for the decay to suppress).
     rows, cols : torch.Tensor
         (N,) int64 grid coordinates of the tokens.
     keys : torch.Tensor
@@ -353,119 +486,70 @@ def _soft_nms_select(
         raise PosbiasError(f"sigma_d={sigma_d!r} and sigma_s={sigma_s!r} must be > 0 (anchors: 1.5 and 0.05)")
     if keys.ndim != 2 or keys.shape[0] != n:
         raise PosbiasError(f"keys have shape {tuple(keys.shape)}; expected ({n}, D)")
-    nbr = neighbour_table(rows, cols, window, groups)  # (N, W), N = no neighbour
-    kn = torch.zeros(n + 1, int(keys.shape[1]))  # (N + 1, D): row N, the dummy neighbour, stays zero
-    torch.nn.functional.normalize(keys.float(), dim=-1, out=kn[:n])
-    half = window // 2
-    off = torch.arange(-half, half + 1, dtype=torch.float64)
-    d2 = off.repeat_interleave(window) ** 2 + off.repeat(window) ** 2  # (W,)
-    spatial = torch.exp(-d2 / (2.0 * float(sigma_d) ** 2))  # (W,) float64 distance decay per window slot
-    inv_ss = 1.0 / (2.0 * float(sigma_s) ** 2)
+    fac_t, nbr_t = _nms_tables(rows, cols, keys, window, float(sigma_d), float(sigma_s), groups)
+    fac, nbr = _flat_view(fac_t), _flat_view(nbr_t)  # fac_t and nbr_t stay alive until the function returns
     n_w = window * window
     s64 = scores.double()  # (N,)
-    orig = s64.tolist()  # original scores
-    # current scores, decayed in place; an array so that torch reads them without a copy (cur_t shares its memory)
-    cur = array.array("d", orig)
-    cur_t = torch.frombuffer(cur, dtype=torch.float64)  # (N,) view of `cur`
-    order_l = torch.sort(-s64, stable=True).indices.tolist()  # best original score first
-    # Exact argmax (ties to the lower index) over a stream and a lazy heap. Tokens enter the max-heap of
-    # (-key, index) in `order_l` order, each only once the heap's best key is not above the next token's original
-    # score; keys are upper bounds of the current scores: a decay lowers a non-negative score, so the entry keeps
-    # its old key and is re-pushed with the current score when it surfaces, and a negative score (which a decay
-    # raises towards 0) is pushed again at once. An entry that surfaces with its key equal to the token's current
-    # score is therefore the argmax. Only the tokens the stream reaches (a few hundred) ever get an entry.
-    heap: list[tuple[float, int]] = []
-    ptr = 0  # next position of `order_l` to enter the heap
-    # per tabulated token: its neighbour row (N = no neighbour) and the decay factors 1 - spatial * exp(-(1 - cos)^2
-    # / (2 sigma_s^2)) of Algorithm 1 (float64 from float32 cosines), flat: row r is [r * W, (r + 1) * W). A pick
-    # without a row triggers a chunk: the pick plus the untabulated tokens of highest *current* score (the likely
-    # next picks). With similar keys (real models: neighbour cosines ~0.95-0.99) suppression sends the picks deep
-    # into the original order, so chunks in original order would tabulate most of the grid.
-    row_of: dict[int, int] = {}
-    nb_flat: list[int] = []
-    fac_flat: list[float] = []
-    tabbed = torch.zeros(n, dtype=torch.bool)  # (N,) tokens with a row
-    buf = torch.empty(_NMS_SUB * n_w, int(kn.shape[1]))  # (S*W, D) gather buffer, reused by every chunk
-    neg_inf = float("-inf")
-    ones_w = torch.ones(n_w, dtype=torch.float64)  # (W,)
-
-    def tabulate(i: int) -> None:
-        size = _NMS_CHUNK if row_of else k  # the first chunk: the k best scores
-        extra = min(size - 1, n - len(row_of) - 1)  # untabulated tokens besides i
-        tabbed[i] = True
-        if extra > 0:
-            cand = cur_t.masked_fill(tabbed, neg_inf)  # (N,) current scores of the untabulated
-            it = torch.topk(cand, extra).indices  # (B - 1,)
-            tabbed[it] = True
-            it = torch.cat([torch.tensor([i]), it])  # (B,)
-        else:
-            it = torch.tensor([i])
-        b_n = int(it.shape[0])
-        nb = nbr.index_select(0, it)  # (B, W) neighbour indices, N = none (kn's zero row)
-        q = kn.index_select(0, it)  # (B, D)
-        cs = torch.empty(b_n, n_w)  # (B, W) cos(key_i, key_j), float32
-        # in sub-chunks through one reused (S*W, D) buffer: a fresh (B, W, D) gather per chunk page-faults on every
-        # call (measured ~10x slower), and a batched mat-vec (bmm) is ~5x slower than the product and sum
-        for s0 in range(0, b_n, _NMS_SUB):
-            s1 = min(b_n, s0 + _NMS_SUB)
-            g = buf[: (s1 - s0) * n_w]  # ((s1-s0)*W, D)
-            torch.index_select(kn, 0, nb[s0:s1].reshape(-1), out=g)
-            g3 = g.view(s1 - s0, n_w, -1)  # (s1-s0, W, D)
-            g3.mul_(q[s0:s1, None, :])
-            torch.sum(g3, -1, out=cs[s0:s1])
-        x = cs.double().sub_(1.0).square_().mul_(-inv_ss).exp_()  # (B, W) float64 exp(-(1 - cos)^2 / (2 sigma_s^2))
-        fac = torch.addcmul(ones_w, spatial, x, value=-1.0)  # (B, W) 1 - spatial * exp(.)
-        base = len(row_of)
-        for r, i2 in enumerate(it.tolist()):
-            row_of[i2] = (base + r) * n_w
-        nb_flat.extend(nb.view(-1).tolist())
-        fac_flat.extend(fac.view(-1).tolist())
-
+    cur = s64.tolist()  # current scores, decayed in place
+    cur.append(0.0)  # the dummy neighbour N: decayed freely, never read
+    if not all(map(math.isfinite, cur)):
+        raise PosbiasError("soft-NMS scores must be finite (got NaN or inf); mask tokens by leaving them out instead")
     taken = [False] * (n + 1)
-    taken[n] = True  # the dummy neighbour slot
+    taken[n] = True
     picks: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
-    non_negative = bool((s64 >= 0).all())  # then decays only lower scores: no re-push on a decay
-    while len(picks) < k:
-        while ptr < n:  # stream in every token whose original score could beat the heap's best
-            j = order_l[ptr]
-            if heap and (heap[0][0], heap[0][1]) < (-orig[j], j):
-                break
-            ptr += 1
-            if not taken[j]:
-                push(heap, (-cur[j], j))
-        neg, i = pop(heap)
-        if taken[i]:
-            continue
-        v = cur[i]
-        if -neg != v:
-            if -neg > v:  # decayed since pushed: back in at its current score
+    if min(cur) >= 0.0:
+        # Exact argmax (ties to the lower index, as argmax) over a stream and a lazy max-heap. Decays only lower a
+        # non-negative score, so a token's original score bounds its current one: tokens enter the heap of
+        # (-score, index) in order of original score, only once one could tie or beat the heap's best. Heap keys
+        # are upper bounds (an entry keeps its key when its token decays), so an entry that surfaces with its key
+        # equal to its token's current score is the argmax; one that surfaces decayed is pushed back at its current
+        # score. Only the tokens the stream reaches ever get an entry; each has at most one at a time.
+        srt = torch.sort(s64.neg(), stable=True)  # best original score first, ties to the lower index
+        negs, order = srt.values.tolist(), srt.indices.tolist()
+        heap: list[tuple[float, int]] = []
+        ptr = 0  # next position of `order` to enter the heap
+        while len(picks) < k:
+            if not heap or (ptr < n and negs[ptr] <= heap[0][0]):
+                hi = bisect.bisect_right(negs, negs[ptr] if not heap else heap[0][0], ptr)
+                for j in order[ptr:hi]:
+                    push(heap, (-cur[j], j))
+                ptr = hi
+                continue
+            neg, i = pop(heap)
+            v = cur[i]
+            if -neg != v:  # decayed since pushed: back in at its current score
                 push(heap, (-v, i))
-            continue  # (else a newer entry with the raised score exists)
-        taken[i] = True
-        picks.append(i)
-        if i not in row_of:
-            tabulate(i)
-        o = row_of[i]
-        if non_negative:
-            for j, f in zip(nb_flat[o : o + n_w], fac_flat[o : o + n_w]):
-                if not taken[j]:
-                    cur[j] *= f
-        else:
-            for j, f in zip(nb_flat[o : o + n_w], fac_flat[o : o + n_w]):
+                continue
+            taken[i] = True
+            picks.append(i)
+            o = i * n_w
+            for j, f in zip(nbr[o : o + n_w], fac[o : o + n_w]):  # taken tokens decay too: never read again
+                cur[j] *= f
+    else:
+        # A decay raises a negative score towards 0: every token starts in the heap, and a neighbour whose score
+        # moved up is pushed again at once (its old entry is no longer an upper bound; the stale one is skipped).
+        heap = list(zip(s64.neg().tolist(), range(n)))
+        heapq.heapify(heap)
+        while len(picks) < k:
+            neg, i = pop(heap)
+            if taken[i]:
+                continue
+            v = cur[i]
+            if -neg != v:
+                if -neg > v:  # decayed since pushed: back in at its current score
+                    push(heap, (-v, i))
+                continue  # (else a newer entry with the raised score exists)
+            taken[i] = True
+            picks.append(i)
+            o = i * n_w
+            for j, f in zip(nbr[o : o + n_w], fac[o : o + n_w]):
                 if not taken[j]:
                     old = cur[j]
                     cur[j] = new = old * f
-                    if new > old:  # a negative score moved up: its entry is no longer an upper bound
+                    if new > old:
                         push(heap, (-new, j))
     return torch.tensor(picks, dtype=torch.int64)
-
-
-#: rows of a soft-NMS tabulation chunk gathered at once (the (S*W, D) buffer stays in cache)
-_NMS_SUB = 32
-
-#: tokens tabulated per soft-NMS chunk: the pick that needs a row plus the best current scores without one
-_NMS_CHUNK = 32
 
 
 def arp_quota(
