@@ -340,12 +340,14 @@ def neighbour_table(
 
 def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: torch.Tensor | None,
                 dense: bool) -> _NmsLayout:
-    """The flat layout of the soft-NMS tables: the tokens' own order for a dense grid, else the padded grid.
+    """The flat cell layout of the soft-NMS tables: the tokens' own order for a dense grid, else the padded grid.
 
     In a dense row-major grid token ``i`` is cell ``i`` and a window slot is a fixed index offset (a window that
     wraps around a row end reads a wrong cell, but that slot has no neighbour, so its factor is never applied).
-    The table of the slots after the centre is stored with a left margin of ``far`` cells (the largest offset), so
-    that the mirrored slot ``-s`` of a token at cell ``x`` reads item ``x - s`` of slot ``s`` without going below 0.
+    The table holds one row per slot after the centre (``P = (W - 1) / 2`` rows of ``cells`` items): slot ``s`` of
+    the token at cell ``x`` is item ``x`` of its row, the mirrored slot ``-s`` is item ``x - s`` of the same row
+    (``x - s >= 0`` whenever that neighbour exists; clamped to 0 where it does not, like the centre slot, whose
+    factor only ever multiplies the pick itself).
     """
     n = int(rows.shape[0])
     n_w = window * window
@@ -361,14 +363,11 @@ def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: tor
         shifts = [dr * width + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
     else:
         cell, n_cells, at, shifts = flat, n_padded, flat, offsets
-    far = shifts[-1]
-    src = list(range(n_w))  # the slot whose row of the table holds each slot (itself, or its mirror before the centre)
-    back = [0] * n_w  # cell shift to read it at: -s for the mirrored slots before the centre
-    for w in range(centre):
-        src[w] = n_w - 1 - w
-        back[w] = shifts[w]
-    row = torch.tensor(src) - centre  # (W,) rows 0..P of the table: 0 = the centre, o = slot centre + o
-    where = (row * (far + n_cells) + far + torch.tensor(back))[None, :] + at[:, None]  # (N, W)
+    base = [0] * n_w  # item of slot w for the token at cell x: base[w] + x
+    for w in range(centre + 1, n_w):
+        base[w] = (w - centre - 1) * n_cells
+        base[n_w - 1 - w] = (w - centre - 1) * n_cells - shifts[w]  # the mirror reads cell x - s
+    where = (torch.tensor(base)[None, :] + at[:, None]).clamp_min_(0)  # (N, W)
     return _NmsLayout(rows, cols, cell, n_cells, shifts, where.view(-1), nbr)
 
 
@@ -381,10 +380,10 @@ def _dense_layout(n_rows: int, n_cols: int, window: int) -> _NmsLayout:
 
 @functools.lru_cache(maxsize=16)
 def _slot_spatial(window: int, sigma_d: float) -> torch.Tensor:
-    """(P + 1, 1) float64 spatial decay ``exp(-d^2 / 2 sigma_d^2)`` of the centre and the slots after it."""
+    """(P, 1) float64 spatial decay ``exp(-d^2 / 2 sigma_d^2)`` of the slots after the centre."""
     half = window // 2
     d2 = [float(dr * dr + dc * dc) for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
-    return torch.exp(-torch.tensor(d2[len(d2) // 2 :], dtype=torch.float64) / (2.0 * sigma_d**2))[:, None]
+    return torch.exp(-torch.tensor(d2[len(d2) // 2 + 1 :], dtype=torch.float64) / (2.0 * sigma_d**2))[:, None]
 
 
 def _nms_tables(
@@ -419,22 +418,27 @@ def _nms_tables(
                 lay = cached
     if lay is None:
         lay = _nms_layout(rows, cols, window, groups, dense=False)
-    kn = torch.nn.functional.normalize(keys.float(), dim=-1)  # (N, D)
-    if lay.cell is None:
-        kp = kn  # (cells = N, D)
-    else:
-        kp = torch.zeros(lay.n_cells, int(kn.shape[1]))  # (cells, D)
-        kp.index_copy_(0, lay.cell, kn)
     m, n_w = lay.n_cells, window * window
     centre, far = n_w // 2, lay.shifts[-1]
-    e = torch.zeros(centre + 1, far + m)  # (P + 1, margin + cells) float32 cos; row 0: the centre, cos 1
-    e[0] = 1.0
-    prod = torch.empty(m, int(kn.shape[1]))  # (cells, D) products, reused by every slot
-    for o in range(1, centre + 1):
-        s = lay.shifts[centre + o]
-        if s < m:
-            torch.mul(kp[: m - s], kp[s:], out=prod[: m - s])
-            torch.sum(prod[: m - s], -1, out=e[o, far : far + m - s])
+    if centre == 0:  # a 1 x 1 window: only the pick itself, which is never read again
+        return torch.ones(n, dtype=torch.float64), lay.nbr
+    d = int(keys.shape[1])
+    kp = torch.empty(m + far, d)  # (cells + far, D) L2-normalised key of each cell; zero rows past the end
+    kp[m:].zero_()
+    if lay.cell is None:
+        keys = keys.float()
+        norms = torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min_(1e-12)  # (N, 1) as F.normalize
+        torch.div(keys, norms, out=kp[:m])
+    else:
+        kp[:m].zero_()
+        kp.index_copy_(0, lay.cell, torch.nn.functional.normalize(keys.float(), dim=-1))
+    e = torch.empty(centre, m)  # (P, cells) float32 cos of slot centre + 1 + o at cell x: kp[x] . kp[x + s]
+    prod = torch.empty(m, d)  # (cells, D) products, reused by every slot
+    head = kp[:m]
+    for o, row in enumerate(e.unbind(0)):
+        s = lay.shifts[centre + 1 + o]
+        torch.mul(head, kp[s : s + m], out=prod)
+        torch.sum(prod, -1, out=row)
     x = e.double().sub_(1.0).square_().mul_(-1.0 / (2.0 * sigma_s**2)).exp_()  # exp(-(1 - cos)^2 / 2 sigma_s^2)
     fe = torch.addcmul(torch.ones(1, dtype=torch.float64), _slot_spatial(window, sigma_d), x, value=-1.0)
     return fe.view(-1)[lay.where], lay.nbr  # (N * W,) float64 1 - spatial * exp(.), (N * W,) int64
