@@ -266,7 +266,6 @@ def _mmr_lazy(
     live = int(torch.isfinite(stale).sum())  # tokens that can still be picked
     if live < k - 1:
         raise PosbiasError("MMR candidate pruning kept fewer tokens than the budget (non-finite relevance?)")
-    upto = torch.zeros(n, dtype=torch.int64)  # picks that ``stale`` of a token is exact for (0: only a bound)
     inf = float("-inf")
     size = _MMR_BLOCK
     t = 1
@@ -274,15 +273,15 @@ def _mmr_lazy(
         m = min(size, live)
         top = torch.topk(stale, m + 1 if m < live else m)  # stale scores, best first
         cand = top.indices[:m]  # (m,)
-        vals = top.values[:m]  # (m,) exact for the candidates of ``upto == t``
+        vals = top.values[:m]  # (m,) stale scores: exact for the candidates left by the last block, else bounds
         bound = float(top.values[m]) if m < live else inf  # best stale score outside the block
         fc = torch.index_select(raw, 0, cand, out=_scratch("mmr_block", (m, d)))  # (m, D) (faster than [])
         fc /= norms[cand, None]  # normalised
         bc = base[cand][:, None]  # (m, 1)
         sct = (bc - c * (fc @ fc.T)).contiguous()  # (m, m) score of candidate a after picking candidate b
-        # candidates whose scores were only bounds become exact as of all t picks (the others already are); the
-        # same float32 operations as the dense greedy (no fused addmm, whose rounding differs)
-        vals = torch.where(upto[cand] != t, (bc - c * (fc @ fpicks[:t].T)).amin(dim=1), vals)
+        # every candidate's score as of all t picks (the same float32 operations as the dense greedy, no fused
+        # addmm, whose rounding differs); the min with the stale score is a no-op for the exact ones
+        vals = torch.minimum(vals, (bc - c * (fc @ fpicks[:t].T)).amin(dim=1))
         sc = _flat_view(sct)  # sc[a * m + b] == sct[a, b]; sct stays alive for the block
         heap = [(-v, g, a) for a, (v, g) in enumerate(zip(vals.tolist(), cand.tolist()))]
         heapq.heapify(heap)
@@ -311,7 +310,6 @@ def _mmr_lazy(
         vals = torch.minimum(vals, sct.index_select(1, bt).amin(dim=1))  # (m,) exact as of all picks
         vals[bt] = inf
         stale[cand] = vals
-        upto[cand] = t
         torch.index_select(fc, 0, bt, out=fpicks[t - len(block) : t])
         live -= len(block)
     return torch.tensor(picks, dtype=torch.int64)
