@@ -233,8 +233,8 @@ def _mmr_lazy(
     ``min_{p in S} fl(base_i - fl(c * cos(f_i, f_p)))`` (float32 rounding is monotone, so this is
     ``fl(base_i - c * max_p cos)`` of Eq. 7). It only shrinks as ``S`` grows, so a stale score is an upper bound.
     Each block takes the ``m`` tokens of highest stale score as candidates, brings their scores up to date with one
-    matmul against the picks (only those not already exact as of all picks), gets their pairwise terms with one
-    ``m x m`` matmul, and picks greedily among them in plain Python (a lazy max-heap) while the best exact score
+    matmul against all picks so far (a min with the stale score, so exact ones stay), gets their pairwise terms
+    with one ``m x m`` matmul, and picks greedily among them in plain Python (a lazy max-heap) while the best exact score
     beats ``U``, the best stale score outside the block (ties go to the lower index like ``argmax``). The scores of
     the candidates left are then brought up to date with one ``amin`` over the block's picked columns (``min`` is
     idempotent, so the columns a candidate already saw in the heap do not change it). A block that cannot pick is
