@@ -21,6 +21,7 @@ from posbias.runtime.methods import (
     gaussian_centre_weight,
     mmr_select,
     neighbour_table,
+    release_workspace,
     soft_nms_select,
     topk_select,
 )
@@ -124,6 +125,69 @@ def test_soft_nms_spreads_picks_and_never_crosses_subimages():
     assert picks == [3, 4]
     nbr = neighbour_table(r2, c2, 5, groups)
     assert set(nbr[3].tolist()) - {64} <= set(torch.nonzero(groups == 0).flatten().tolist())
+
+
+def test_soft_nms_layouts_agree_with_algorithm_1():
+    # the dense row-major fast path, a permuted token order, a grid with holes and two sub-images (the padded
+    # path) must all give Algorithm 1's picks
+    g = torch.Generator().manual_seed(5)
+    rows, cols = _grid(7, 9)
+    scores = torch.rand(63, generator=g, dtype=torch.float64)
+    keys = 3.0 * torch.randn(1, 6, generator=g, dtype=torch.float64) + torch.randn(63, 6, generator=g, dtype=torch.float64)
+    cases = {
+        "dense": torch.arange(63),
+        "permuted": torch.randperm(63, generator=g),
+        "holes": torch.randperm(63, generator=g)[:50].sort().values,
+    }
+    for name, idx in cases.items():
+        r, c, s, kk = rows[idx], cols[idx], scores[idx], keys[idx]
+        got = soft_nms_select(s, r, c, kk, 20).tolist()
+        ref = soft_nms_reference(s.tolist(), r.tolist(), c.tolist(), kk.tolist(), 20, 1.5, 0.05, 5)
+        assert got == ref, name
+    groups = (cols >= 5).long()
+    c2 = torch.where(cols >= 5, cols - 5, cols)
+    got = soft_nms_select(scores, rows, c2, keys, 20, groups=groups).tolist()
+    ref = soft_nms_reference(scores.tolist(), rows.tolist(), c2.tolist(), keys.tolist(), 20, 1.5, 0.05, 5,
+                             groups=groups.tolist())
+    assert got == ref
+
+
+def test_soft_nms_one_cell_window_is_top_k_and_bad_scores_are_refused():
+    g = torch.Generator().manual_seed(6)
+    rows, cols = _grid(10, 10)
+    scores = torch.rand(100, generator=g)
+    keys = torch.randn(100, 4, generator=g)
+    got = soft_nms_select(scores, rows, cols, keys, 12, window=1).tolist()
+    assert got == torch.sort(scores, descending=True, stable=True).indices[:12].tolist()
+    scores[7] = float("nan")
+    with pytest.raises(PosbiasError, match="finite"):
+        soft_nms_select(scores, rows, cols, keys, 12)
+
+
+def test_selector_workspace_is_reused_across_sizes_and_released():
+    # scratch buffers grow and shrink between calls of different sizes; results never depend on what an earlier
+    # call left in them
+    g = torch.Generator().manual_seed(7)
+    big = (torch.rand(2304, generator=g), torch.randn(2304, 64, generator=g), *_grid(48, 48))
+    small = (torch.rand(144, generator=g), torch.randn(144, 64, generator=g), *_grid(12, 12))
+
+    def run(case, k):
+        s, f, r, c = case
+        return soft_nms_select(s, r, c, f, k).tolist(), mmr_select(s, f, k).tolist()
+
+    first_big, first_small = run(big, 256), run(small, 16)
+    assert run(big, 256) == first_big and run(small, 16) == first_small and run(big, 256) == first_big
+    release_workspace()
+    assert run(small, 16) == first_small
+    assert first_big[0] == _soft_nms_heap_reference(big[0], big[2], big[3], big[1], 256).tolist()
+    # buffers first created inside inference mode (the pruner runs in the model's forward) stay usable outside it,
+    # and inputs that require grad are fine (selection is not differentiable)
+    release_workspace()
+    with torch.inference_mode():
+        assert run(tuple(t.clone() for t in big), 256) == first_big
+    assert run(big, 256) == first_big
+    s, f, r, c = big
+    assert run((s, f.clone().requires_grad_(True), r, c), 256) == first_big
 
 
 def test_arp_quota_reproduces_the_seed_count_and_keeps_top_per_block():

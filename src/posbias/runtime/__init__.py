@@ -11,6 +11,7 @@ from posbias.runtime.methods import (
     arp_select,
     gaussian_centre_weight,
     mmr_select,
+    release_workspace,
     soft_nms_select,
     topk_select,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "predict_bias",
     "predict_exponential",
     "predict_polynomial",
+    "release_workspace",
     "resolve_method",
     "score_tokens",
     "select_tokens",

@@ -91,7 +91,8 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float
         cache = _WORKSPACE.buffers = {}
     buf = cache.get((name, dtype))
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: usable in place both inside and outside inference mode
+            buf = torch.empty(numel, dtype=dtype)
         if numel * buf.element_size() <= _WORKSPACE_MAX_BYTES:
             cache[(name, dtype)] = buf
     return buf[:numel].view(shape)
@@ -710,14 +711,14 @@ def gaussian_centre_weight(
 
 def mmr_select(relevance: torch.Tensor, features: torch.Tensor, k: int, *, lam: float = 0.9,
                normalize_relevance: bool = True) -> torch.Tensor:
-    with single_thread():
+    with single_thread(), torch.no_grad():  # indices are not differentiable; out= ops refuse tensors needing grad
         return _mmr_select(relevance, features, k, lam=lam, normalize_relevance=normalize_relevance)
 
 
 def soft_nms_select(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor, k: int, *,
                     sigma_d: float = 1.5, sigma_s: float = 0.05, window: int = 5,
                     groups: torch.Tensor | None = None) -> torch.Tensor:
-    with single_thread():
+    with single_thread(), torch.no_grad():
         return _soft_nms_select(scores, rows, cols, keys, k, sigma_d=sigma_d, sigma_s=sigma_s, window=window,
                                 groups=groups)
 
