@@ -152,6 +152,22 @@ def test_soft_nms_layouts_agree_with_algorithm_1():
     assert got == ref
 
 
+@pytest.mark.parametrize("grid", [(1, 1), (1, 7), (7, 1), (2, 2), (3, 5), (2, 9)])
+def test_soft_nms_grids_narrower_than_the_window(grid):
+    # rows narrower than the window (or a single cell) take the padded layout; every window size must still give
+    # Algorithm 1's picks, in row-major and in shuffled token order
+    g = torch.Generator().manual_seed(11)
+    rows, cols = _grid(*grid)
+    n = rows.shape[0]
+    for window in (1, 3, 5, 7, 9):
+        for idx in (torch.arange(n), torch.randperm(n, generator=g)):
+            s = torch.rand(n, generator=g)
+            keys = torch.randn(1, 4, generator=g) + 0.3 * torch.randn(n, 4, generator=g)
+            r, c, s = rows[idx], cols[idx], s
+            got = soft_nms_select(s, r, c, keys, n, window=window).tolist()
+            assert got == soft_nms_reference(s.tolist(), r.tolist(), c.tolist(), keys.tolist(), n, 1.5, 0.05, window)
+
+
 def test_soft_nms_one_cell_window_is_top_k_and_bad_scores_are_refused():
     g = torch.Generator().manual_seed(6)
     rows, cols = _grid(10, 10)
@@ -162,6 +178,12 @@ def test_soft_nms_one_cell_window_is_top_k_and_bad_scores_are_refused():
     scores[7] = float("nan")
     with pytest.raises(PosbiasError, match="finite"):
         soft_nms_select(scores, rows, cols, keys, 12)
+    rows2 = rows.clone()
+    rows2[5] = rows[15]  # token 5 now sits on token 15's cell
+    cols2 = cols.clone()
+    cols2[5] = cols[15]
+    with pytest.raises(PosbiasError, match="share a grid cell"):
+        soft_nms_select(torch.rand(100, generator=g), rows2, cols2, keys, 12)
 
 
 def test_selector_workspace_is_reused_across_sizes_and_released():

@@ -344,6 +344,9 @@ def _padded_cells(
     half = window // 2
     n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
     flat = (g * n_r + rows.to(torch.int64) + half) * n_c + cols.to(torch.int64) + half  # (N,) padded cell
+    if int(torch.bincount(flat, minlength=1).max()) > 1:
+        raise PosbiasError("two visual tokens share a grid cell (same row, col and sub-image); each token needs its "
+                           "own cell: check the rows/cols/groups of the layout")
     offsets = [dr * n_c + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
     return flat, n_g * n_r * n_c, offsets
 
@@ -452,7 +455,7 @@ def _nms_tables(
     lay = None
     if groups is None:
         n_r, n_c = int(rows.max()) + 1, int(cols.max()) + 1
-        if n_r * n_c == n:
+        if n_r * n_c == n and n_c >= window:  # (a row narrower than the window: slot offsets would not be ordered)
             cached = _dense_layout(n_r, n_c, window)
             if torch.equal(rows, cached.rows) and torch.equal(cols, cached.cols):
                 lay = cached
