@@ -543,8 +543,6 @@ def _soft_nms_select(
     cur.append(0.0)  # the dummy neighbour N: decayed freely, never read
     if not all(map(math.isfinite, cur)):
         raise PosbiasError("soft-NMS scores must be finite (got NaN or inf); mask tokens by leaving them out instead")
-    taken = [False] * (n + 1)
-    taken[n] = True
     picks: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
     if min(cur) >= 0.0:
@@ -558,28 +556,33 @@ def _soft_nms_select(
         negs, order = srt.values.tolist(), srt.indices.tolist()
         heap: list[tuple[float, int]] = []
         ptr = 0  # next position of `order` to enter the heap
-        while len(picks) < k:
+        replace = heapq.heapreplace
+        t = 0
+        while t < k:
             if not heap or (ptr < n and negs[ptr] <= heap[0][0]):
                 hi = bisect.bisect_right(negs, negs[ptr] if not heap else heap[0][0], ptr)
                 for j in order[ptr:hi]:
                     push(heap, (-cur[j], j))
                 ptr = hi
                 continue
-            neg, i = pop(heap)
+            neg, i = heap[0]
             v = cur[i]
             if -neg != v:  # decayed since pushed: back in at its current score
-                push(heap, (-v, i))
+                replace(heap, (-v, i))
                 continue
-            taken[i] = True
+            pop(heap)
             picks.append(i)
+            t += 1
             o = i * n_w
-            for j, f in zip(nbr[o : o + n_w], fac[o : o + n_w]):  # taken tokens decay too: never read again
+            for j, f in zip(nbr[o : o + n_w], fac[o : o + n_w]):  # picked tokens decay too: never read again
                 cur[j] *= f
     else:
         # A decay raises a negative score towards 0: every token starts in the heap, and a neighbour whose score
         # moved up is pushed again at once (its old entry is no longer an upper bound; the stale one is skipped).
         heap = list(zip(s64.neg().tolist(), range(n)))
         heapq.heapify(heap)
+        taken = [False] * (n + 1)
+        taken[n] = True  # the dummy neighbour
         while len(picks) < k:
             neg, i = pop(heap)
             if taken[i]:
