@@ -284,13 +284,17 @@ def _mmr_lazy(
         # addmm, whose rounding differs); the min with the stale score is a no-op for the exact ones
         vals = torch.minimum(vals, (bc - c * (fc @ fpicks[:t].T)).amin(dim=1))
         sc = _flat_view(sct)  # sc[a * m + b] == sct[a, b]; sct stays alive for the block
+        # the lowest score another candidate's pick can leave candidate a with (a's own column is never read for
+        # a): once a's score is at or below it, no pick of this block changes it and the scan below is skipped
+        sct.diagonal().fill_(float("inf"))
+        low = sct.amin(dim=1).tolist()
         heap = [(-v, g, a) for a, (v, g) in enumerate(zip(vals.tolist(), cand.tolist()))]
         heapq.heapify(heap)
         seen = [0] * m
         block: list[int] = []  # candidate positions picked in this block, in order
         while t < k and heap:
             neg, g, a = heap[0]
-            if seen[a] < len(block):  # stale within the block: apply the picks it has not seen
+            if seen[a] < len(block) and low[a] < -neg:  # stale within the block: apply the picks it has not seen
                 v, o = -neg, a * m
                 for b in block[seen[a] :]:
                     if sc[o + b] < v:
