@@ -169,7 +169,7 @@ def _mmr_select(
     Returns
     -------
     torch.Tensor
-        (k,) int64 indices in pick order (sort them to restore sequence order).
+        (k,) int64 CPU indices in pick order (sort them to restore sequence order).
     """
     n = int(relevance.shape[0])
     _check_k(k, n)
@@ -531,7 +531,7 @@ def _soft_nms_select(
     Returns
     -------
     torch.Tensor
-        (k,) int64 indices in pick order.
+        (k,) int64 CPU indices in pick order.
     """
     n = int(scores.shape[0])
     _check_k(k, n)
@@ -721,16 +721,17 @@ def gaussian_centre_weight(
 
 def mmr_select(relevance: torch.Tensor, features: torch.Tensor, k: int, *, lam: float = 0.9,
                normalize_relevance: bool = True) -> torch.Tensor:
+    # the greedy loops read tables through CPU memory views: inputs on another device are copied once
     with single_thread(), torch.no_grad():  # indices are not differentiable; out= ops refuse tensors needing grad
-        return _mmr_select(relevance, features, k, lam=lam, normalize_relevance=normalize_relevance)
+        return _mmr_select(relevance.cpu(), features.cpu(), k, lam=lam, normalize_relevance=normalize_relevance)
 
 
 def soft_nms_select(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor, k: int, *,
                     sigma_d: float = 1.5, sigma_s: float = 0.05, window: int = 5,
                     groups: torch.Tensor | None = None) -> torch.Tensor:
     with single_thread(), torch.no_grad():
-        return _soft_nms_select(scores, rows, cols, keys, k, sigma_d=sigma_d, sigma_s=sigma_s, window=window,
-                                groups=groups)
+        return _soft_nms_select(scores.cpu(), rows.cpu(), cols.cpu(), keys.cpu(), k, sigma_d=sigma_d, sigma_s=sigma_s,
+                                window=window, groups=None if groups is None else groups.cpu())
 
 
 mmr_select.__doc__ = _mmr_select.__doc__
