@@ -202,7 +202,7 @@ def _mmr_select(
         keep = rel >= (kth - 1e-5) - (c / lam) * (1.0 - cos0)  # (N,) bool
         stale = torch.where(keep, stale, torch.tensor(float("-inf")))
     stale[first] = float("-inf")
-    return _mmr_lazy(base, raw, norms, stale, k, c, first)
+    return _mmr_lazy(base, raw, norms, stale, k, c, first, f0)
 
 
 _VIEW_FORMATS = {torch.float32: "f", torch.float64: "d", torch.int64: "q"}
@@ -226,7 +226,8 @@ _MMR_BLOCK = 96
 
 
 def _mmr_lazy(
-    base: torch.Tensor, raw: torch.Tensor, norms: torch.Tensor, stale: torch.Tensor, k: int, c: float, first: int
+    base: torch.Tensor, raw: torch.Tensor, norms: torch.Tensor, stale: torch.Tensor, k: int, c: float, first: int,
+    f0: torch.Tensor,
 ) -> torch.Tensor:
     """Exact greedy MMR by lazy evaluation in blocks (the picks of the dense greedy, same tie-breaking).
 
@@ -235,11 +236,11 @@ def _mmr_lazy(
     ``fl(base_i - c * max_p cos)`` of Eq. 7). It only shrinks as ``S`` grows, so a stale score is an upper bound.
     Each block takes the ``m`` tokens of highest stale score as candidates, brings their scores up to date with one
     matmul against all picks so far (a min with the stale score, so exact ones stay), gets their pairwise terms
-    with one ``m x m`` matmul, and picks greedily among them in plain Python (a lazy max-heap) while the best exact score
-    beats ``U``, the best stale score outside the block (ties go to the lower index like ``argmax``). The scores of
-    the candidates left are then brought up to date with one ``amin`` over the block's picked columns (``min`` is
-    idempotent, so the columns a candidate already saw in the heap do not change it). A block that cannot pick is
-    doubled.
+    with one ``m x m`` matmul, and picks greedily among them in plain Python (a lazy max-heap) while the best exact
+    score beats ``U``, the best stale score outside the block (ties go to the lower index like ``argmax``). The
+    scores of the candidates left are then brought up to date with one ``amin`` over the block's picked columns
+    (``min`` is idempotent, so the columns a candidate already saw in the heap do not change it). A block that
+    cannot pick is doubled.
 
     Parameters
     ----------
@@ -254,6 +255,8 @@ def _mmr_lazy(
         that cannot win. Updated in place (to the exact scores of the candidates of each block).
     k, c, first
         Picks, ``1 - lam``, the first pick.
+    f0 : torch.Tensor
+        (D,) normalised features of the first pick.
 
     Returns
     -------
@@ -262,7 +265,7 @@ def _mmr_lazy(
     """
     n, d = int(raw.shape[0]), int(raw.shape[1])
     fpicks = _scratch("mmr_picks", (k, d))  # (k, D) normalised features of the picks
-    fpicks[0] = raw[first] / norms[first]
+    fpicks[0] = f0
     picks = [first]
     live = int(torch.isfinite(stale).sum())  # tokens that can still be picked
     if live < k - 1:
@@ -320,6 +323,11 @@ def _mmr_lazy(
     return torch.tensor(picks, dtype=torch.int64)
 
 
+def _check_window(window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+
+
 class _NmsLayout(NamedTuple):
     """Where each token's window lives in a flat cell layout (see :func:`_nms_layout`)."""
 
@@ -342,8 +350,7 @@ def _padded_cells(
     (row-major, the centre slot 0). Padding by half a window means that the window of a token never leaves its own
     padded grid (no bounds checks, no crossing of sub-images).
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+    _check_window(window)
     n = int(rows.shape[0])
     g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
     half = window // 2
@@ -379,11 +386,15 @@ def neighbour_table(
         (N, window**2) int64 neighbour indices, ``N`` (a dummy slot) where the window leaves the grid or
         the cell holds no token of the same group. The token itself is among its neighbours.
     """
-    flat, n_cells, offsets = _padded_cells(rows, cols, window, groups)
-    n = int(rows.shape[0])
+    return _window_neighbours(*_padded_cells(rows, cols, window, groups))  # (N, w*w) int64
+
+
+def _window_neighbours(flat: torch.Tensor, n_cells: int, offsets: list[int]) -> torch.Tensor:
+    """(N, W) int64 token at each window slot of each token (``N`` where the padded cell is empty)."""
+    n = int(flat.shape[0])
     lookup = torch.full((n_cells,), n, dtype=torch.int64)  # (cells,) token of each cell, N = none
     lookup[flat] = torch.arange(n)
-    return lookup[flat[:, None] + torch.tensor(offsets)[None, :]]  # (N, w*w) int64
+    return lookup[flat[:, None] + torch.tensor(offsets)[None, :]]
 
 
 def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: torch.Tensor | None,
@@ -402,9 +413,7 @@ def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: tor
     centre = n_w // 2
     half = window // 2
     flat, n_padded, offsets = _padded_cells(rows, cols, window, groups)
-    lookup = torch.full((n_padded,), n, dtype=torch.int64)  # (padded cells,) token of each cell, N = none
-    lookup[flat] = torch.arange(n)
-    nbr = lookup[(flat[:, None] + torch.tensor(offsets)[None, :]).view(-1)]  # (N * W,)
+    nbr = _window_neighbours(flat, n_padded, offsets).view(-1)  # (N * W,)
     if dense:
         width = int(cols.max()) + 1
         cell, n_cells, at = None, n, torch.arange(n)
@@ -510,8 +519,7 @@ def _nms_tables(
     ``x - s_o``. Dense single-image grids reuse a cached layout; sub-images, holes or another token
     order are copied into a padded grid whose empty cells hold zero keys.
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+    _check_window(window)
     n = int(rows.shape[0])
     rows, cols = rows.to(torch.int64), cols.to(torch.int64)
     lay = None
