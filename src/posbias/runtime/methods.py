@@ -190,8 +190,6 @@ def _mmr_select(
     norms = torch.linalg.vector_norm(raw, dim=-1).clamp_min(1e-12)  # (N,) as F.normalize
     f0 = raw[first] / norms[first]  # (D,)
     cos0 = (raw @ f0) / norms  # (N,) cosine with the first pick
-    # upper bounds of the scores after the first pick, padded by far more than float32 rounding of the cosines
-    stale = base - c * cos0 + 1e-5 * (c + base.abs())  # (N,)
     if 0.0 < lam < 1.0:
         # exact pruning of the candidates: at any step the winner j scores at least as high as an unpicked token i
         # among the k most relevant (fewer than k are picked), and the first pick is among j's picks, so
@@ -200,9 +198,20 @@ def _mmr_select(
         # ~10-20% of the tokens; the slack 1e-5 is far above float32 rounding of the scores.
         kth = float(torch.topk(rel, k).values[-1])
         keep = rel >= (kth - 1e-5) - (c / lam) * (1.0 - cos0)  # (N,) bool
-        stale = torch.where(keep, stale, torch.tensor(float("-inf")))
-    stale[first] = float("-inf")
-    return _mmr_lazy(base, raw, norms, stale, k, c, first, f0)
+    else:
+        keep = torch.ones(n, dtype=torch.bool)
+    keep[first] = False
+    live = torch.nonzero(keep).squeeze(1)  # (L,) ascending: the tokens that can still be picked
+    n_live, d = int(live.shape[0]), int(raw.shape[1])
+    if n_live < k - 1:
+        raise PosbiasError("MMR candidate pruning kept fewer tokens than the budget (non-finite relevance?)")
+    feats = torch.index_select(raw, 0, live, out=_scratch("mmr_live", (n_live, d)))  # (L, D)
+    feats /= norms.index_select(0, live).unsqueeze(1)  # normalised as F.normalize
+    base_live = base.index_select(0, live)  # (L,)
+    # upper bounds of the scores after the first pick, padded by far more than float32 rounding of the cosines
+    stale = base_live - c * cos0.index_select(0, live) + 1e-5 * (c + base_live.abs())  # (L,)
+    picked = _mmr_lazy(base_live, feats, stale, k, c, f0)  # (k - 1,) positions in live
+    return torch.cat([torch.tensor([first], dtype=torch.int64), live.index_select(0, picked)])
 
 
 _VIEW_FORMATS = {torch.float32: "f", torch.float64: "d", torch.int64: "q"}
@@ -224,68 +233,77 @@ def _flat_view(t: torch.Tensor) -> memoryview:
 #: candidates a block of the lazy MMR brings up to date at once (measured best on N=2304, k=256)
 _MMR_BLOCK = 96
 
+#: a block first checks its candidates against the most recent 1/_MMR_STAGE of the picks (see :func:`_mmr_lazy`)
+_MMR_STAGE = 4
 
-def _mmr_lazy(
-    base: torch.Tensor, raw: torch.Tensor, norms: torch.Tensor, stale: torch.Tensor, k: int, c: float, first: int,
-    f0: torch.Tensor,
-) -> torch.Tensor:
+
+def _mmr_lazy(base: torch.Tensor, feats: torch.Tensor, stale: torch.Tensor, k: int, c: float,
+              f0: torch.Tensor) -> torch.Tensor:
     """Exact greedy MMR by lazy evaluation in blocks (the picks of the dense greedy, same tie-breaking).
 
     With ``f`` the L2-normalised features, the score of ``i`` after picks ``S`` is
     ``min_{p in S} fl(base_i - fl(c * cos(f_i, f_p)))`` (float32 rounding is monotone, so this is
     ``fl(base_i - c * max_p cos)`` of Eq. 7). It only shrinks as ``S`` grows, so a stale score is an upper bound.
-    Each block takes the ``m`` tokens of highest stale score as candidates, brings their scores up to date with one
-    matmul against all picks so far (a min with the stale score, so exact ones stay), gets their pairwise terms
-    with one ``m x m`` matmul, and picks greedily among them in plain Python (a lazy max-heap) while the best exact
-    score beats ``U``, the best stale score outside the block (ties go to the lower index like ``argmax``). The
-    scores of the candidates left are then brought up to date with one ``amin`` over the block's picked columns
-    (``min`` is idempotent, so the columns a candidate already saw in the heap do not change it). A block that
-    cannot pick is doubled.
+    Each block takes the ``m`` tokens of highest stale score as candidates and ``U``, the best stale score outside
+    the block. It brings their scores up to date with matmuls against the picks so far (a min with the stale score,
+    so exact ones stay): first against the most recent quarter of the picks, which on real features already pushes
+    most late candidates to ``U`` or below (they cannot be picked in this block: they go back with that tighter
+    bound), then the survivors against the older picks. It gets the survivors' pairwise terms with one matmul and
+    picks greedily among them in plain Python (a lazy max-heap) while the best exact score beats ``U`` (ties go to
+    the lower index like ``argmax``). The scores of the candidates left are then brought up to date with one
+    ``amin`` over the block's picked columns (``min`` is idempotent, so the columns a candidate already saw in the
+    heap do not change it). A block that cannot pick is doubled.
 
     Parameters
     ----------
     base : torch.Tensor
-        (N,) float32 ``lam * Rel``.
-    raw : torch.Tensor
-        (N, D) float32 features, normalised as they are gathered: ``raw[i] / norms[i]`` is ``F.normalize``.
-    norms : torch.Tensor
-        (N,) float32 row norms clamped at 1e-12.
+        (L,) float32 ``lam * Rel`` of the tokens that can be picked (the first pick excluded), in token order.
+    feats : torch.Tensor
+        (L, D) float32 L2-normalised features of the same tokens.
     stale : torch.Tensor
-        (N,) float32 upper bounds of the scores after the first pick; ``-inf`` for the first pick and for tokens
-        that cannot win. Updated in place (to the exact scores of the candidates of each block).
-    k, c, first
-        Picks, ``1 - lam``, the first pick.
+        (L,) float32 upper bounds of their scores after the first pick. Updated in place.
+    k, c
+        Picks (the first included), ``1 - lam``.
     f0 : torch.Tensor
         (D,) normalised features of the first pick.
 
     Returns
     -------
     torch.Tensor
-        (k,) int64 indices in pick order.
+        (k - 1,) int64 positions in the L tokens, in pick order.
     """
-    n, d = int(raw.shape[0]), int(raw.shape[1])
+    n_live, d = int(feats.shape[0]), int(feats.shape[1])
     fpicks = _scratch("mmr_picks", (k, d))  # (k, D) normalised features of the picks
     fpicks[0] = f0
-    picks = [first]
-    live = int(torch.isfinite(stale).sum())  # tokens that can still be picked
-    if live < k - 1:
-        raise PosbiasError("MMR candidate pruning kept fewer tokens than the budget (non-finite relevance?)")
+    picks: list[int] = []
+    rem = n_live  # tokens not picked yet (finite stale scores)
     inf = float("-inf")
     size = _MMR_BLOCK
     t = 1
     while t < k:
-        m = min(size, live)
-        top = torch.topk(stale, m + 1 if m < live else m)  # stale scores, best first
-        cand = top.indices[:m]  # (m,)
-        vals = top.values[:m]  # (m,) stale scores: exact for the candidates left by the last block, else bounds
-        bound = float(top.values[m]) if m < live else inf  # best stale score outside the block
-        fc = torch.index_select(raw, 0, cand, out=_scratch("mmr_block", (m, d)))  # (m, D) (faster than [])
-        fc /= norms[cand, None]  # normalised
-        bc = base[cand][:, None]  # (m, 1)
+        m = min(size, rem)
+        top_vals, top_idx = torch.topk(stale, m + 1 if m < rem else m)  # stale scores, best first
+        cand = top_idx[:m]  # (m,)
+        vals = top_vals[:m]  # (m,) stale scores: exact for the candidates left by the last block, else bounds
+        bound = float(top_vals[m]) if m < rem else inf  # best stale score outside the block
+        fc = torch.index_select(feats, 0, cand, out=_scratch("mmr_block", (m, d)))  # (m, D)
+        bc = torch.index_select(base, 0, cand).unsqueeze(1)  # (m, 1)
+        # the same float32 operations as the dense greedy (no fused addmm, whose rounding differs)
+        recent = t // _MMR_STAGE if m < rem else 0
+        if recent >= 8:
+            vals = torch.minimum(vals, (bc - c * (fc @ fpicks[t - recent : t].T)).amin(dim=1))  # (m,) bounds
+            stale.index_copy_(0, cand, vals)
+            alive = torch.nonzero(vals > bound).squeeze(1)  # (m',) candidates that can still be picked here
+            m = int(alive.shape[0])
+            if m == 0:
+                size *= 2  # every candidate fell to U or below: their bounds are tighter now; widen the block
+                continue
+            cand, fc, bc, vals = (x.index_select(0, alive) for x in (cand, fc, bc, vals))
+            older = fpicks[: t - recent]
+        else:
+            older = fpicks[:t]
+        vals = torch.minimum(vals, (bc - c * (fc @ older.T)).amin(dim=1))  # (m,) exact as of all t picks
         sct = (bc - c * (fc @ fc.T)).contiguous()  # (m, m) score of candidate a after picking candidate b
-        # every candidate's score as of all t picks (the same float32 operations as the dense greedy, no fused
-        # addmm, whose rounding differs); the min with the stale score is a no-op for the exact ones
-        vals = torch.minimum(vals, (bc - c * (fc @ fpicks[:t].T)).amin(dim=1))
         sc = _flat_view(sct)  # sc[a * m + b] == sct[a, b]; sct stays alive for the block
         # the lowest score another candidate's pick can leave candidate a with (a's own column is never read for
         # a): once a's score is at or below it, no pick of this block changes it and the scan below is skipped
@@ -316,10 +334,10 @@ def _mmr_lazy(
             continue
         bt = torch.tensor(block, dtype=torch.int64)
         vals = torch.minimum(vals, sct.index_select(1, bt).amin(dim=1))  # (m,) exact as of all picks
-        vals[bt] = inf
-        stale[cand] = vals
+        vals.index_fill_(0, bt, inf)
+        stale.index_copy_(0, cand, vals)
         torch.index_select(fc, 0, bt, out=fpicks[t - len(block) : t])
-        live -= len(block)
+        rem -= len(block)
     return torch.tensor(picks, dtype=torch.int64)
 
 
