@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from posbias.errors import PosbiasError
+from posbias.runtime import methods
 from posbias.runtime.methods import (
     _check_k,
     minmax,
@@ -435,3 +436,19 @@ def test_mmr_candidate_bound_never_excludes_a_dense_pick(seed):
     assert bool(keep[ref].all())
     assert int(keep.sum()) < 2304 // 2  # the bound is doing work here
     assert mmr_select(rel, feats, k, lam=lam).tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_mmr_small_blocks_match_dense(monkeypatch, block):
+    # tiny blocks drive every branch of the lazy MMR: candidates pushed back by the check against the recent picks,
+    # blocks whose every candidate is pushed back (seen with block 4 on the common-direction inputs of seeds 1 and
+    # 3) or that cannot pick, and the widening that follows; the picks must stay those of the dense greedy
+    monkeypatch.setattr(methods, "_MMR_BLOCK", block)
+    for seed in (1, 3):
+        g = torch.Generator().manual_seed(seed)
+        rel = torch.rand(2304, generator=g)
+        clustered = torch.randn(2304, 8, generator=g) @ torch.randn(8, 64, generator=g)
+        clustered += 0.3 * torch.randn(2304, 64, generator=g)
+        common = 4.0 * torch.randn(1, 64, generator=g) + torch.randn(2304, 64, generator=g)
+        for r, f in ((rel, clustered), (rel**6, common)):
+            assert mmr_select(r, f, 256).tolist() == _mmr_dense_reference(r, f, 256).tolist()
