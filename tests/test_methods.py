@@ -76,6 +76,17 @@ def test_mmr_first_pick_is_relevance_and_diversity_skips_duplicates():
         mmr_select(rel, feats, 2, lam=1.5)
     with pytest.raises(PosbiasError, match="keep"):
         mmr_select(rel, feats, 6)
+    # non-finite inputs are refused at every lambda (lambda 0 and 1 skip the candidate bound that would drop them)
+    for lam in (0.0, 0.9, 1.0):
+        for bad in (float("nan"), float("inf")):
+            r = rel.clone()
+            r[3] = bad
+            with pytest.raises(PosbiasError, match="relevance must be finite"):
+                mmr_select(r, feats, 2, lam=lam)
+            f = feats.clone()
+            f[4, 0] = bad
+            with pytest.raises(PosbiasError, match="features must be finite"):
+                mmr_select(rel, f, 2, lam=lam)
 
 
 def soft_nms_reference(scores, rows, cols, keys, k, sd, ss, window, groups=None):

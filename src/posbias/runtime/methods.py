@@ -177,6 +177,8 @@ def _mmr_select(
         raise PosbiasError(f"mmr_lambda={lam!r} must lie in [0, 1]; the seed uses 0.9")
     if features.ndim != 2 or features.shape[0] != n:
         raise PosbiasError(f"features have shape {tuple(features.shape)}; expected ({n}, D)")
+    if not bool(torch.isfinite(relevance).all()):
+        raise PosbiasError("MMR relevance must be finite (got NaN or inf); leave masked tokens out instead")
     rel = minmax(relevance) if normalize_relevance else relevance.float()  # (N,) float32
     lam = float(lam)
     c = 1.0 - lam
@@ -188,6 +190,8 @@ def _mmr_select(
     # norms of all rows: one pass over (N, D) with an (N,) output; gathering the pool first allocates (P, D)
     # (page faults on every call, measured slower here)
     norms = torch.linalg.vector_norm(raw, dim=-1).clamp_min(1e-12)  # (N,) as F.normalize
+    if not bool(torch.isfinite(norms).all()):  # a NaN or inf anywhere in a row makes its norm NaN or inf
+        raise PosbiasError("MMR features must be finite (got NaN or inf in the hidden states)")
     f0 = raw[first] / norms[first]  # (D,)
     cos0 = (raw @ f0) / norms  # (N,) cosine with the first pick
     if 0.0 < lam < 1.0:
@@ -204,7 +208,7 @@ def _mmr_select(
     live = torch.nonzero(keep).squeeze(1)  # (L,) ascending: the tokens that can still be picked
     n_live, d = int(live.shape[0]), int(raw.shape[1])
     if n_live < k - 1:
-        raise PosbiasError("MMR candidate pruning kept fewer tokens than the budget (non-finite relevance?)")
+        raise PosbiasError("internal: MMR candidate pruning kept fewer tokens than the budget")
     feats = torch.index_select(raw, 0, live, out=_scratch("mmr_live", (n_live, d)))  # (L, D)
     feats /= norms.index_select(0, live).unsqueeze(1)  # normalised as F.normalize
     base_live = base.index_select(0, live)  # (L,)
