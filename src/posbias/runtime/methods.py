@@ -187,13 +187,18 @@ def _mmr_select(
     if k == 1:
         return torch.tensor([first], dtype=torch.int64)
     raw = features.float()  # (N, D)
-    # norms of all rows: one pass over (N, D) with an (N,) output; gathering the pool first allocates (P, D)
-    # (page faults on every call, measured slower here)
-    norms = torch.linalg.vector_norm(raw, dim=-1).clamp_min(1e-12)  # (N,) as F.normalize
+    f0 = raw[first] / torch.linalg.vector_norm(raw[first]).clamp_min(1e-12)  # (D,)
+    # norms and products with the first pick of all rows, in chunks that stay in the L2 cache between the two ops
+    # (the mat-vec reads memory slowly when cold; two whole passes measured ~15% slower here)
+    norms, cos0 = torch.empty(n), torch.empty(n)  # (N,), (N,)
+    for lo in range(0, n, _MMR_CHUNK):
+        rows = raw[lo : lo + _MMR_CHUNK]  # (<= chunk, D)
+        torch.linalg.vector_norm(rows, dim=-1, out=norms[lo : lo + _MMR_CHUNK])
+        torch.mv(rows, f0, out=cos0[lo : lo + _MMR_CHUNK])
+    norms.clamp_min_(1e-12)  # as F.normalize
     if not bool(torch.isfinite(norms).all()):  # a NaN or inf anywhere in a row makes its norm NaN or inf
         raise PosbiasError("MMR features must be finite (got NaN or inf in the hidden states)")
-    f0 = raw[first] / norms[first]  # (D,)
-    cos0 = (raw @ f0) / norms  # (N,) cosine with the first pick
+    cos0 /= norms  # (N,) cosine with the first pick
     if 0.0 < lam < 1.0:
         # exact pruning of the candidates: at any step the winner j scores at least as high as an unpicked token i
         # among the k most relevant (fewer than k are picked), and the first pick is among j's picks, so
@@ -241,6 +246,9 @@ _MMR_BLOCK = 96
 
 #: a block first checks its candidates against the most recent 1/_MMR_STAGE of the picks (see :func:`_mmr_lazy`)
 _MMR_STAGE = 4
+
+#: rows per chunk of the first pass over the features (~0.6 MB at D = 576)
+_MMR_CHUNK = 256
 
 #: mean cosine (in percent) of the kept tokens with the first pick from which every bound is brought up to date
 #: after the first block (see :func:`_mmr_lazy`)
