@@ -467,3 +467,16 @@ def test_mmr_small_blocks_match_dense(monkeypatch, block):
         common = 4.0 * torch.randn(1, 64, generator=g) + torch.randn(2304, 64, generator=g)
         for r, f in ((rel, clustered), (rel**6, common)):
             assert mmr_select(r, f, 256).tolist() == _mmr_dense_reference(r, f, 256).tolist()
+
+
+def test_mmr_half_precision_features_pick_as_their_float32_values():
+    # real models hand over bfloat16 hidden states: they are converted chunk by chunk (no float32 copy of all of
+    # them), which must not change a pick
+    g = torch.Generator().manual_seed(11)
+    rel = torch.rand(2304, generator=g) ** 3
+    feats = 4.0 * torch.randn(1, 96, generator=g) + torch.randn(2304, 96, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = feats.to(dtype)
+        got = mmr_select(rel, low, 256).tolist()
+        assert got == mmr_select(rel, low.float(), 256).tolist()
+        assert got == _mmr_dense_reference(rel, low.float(), 256).tolist()

@@ -186,13 +186,15 @@ def _mmr_select(
     first = int(torch.argmax(rel))  # ties: the lower index
     if k == 1:
         return torch.tensor([first], dtype=torch.int64)
-    raw = features.float()  # (N, D)
-    f0 = raw[first] / torch.linalg.vector_norm(raw[first]).clamp_min(1e-12)  # (D,)
+    raw = features  # (N, D), any float dtype: chunks and the kept rows are converted to float32 as they are read
+    # (real models hand over bfloat16 hidden states; a float32 copy of all of them would be N x D x 4 bytes)
+    f0 = raw[first].float()  # (D,)
+    f0 /= torch.linalg.vector_norm(f0).clamp_min(1e-12)
     # norms and products with the first pick of all rows, in chunks that stay in the L2 cache between the two ops
     # (the mat-vec reads memory slowly when cold; two whole passes measured ~15% slower here)
     norms, cos0 = torch.empty(n), torch.empty(n)  # (N,), (N,)
     for lo in range(0, n, _MMR_CHUNK):
-        rows = raw[lo : lo + _MMR_CHUNK]  # (<= chunk, D)
+        rows = raw[lo : lo + _MMR_CHUNK].float()  # (<= chunk, D) float32 (no copy when already float32)
         torch.linalg.vector_norm(rows, dim=-1, out=norms[lo : lo + _MMR_CHUNK])
         torch.mv(rows, f0, out=cos0[lo : lo + _MMR_CHUNK])
     norms.clamp_min_(1e-12)  # as F.normalize
@@ -214,7 +216,11 @@ def _mmr_select(
     n_live, d = int(live.shape[0]), int(raw.shape[1])
     if n_live < k - 1:
         raise PosbiasError("internal: MMR candidate pruning kept fewer tokens than the budget")
-    feats = torch.index_select(raw, 0, live, out=_scratch("mmr_live", (n_live, d)))  # (L, D)
+    feats = _scratch("mmr_live", (n_live, d))  # (L, D) float32
+    if raw.dtype == torch.float32:
+        torch.index_select(raw, 0, live, out=feats)
+    else:
+        feats.copy_(torch.index_select(raw, 0, live))
     feats /= norms.index_select(0, live).unsqueeze(1)  # normalised as F.normalize
     base_live = base.index_select(0, live)  # (L,)
     # upper bounds of the scores after the first pick, padded by far more than float32 rounding of the cosines
