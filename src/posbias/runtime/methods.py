@@ -157,7 +157,8 @@ def _mmr_select(
     relevance : torch.Tensor
         (N,) relevance, e.g. PBC-corrected attention.
     features : torch.Tensor
-        (N, D) token features (shallow decoder hidden states); L2-normalised here.
+        (N, D) token features (shallow decoder hidden states), any float dtype (scored in float32);
+        L2-normalised here.
     k : int
         Tokens to pick, 1..N.
     lam : float
@@ -169,7 +170,13 @@ def _mmr_select(
     Returns
     -------
     torch.Tensor
-        (k,) int64 CPU indices in pick order (sort them to restore sequence order).
+        (k,) int64 CPU indices in pick order (sort them to restore sequence order). The picks are those of the
+        dense greedy; two candidates whose scores agree to float32 rounding may come in either order.
+
+    Raises
+    ------
+    PosbiasError
+        ``k`` outside 1..N, ``lam`` outside [0, 1], features not (N, D), NaN or inf in relevance or features.
     """
     n = int(relevance.shape[0])
     _check_k(k, n)
