@@ -175,7 +175,7 @@ def test_soft_nms_grids_narrower_than_the_window(grid):
         for idx in (torch.arange(n), torch.randperm(n, generator=g)):
             s = torch.rand(n, generator=g)
             keys = torch.randn(1, 4, generator=g) + 0.3 * torch.randn(n, 4, generator=g)
-            r, c, s = rows[idx], cols[idx], s
+            r, c = rows[idx], cols[idx]
             got = soft_nms_select(s, r, c, keys, n, window=window).tolist()
             assert got == soft_nms_reference(s.tolist(), r.tolist(), c.tolist(), keys.tolist(), n, 1.5, 0.05, window)
 

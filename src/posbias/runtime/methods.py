@@ -602,12 +602,12 @@ def _nms_tables(
     rows_kp = -(-m // _NMS_TILE) * _NMS_TILE + far  # whole tiles of cells, then the reach of the last slot
     kp = _scratch("nms_keys", (rows_kp, d))  # L2-normalised key of each cell; zero rows past the last cell
     kp[m:].zero_()
+    norms = torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min_(1e-12)  # (N, 1) as F.normalize
     if lay.cell is None:
-        norms = torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min_(1e-12)  # (N, 1) as F.normalize
         torch.div(keys, norms, out=kp[:m])
     else:
         kp[:m].zero_()
-        kp.index_copy_(0, lay.cell, torch.nn.functional.normalize(keys, dim=-1))
+        kp.index_copy_(0, lay.cell, keys / norms)
     e = _nms_cosines(kp, lay, m, window)  # (P, cells) float32 cos of slot centre + 1 + o at cell x
     x = _scratch("nms_fac", (centre, m), torch.float64)
     x.copy_(e).sub_(1.0).square_().mul_(-1.0 / (2.0 * sigma_s**2)).exp_()  # exp(-(1 - cos)^2 / 2 sigma_s^2)
