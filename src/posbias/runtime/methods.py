@@ -421,8 +421,13 @@ def _padded_cells(
     if int(torch.bincount(flat, minlength=1).max()) > 1:
         raise PosbiasError("two visual tokens share a grid cell (same row, col and sub-image); each token needs its "
                            "own cell: check the rows/cols/groups of the layout")
-    offsets = [dr * n_c + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
-    return flat, n_g * n_r * n_c, offsets
+    return flat, n_g * n_r * n_c, _window_offsets(n_c, window)
+
+
+def _window_offsets(width: int, window: int) -> list[int]:
+    """Cell offset of each slot of a ``window x window`` square, row-major (the centre 0), in rows ``width`` wide."""
+    half = window // 2
+    return [dr * width + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
 
 
 def neighbour_table(
@@ -473,13 +478,11 @@ def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: tor
     n = int(rows.shape[0])
     n_w = window * window
     centre = n_w // 2
-    half = window // 2
     flat, n_padded, offsets = _padded_cells(rows, cols, window, groups)
     nbr = _window_neighbours(flat, n_padded, offsets).view(-1)  # (N * W,)
     if dense:
-        width = int(cols.max()) + 1
         cell, n_cells, at = None, n, torch.arange(n)
-        shifts = [dr * width + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+        shifts = _window_offsets(int(cols.max()) + 1, window)
     else:
         cell, n_cells, at, shifts = flat, n_padded, flat, offsets
     base = [0] * n_w  # item of slot w for the token at cell x: base[w] + x
@@ -662,14 +665,14 @@ def _soft_nms_select(
         raise PosbiasError(f"sigma_d={sigma_d!r} and sigma_s={sigma_s!r} must be > 0 (anchors: 1.5 and 0.05)")
     if keys.ndim != 2 or keys.shape[0] != n:
         raise PosbiasError(f"keys have shape {tuple(keys.shape)}; expected ({n}, D)")
+    if not bool(torch.isfinite(scores).all()):
+        raise PosbiasError("soft-NMS scores must be finite (got NaN or inf); mask tokens by leaving them out instead")
     fac_t, nbr_t = _nms_tables(rows, cols, keys, window, float(sigma_d), float(sigma_s), groups)
     fac, nbr = _flat_view(fac_t), _flat_view(nbr_t)  # fac_t and nbr_t stay alive until the function returns
     n_w = window * window
     s64 = scores.double()  # (N,)
     cur = s64.tolist()  # current scores, decayed in place
     cur.append(0.0)  # the dummy neighbour N: decayed freely, never read
-    if not all(map(math.isfinite, cur)):
-        raise PosbiasError("soft-NMS scores must be finite (got NaN or inf); mask tokens by leaving them out instead")
     picks: list[int] = []
     push, pop = heapq.heappush, heapq.heappop
     if min(cur) >= 0.0:
