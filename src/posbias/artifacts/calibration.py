@@ -298,7 +298,8 @@ class Calibration:
             target = p / CALIBRATION_FILENAME
             if not target.is_file():
                 raise SchemaError(
-                    f"model directory {p} has no {CALIBRATION_FILENAME}; export one with posbias.artifacts.export_to"
+                    f"model folder {p} has no {CALIBRATION_FILENAME}; calibrate the model and ship the result with "
+                    f"'profile-bias export --calibration runs/NAME/{CALIBRATION_FILENAME} --to {p}'"
                 )
             return cls.load(target)
         return cls.load(p)

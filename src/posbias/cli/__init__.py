@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from posbias.errors import PosbiasError
 
-__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "unknown_command", "SUBCOMMANDS"]
 
 SUBCOMMANDS = ("profile", "fit", "export", "report", "solve", "evaluate", "merge", "utr")
 PROG = "profile-bias"
@@ -21,6 +21,7 @@ PROG = "profile-bias"
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(top-level parser for the whole pipeline, parser with the stage subcommands)."""
     from posbias.cli import evaluate, export, fit, merge, profile, report, run, solve, utr
+    from posbias.cli.common import HelpFormatter
 
     top = argparse.ArgumentParser(
         prog=PROG,
@@ -31,14 +32,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             + ", ".join(SUBCOMMANDS)
             + f" (see '{PROG} SUBCOMMAND --help')."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     run.add_arguments(top)
-    stages = argparse.ArgumentParser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    stages = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter)
     sub = stages.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for module in (profile, fit, export, report, solve, evaluate, merge, utr):
         module.add_parser(sub)
     return top, stages
+
+
+def unknown_command(word: str) -> str:
+    """The one-line message for a mistyped subcommand: the closest valid one and the whole list."""
+    import difflib
+
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return (
+        f"unknown command {word!r}; {hint}commands: {', '.join(SUBCOMMANDS)} "
+        f"(or none: '{PROG} --model M' runs the whole pipeline)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     top, stages = build_parser()
     if args_list and args_list[0] in SUBCOMMANDS:
         args = stages.parse_args(args_list)
+    elif args_list and not args_list[0].startswith("-"):
+        print(f"{PROG}: error: {unknown_command(args_list[0])}", file=sys.stderr)
+        return 2
     else:
         args = top.parse_args(args_list)
     try:

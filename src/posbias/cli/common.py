@@ -3,11 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from posbias.errors import PosbiasError
 
-__all__ = ["add_model_options", "add_sample_options", "add_fit_options", "prepare_out_dir", "print_table", "csv_ints", "csv_names"]
+__all__ = [
+    "HelpFormatter",
+    "add_model_options",
+    "add_sample_options",
+    "add_fit_options",
+    "prepare_out_dir",
+    "check_out_dir",
+    "default_out",
+    "removing_empty_dir",
+    "print_table",
+    "csv_ints",
+    "csv_names",
+]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default once: appended only where the help text does not already say it.
+
+    No default is shown for required options, flags, options whose default is None (the help says what
+    happens then) or suppressed defaults.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or not action.option_strings:
+            return text
+        if action.required or action.default in (None, False, True, argparse.SUPPRESS):
+            return text
+        if isinstance(action.default, list) and not action.default:
+            return text
+        shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+def default_out(model: str) -> str:
+    """The default run folder of a model: ``runs/<alias>`` for an alias or hub id's last part, ``runs/<folder name>``.
+
+    So that two models never share a default folder (``runs/demo-llava``, ``runs/qwen2.5-vl-7b``).
+    """
+    name = Path(str(model).rstrip("/\\")).name or "model"
+    name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in name).strip(".-") or "model"
+    return str(Path("runs") / name)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -93,7 +136,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
         "--gaussian-sigma",
         type=_sigma,
         default="default",
-        help="sigma of AdaptPrune's centre weight in centred units: 'default' (the seed's 12 on 24x24, scaled to the "
+        help="sigma of AdaptPrune's centre weight in centred units: 'default' (AdaptPrune's released 12 on 24x24, scaled to the "
         "grid), 'fit' (fitted to the mean attention map) or a number",
     )
     g.add_argument("--keep", type=int, default=64, help="default number of kept visual tokens recorded in the calibration")
@@ -117,8 +160,8 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--level", type=float, default=0.95, help="confidence level of all intervals")
 
 
-def prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
-    """Create ``out``; refuse when it already holds any of ``names`` unless ``overwrite``."""
+def check_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
+    """Check ``out`` without creating it: refuse a file, or a folder holding any of ``names`` unless ``overwrite``."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise PosbiasError(f"--out {out} is a file, not a folder; pass a folder path")
@@ -127,14 +170,48 @@ def prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
         raise PosbiasError(
             f"--out {out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or choose another --out"
         )
+    return path
+
+
+def prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
+    """:func:`check_out_dir`, then create the folder."""
+    path = check_out_dir(out, names, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+@contextlib.contextmanager
+def removing_empty_dir(path: Path) -> Iterator[None]:
+    """Remove ``path`` (and the parents created with it) if the block fails and leaves them empty.
+
+    A failed run then leaves no empty output folder behind; a folder that existed before, or that holds
+    anything (a partial store to ``--resume``), is kept.
+    """
+    created: list[Path] = []
+    p = path.absolute()
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for q in created:  # innermost first
+            try:
+                q.rmdir()  # only succeeds when empty
+            except OSError:
+                break
+        raise
+
+
 def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    """Print an aligned text table; the last column is not padded (no trailing spaces)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    print(line)
-    print("  ".join("-" * w for w in widths))
+    widths[-1] = 0
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    print(line(header))
+    print("  ".join("-" * (w or len(header[-1])) for w in widths))
     for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        print(line(r))

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from posbias.cli.common import add_model_options, csv_ints, csv_names
+from posbias.cli.common import HelpFormatter, add_model_options, csv_ints, csv_names
 from posbias.errors import PosbiasError
 
 __all__ = ["add_parser", "run"]
@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compare pruning methods with the full model (KL, agreement, FLOPs, time, memory)",
         description="Run the full model and the model pruned by each method and budget on samples disjoint from "
         "the calibration's, and report KL(full||pruned) of the first answer token, top-1 and exact answer "
-        "agreement, accuracy on yes/no labels, FLOPs (seed 000 Eq. 8), prefill time and peak memory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "agreement, accuracy on yes/no labels, FLOPs (PosPrune Eq. 8), prefill time and peak memory.",
+        formatter_class=HelpFormatter,
     )
     add_model_options(p)
     p.add_argument("--calibration", required=True, help="calibration JSON (its store's samples are excluded)")

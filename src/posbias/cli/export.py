@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from posbias.cli.common import HelpFormatter
+
 __all__ = ["add_parser", "run"]
 
 
@@ -14,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Validate a calibration and write it as MODEL_DIR/posbias_calibration.json, next to the "
         "checkpoint's config.json, where posbias.runtime.Calibration.from_pretrained(MODEL_DIR) finds it. "
         "The checkpoint's config must have the calibration's fingerprint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--calibration", required=True, help="calibration JSON written by 'profile-bias fit'")
     p.add_argument("--to", required=True, metavar="MODEL_DIR", help="checkpoint folder holding config.json")

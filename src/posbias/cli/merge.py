@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from posbias.cli.common import HelpFormatter
 from pathlib import Path
 
 from posbias.errors import PosbiasError
@@ -17,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Merge profile stores of one model and seed into OUT/profile.h5: the shards of a torchrun "
         "run (OUT/shards/rank*.h5), or stores profiled separately on several machines. Interrupted stores "
         "(with uncompacted segments) are accepted. Sample ids must be disjoint unless --dedupe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "inputs",

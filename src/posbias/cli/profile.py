@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from posbias.cli.common import add_model_options, add_sample_options, prepare_out_dir
+from posbias.cli.common import HelpFormatter, add_model_options, add_sample_options, check_out_dir, default_out, removing_empty_dir
 from posbias.errors import PosbiasError
 
 __all__ = ["add_parser", "add_arguments", "run", "run_profile", "SHARDS_DIRNAME", "DEFAULT_N"]
@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(n=None)
     # torchrun's own parser takes '--n' as an abbreviation of its options: this alias passes through it
     p.add_argument("--n-samples", dest="n", type=int, default=argparse.SUPPRESS, help="same as --n (use it under torchrun)")
-    p.add_argument("--out", default="runs/profile", help="output folder; the store is OUT/profile.h5")
+    p.add_argument(
+        "--out", default=None, help="output folder; the store is OUT/profile.h5 (default: runs/<model alias or folder name>)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("-v", "--verbose", action="store_true", help="print a line per sample once it is committed to disk")
     p.add_argument(
@@ -71,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "at every decoder layer in OUT/profile.h5 (format: docs/store.md). Crash-safe: --resume continues an "
         "interrupted run. Under 'torchrun --nproc-per-node K -m posbias.cli profile ...' the samples are sharded "
         "across the K ranks and rank 0 merges the shards.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=run)
@@ -157,6 +159,7 @@ def run_profile(args: argparse.Namespace, out_dir: Path) -> Path:
     if overwrite and (out_dir / SHARDS_DIRNAME).is_dir():
         shutil.rmtree(out_dir / SHARDS_DIRNAME)
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad option or model leaves no empty folder behind
     verbose = bool(getattr(args, "verbose", False))
     summary = profile_samples(
         adapter,
@@ -249,6 +252,9 @@ def _run_sharded(args: argparse.Namespace, out_dir: Path, stream: Any, options: 
 def run(args: argparse.Namespace) -> int:
     from posbias.pipeline import STORE_FILENAME
 
-    out_dir = prepare_out_dir(args.out, [STORE_FILENAME], args.overwrite or args.resume)
-    run_profile(args, out_dir)
+    if args.out is None:
+        args.out = default_out(args.model)
+    out_dir = check_out_dir(args.out, [STORE_FILENAME], args.overwrite or args.resume)
+    with removing_empty_dir(out_dir):
+        run_profile(args, out_dir)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+
+from posbias.cli.common import HelpFormatter
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Render a self-contained HTML report (figures embedded, no scripts, no network) and/or a "
         "multi-page PDF with the same sections, from a store, the calibration fitted on it and optionally an "
         "evaluation JSON. Sections whose data are missing say which command produces them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--store", required=True, help="profile store (profile.h5)")
     p.add_argument("--calibration", required=True, help="calibration JSON fitted on that store")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+
+from posbias.cli.common import HelpFormatter
+
 __all__ = ["add_parser", "run"]
 
 
@@ -20,18 +23,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "solve",
         help="UTP retention schedules (exact HiGHS ILP) into a calibration",
-        description="Solve seed 003's layer-wise retention ILP for each compression ratio from a store's "
+        description="Solve UTP's layer-wise retention ILP for each compression ratio from a store's "
         "attention rows and /samples/utr_loss, and add the schedules to a calibration JSON (docs/utp.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--store", required=True, help="profile.h5 with /samples/utr_loss")
     p.add_argument("--ratios", required=True, type=_ratios, help="compression ratios, e.g. 2,4,8,16")
     p.add_argument("--into", required=True, metavar="CALIBRATION", help="calibration JSON to add schedules to")
     p.add_argument("--formulation", default="pwl", choices=("pwl", "compact", "tokens"),
                    help="pwl: compact costs interpolated on --levels keep levels (fast, default); compact: every level "
-                   "(exact compact costs, slow for V=576); tokens: the seed's token-level ILP (exact, small V*L only)")
+                   "(exact compact costs, slow for V=576); tokens: UTP's own token-level ILP (exact, small V*L only)")
     p.add_argument("--levels", type=int, default=33, help="keep levels (breakpoints) of --formulation pwl (docs/utp.md)")
-    p.add_argument("--mode", default="joint", choices=("joint", "per_sample"))
+    p.add_argument("--mode", default="joint", choices=("joint", "per_sample"),
+                   help="joint: one schedule for all samples (their losses summed, what the runtime ships); "
+                   "per_sample: one program per sample, then their per-layer mean projected onto the budget")
     p.add_argument("--pa-layers", type=int, default=3, help="leading layers ranked by position-agnostic rows")
     p.add_argument("--min-keep", type=int, default=1, help="tokens every layer keeps at least")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per HiGHS solve")

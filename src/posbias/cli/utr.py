@@ -9,6 +9,8 @@ already have a finite row are kept unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+
+from posbias.cli.common import HelpFormatter
 from typing import Any
 
 import numpy as np
@@ -22,10 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "utr",
         help="UTP information loss per sample and layer into a store (for 'solve')",
-        description="Compute seed 003's per-layer information loss (angle between the last token's final feature "
+        description="Compute UTP's per-layer information loss (angle between the last token's final feature "
         "with the visual tokens removed from layer l on and the full model's) for every sample of a store and "
         "write it as /samples/utr_loss, which 'profile-bias solve' needs (docs/utp.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--store", required=True, help="profile.h5 written by 'profile-bias profile'")
     p.add_argument("--model", default=None, help="model (default: the store's model_id); must match the store's fingerprint")

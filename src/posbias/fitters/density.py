@@ -91,8 +91,8 @@ class DensityResult:
             "mean_diff": float(self.mean_diff),
             "diff_ci": [float(v) for v in self.diff_ci],
             "cohens_dz": _f(self.cohens_dz),
-            "wilcoxon": {k: _f(v) for k, v in self.wilcoxon.items()},
-            "welch": {k: _f(v) for k, v in self.welch.items()},
+            "wilcoxon": {k: _num(k, v) for k, v in self.wilcoxon.items()},
+            "welch": {k: _num(k, v) for k, v in self.welch.items()},
             "verdict": self.verdict,
             "level": float(self.level),
         }
@@ -100,6 +100,13 @@ class DensityResult:
 
 def _f(v: float) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
+
+
+def _num(key: str, v: float) -> float | int | None:
+    """A statistic for JSON: counts (``n_*``) as integers, the rest as finite floats or None."""
+    if key.startswith("n_") and v is not None and np.isfinite(v):
+        return int(round(float(v)))
+    return _f(v)
 
 
 def density_test(logdet: Any, is_edge: Any = None, *, level: float = 0.95) -> DensityResult:
@@ -169,10 +176,10 @@ def density_test(logdet: Any, is_edge: Any = None, *, level: float = 0.95) -> De
             "w_plus": w_plus,
             "w_minus": w_minus,
             "rank_biserial": (w_plus - w_minus) / (w_plus + w_minus),
-            "n_nonzero": float(nonzero.size),
+            "n_nonzero": int(nonzero.size),
         }
     else:
-        wil = {"statistic": 0.0, "p_value": 1.0, "w_plus": 0.0, "w_minus": 0.0, "rank_biserial": 0.0, "n_nonzero": 0.0}
+        wil = {"statistic": 0.0, "p_value": 1.0, "w_plus": 0.0, "w_minus": 0.0, "rank_biserial": 0.0, "n_nonzero": 0}
     cen_all = flat[usable][:, ~e][fin[usable][:, ~e]]  # (Nc,)
     edg_all = flat[usable][:, e][fin[usable][:, e]]  # (Ne,)
     welch_t = stats.ttest_ind(cen_all, edg_all, equal_var=False)
@@ -183,7 +190,7 @@ def density_test(logdet: Any, is_edge: Any = None, *, level: float = 0.95) -> De
     g *= 1.0 - 3.0 / (4.0 * (n1 + n2) - 9.0) if n1 + n2 > 3 else 1.0
     df = (v1 / n1 + v2 / n2) ** 2 / ((v1 / n1) ** 2 / max(n1 - 1, 1) + (v2 / n2) ** 2 / max(n2 - 1, 1)) if (v1 + v2) > 0 else float("nan")
     welch = {"t": float(welch_t.statistic), "df": float(df), "p_value": float(welch_t.pvalue), "hedges_g": float(g),
-             "n_centre_blocks": float(n1), "n_edge_blocks": float(n2)}
+             "n_centre_blocks": int(n1), "n_edge_blocks": int(n2)}
     p = wil["p_value"]
     if p < 1.0 - level and mean_d > 0:
         verdict = f"centre blocks have higher entropy than edge blocks (Wilcoxon p={p:.2g}, rank-biserial {wil['rank_biserial']:.2f})"

@@ -238,6 +238,9 @@ def profile_samples(
                     on_sample(item.id)
                 bar.set_postfix(skipped=len(summary.skipped), refresh=False)
         bar.close()
+        # provenance: the profiling time of this store (a resumed run adds its time to the earlier runs')
+        earlier = writer._attrs.get("profile_seconds", 0.0) if resume else 0.0
+        writer.update_attrs({"profile_seconds": round(float(earlier) + time.perf_counter() - start, 3)})
     summary.seconds = time.perf_counter() - start
     return summary
 

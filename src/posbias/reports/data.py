@@ -499,7 +499,7 @@ def collect(
 
     utr_loss = None if utr is None else np.asarray(utr, dtype=np.float64)
     if utr_loss is None:
-        missing.append(("UTP information loss l_l (/samples/utr_loss)", "the UTR loss profiling of docs/utp.md (posbias.profiler.utr, /samples/utr_loss), then profile-bias solve"))
+        missing.append(("UTP information loss l_l (/samples/utr_loss)", f"profile-bias utr --store {store_path}, then profile-bias solve --store {store_path} --ratios 2,4,8,16 --into CAL.json"))
     schedules = _find_schedules(cal_doc)
     if not schedules:
         missing.append(("UTP schedules in the calibration", "profile-bias solve --store S --ratios 2,4,8,16 --into C.json"))
