@@ -164,7 +164,8 @@ def fit_calibration(
     """
     import posbias
     from posbias.artifacts import Calibration
-    from posbias.artifacts.calibration import utc_now
+    from posbias.artifacts.calibration import SCHEMA_VERSION, utc_now
+    from posbias.artifacts.quality import assess_methods
     from posbias.fitters import ExponentialBiasFitter, PolynomialBiasFitter
     from posbias.fitters.consistency import DEFAULT_THRESHOLD, bias_consistency
     from posbias.fitters.curves import build_sample_curves, centred_coords
@@ -314,8 +315,8 @@ def fit_calibration(
                 r = c.r_median[-1]
                 txt = "undefined" if not np.isfinite(r) else f"{r:.3f} [{c.r_low[-1]:.3f}, {c.r_high[-1]:.3f}]"
                 rows.append(("consistency", f"r {c.label} (n={c.group_sizes[-1]})", f"{txt} -> {c.verdict}"))
-            if cons.status != "evaluated":
-                rows.append(("consistency", "needed", cons.evidence))
+            if cons.settle:
+                rows.append(("consistency", "to settle", cons.settle))
 
             map_curves = delta_curves if fixed_grid else curves_of(delta_all, "bins2d")
             cmp_ = compare_bias_maps(map_curves, folds=folds, seed=seed)
@@ -401,7 +402,7 @@ def fit_calibration(
     default_layer = shallow if default_method in ("posprune-pbc", "fastv") else pore
     doc: dict[str, Any] = {
         "schema": "posbias.calibration",
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "created": created or utc_now(),
         "posbias_version": posbias.__version__,
         "model": {
@@ -425,6 +426,7 @@ def fit_calibration(
     }
     if stats:
         doc["statistics"] = stats
+    assess_methods(doc_methods, stats)
     calibration = Calibration.from_dict(doc)
     rows.append(("store", "samples used / excluded (NaN/inf) / skipped", f"{n_used} / {n_excluded} / {n_skipped}"))
     return FitResult(calibration=calibration, rows=rows, n_excluded_samples=n_excluded, statistics=stats)

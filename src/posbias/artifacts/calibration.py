@@ -35,9 +35,11 @@ __all__ = [
 ]
 
 SCHEMA_NAME = "posbias.calibration"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this posbias reads (1: before per-entry ``quality``; the rest of the format is unchanged)
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 CALIBRATION_FILENAME = "posbias_calibration.json"
-#: methods whose payload schema_version 1 defines; other names MAY appear and are passed through
+#: methods whose payload the schema defines; other names MAY appear and are passed through
 KNOWN_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc", "adaptprune-gaussian", "posprune-pbc-2d")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from posbias.cli.common import add_fit_options, print_table
+from posbias.cli.common import HelpFormatter, add_fit_options, print_table
 
 __all__ = ["add_parser", "run", "run_fit"]
 
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "AdaptPrune's Gaussian centre weight on a profile store, test the bias for consistency across sample "
         "groups and sources, compare 1-D curves with 2-D bias maps, and write the calibration artifact with "
         "its statistics (format: docs/calibration.md; statistics: docs/statistics.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--store", required=True, help="profile store written by 'profile-bias profile'")
     p.add_argument("--out", required=True, help="calibration JSON to write")
@@ -52,9 +52,21 @@ def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
         level=args.level,
     )
     result.calibration.save(out)
+    print_verdicts(result.calibration.methods)
+    print()
     print_table(result.rows, ("method", "quantity", "value"))
     print(f"calibration -> {out}")
     return out
+
+
+def print_verdicts(methods: dict) -> None:
+    """The quality verdict of every fitted entry, one line each (docs/calibration.md, quality)."""
+    from posbias.artifacts.quality import quality_of
+
+    rows = [(name, *quality_of(entry)) for name, entry in methods.items() if entry.get("quality")]
+    if rows:
+        print("quality of the fitted curves (good: use it; weak: usable with care; unusable: the runtime refuses it):")
+        print_table(rows, ("method", "verdict", "why"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -343,7 +343,8 @@ def evaluate(
             for k in config.keeps:
                 if k > n_visual:
                     raise PosbiasError(f"--keep {k} exceeds the {n_visual} visual tokens of sample {sample.id}")
-                with enable_pruning(model, calibration, method=m, keep=k, params=config.params.get(m)) as pruner:
+                # force: the evaluation measures every method, unusable fits included (the report shows verdicts)
+                with enable_pruning(model, calibration, method=m, keep=k, params=config.params.get(m), force=True) as pruner:
                     res = _run(model, inputs, config.max_new_tokens, eos)
                     rec = pruner.last
                 assert rec is not None

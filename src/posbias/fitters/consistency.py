@@ -13,6 +13,16 @@ random split of the same store could change r). The verdict at the largest group
 - ``"not consistent"`` when the median is < ``threshold``;
 - ``"inconclusive"`` otherwise.
 
+A verdict that is not "consistent" says what would settle it. Two groups' mean curves of n samples each
+share the true curve (variance s2 over positions) and carry independent noise (variance e2 / n), so their
+expected correlation is r(n) = n / (n + k) with k = e2 / s2 (the Spearman-Brown relation). :func:`settle_size`
+fits k by least squares on 1 / r - 1 = k / n to the median r over the group sizes evaluated; the split
+interval's lower end is placed below that curve by the distance (in Fisher z, whose spread depends on the
+number of positions rather than on n) measured at the largest size; the answer is the smallest n whose lower end clears the threshold. The curve
+records that group size and the samples it needs (2n in the source within, n in each source across); the
+result states the samples still to profile. When no median r is positive no trend can be fitted and the
+advice is to double the store.
+
 Default threshold: :data:`DEFAULT_THRESHOLD` = 0.9. The seed's text calls the two groups' curves "highly
 consistent" and shows r rising towards 1 with group size in Fig. 4, but gives no number; 0.9 (a "very
 strong" correlation by the usual convention) is our reading of it, and it is configurable.
@@ -38,6 +48,7 @@ __all__ = [
     "ConsistencyResult",
     "bias_consistency",
     "rowwise_pearson",
+    "settle_size",
 ]
 
 #: group sizes tried by default (those the store can hold)
@@ -117,6 +128,8 @@ class ConsistencyCurve:
     r_high: list[float] = field(default_factory=list)
     n_repeats: list[int] = field(default_factory=list)
     verdict: str = "inconclusive"
+    group_size_needed: int | None = None
+    samples_needed: int | None = None
 
     @property
     def label(self) -> str:
@@ -136,6 +149,8 @@ class ConsistencyCurve:
             "r_high": [_num(v) for v in self.r_high],
             "n_repeats": [int(v) for v in self.n_repeats],
             "verdict": self.verdict,
+            "group_size_needed": None if self.group_size_needed is None else int(self.group_size_needed),
+            "samples_needed": None if self.samples_needed is None else int(self.samples_needed),
         }
 
 
@@ -167,6 +182,8 @@ class ConsistencyResult:
     n_repeats: int
     seed: int
     curves: list[ConsistencyCurve] = field(default_factory=list)
+    more_samples: int | None = None
+    settle: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict (the calibration's ``statistics.consistency``)."""
@@ -179,7 +196,71 @@ class ConsistencyResult:
             "n_repeats": int(self.n_repeats),
             "seed": int(self.seed),
             "curves": [c.to_dict() for c in self.curves],
+            "more_samples": None if self.more_samples is None else int(self.more_samples),
+            "settle": self.settle,
         }
+
+
+#: a group size beyond this is reported as out of reach
+MAX_SETTLE_SIZE = 1_000_000
+
+
+def settle_size(group_sizes: list[int], r_median: list[float | None], r_low: list[float | None],
+                threshold: float) -> int | None:
+    """Group size at which the lower end of the split interval would reach ``threshold`` (module docstring).
+
+    The median r over group sizes gives k of r(n) = n / (n + k) (least squares on 1/r - 1 = k/n over sizes
+    with r > 0). The interval's reach below the median, in Fisher z, is taken from the largest size measured
+    and kept (z's spread depends on the number of positions, not on n). Returns the smallest n with z(n/(n+k)) - width >= z(threshold);
+    None when no median is positive (no trend) or n would exceed :data:`MAX_SETTLE_SIZE`.
+    """
+    n = np.asarray(group_sizes, dtype=np.float64)
+    med = np.asarray([np.nan if v is None else v for v in r_median], dtype=np.float64)
+    low = np.asarray([np.nan if v is None else v for v in r_low], dtype=np.float64)
+    t = float(threshold)
+    ok = np.isfinite(med) & (med > 0)
+    if not ok.any() or t >= 1.0:
+        return None
+    inv_n = 1.0 / n[ok]
+    k = max(float(np.sum((1.0 / med[ok] - 1.0) * inv_n) / np.sum(inv_n**2)), 0.0)  # least squares through 0
+    both = np.flatnonzero(ok & np.isfinite(low))
+    width = 0.0
+    if both.size:
+        j = both[-1]
+        z = np.arctanh(np.clip([med[j], low[j]], -0.999999, 0.999999))
+        width = max(float(z[0] - z[1]), 0.0)
+    cand = np.unique(np.ceil(np.geomspace(2, MAX_SETTLE_SIZE, 4000)))  # (c,)
+    z_pred = np.arctanh(np.clip(cand / (cand + k), -0.999999, 0.999999)) - width
+    hit = np.flatnonzero(z_pred >= np.arctanh(np.clip(t, -0.999999, 0.999999)))
+    return int(cand[hit[0]]) if hit.size else None
+
+
+def _settle(results: list[ConsistencyCurve], sizes_avail: dict[str, int], threshold: float) -> tuple[int | None, str]:
+    """(more samples to profile, one sentence) for the comparisons that are not yet consistent."""
+    open_ = [c for c in results if c.verdict != "consistent"]
+    if not open_:
+        return None, ""
+    more: list[int] = []
+    parts: list[str] = []
+    for c in open_:
+        n = settle_size(c.group_sizes, c.r_median, c.r_low, threshold)
+        if n is None:
+            have = sum(c.available)
+            more.append(have)
+            parts.append(f"{c.label}: no rising trend to extrapolate (median r <= 0 at every group size); profile "
+                         f"at least {have} more samples (double the store) and fit again")
+            continue
+        c.group_size_needed = int(n)
+        per_source = 2 * n if c.kind == "within" else n
+        c.samples_needed = int(per_source)
+        missing = max(per_source - min(sizes_avail[s] for s in c.sources), 0)
+        where = f"in {c.sources[0]}" if c.kind == "within" else "in each of " + " and ".join(c.sources)
+        more.append(missing if c.kind == "within" else missing * 2)
+        parts.append(f"{c.label}: the interval would clear r = {threshold:g} at groups of about {n} "
+                     f"({per_source} samples {where})")
+    total = max(more) if more else None
+    head = f"profile at least {total} more samples" if total else "more repeats, not more samples, may settle it"
+    return total, f"{head} ({'; '.join(parts)})"
 
 
 def _verdict(r_low: float, r_median: float, threshold: float) -> str:
@@ -306,10 +387,12 @@ def bias_consistency(
     if not sizes:
         need = 2 * int(min_group_size)
         evidence = (
-            f"insufficient samples: two disjoint groups of {min_group_size} need {need} samples in one source "
-            f"(largest source {largest_name!r} has {largest}); profile at least {need} samples to test consistency"
+            f"two disjoint groups of {min_group_size} need {need} samples in one source "
+            f"(largest source {largest_name!r} has {largest}); profile at least {need - largest} more samples to test consistency"
         )
         return ConsistencyResult(
+            more_samples=need - largest,
+            settle=f"profile at least {need - largest} more samples (then {need} in {largest_name!r}) to test consistency",
             status="insufficient samples",
             verdict="insufficient samples",
             evidence=evidence,
@@ -349,7 +432,9 @@ def bias_consistency(
         return ConsistencyResult(
             status="insufficient samples",
             verdict="insufficient samples",
-            evidence=f"insufficient samples: no source holds two groups of {sizes[0]}; profile more samples",
+            evidence=f"no source holds two groups of {sizes[0]}; profile at least {2 * sizes[0] - largest} more samples",
+            more_samples=2 * sizes[0] - largest,
+            settle=f"profile at least {2 * sizes[0] - largest} more samples",
             threshold=float(threshold),
             ci=float(ci),
             n_repeats=int(n_repeats),
@@ -375,10 +460,16 @@ def bias_consistency(
         head = f"bias is NOT consistent across groups (median r < {threshold:g} at the largest n)"
     else:
         head = f"consistency is inconclusive (the {pct}% split interval straddles r = {threshold:g})"
+    more, settle = _settle(results, sizes_avail, float(threshold))
+    evidence = head + ": " + "; ".join(parts)
+    if settle:
+        evidence += ". To settle it: " + settle
     return ConsistencyResult(
+        more_samples=more,
+        settle=settle,
         status="evaluated",
         verdict=overall,
-        evidence=head + ": " + "; ".join(parts),
+        evidence=evidence,
         threshold=float(threshold),
         ci=float(ci),
         n_repeats=int(n_repeats),

@@ -34,7 +34,7 @@ from posbias.reports.palette import method_color, method_label
 __all__ = ["build_sections", "SECTION_TITLES"]
 
 SECTION_TITLES: dict[str, str] = {
-    "provenance": "Provenance",
+    "provenance": "Verdicts and provenance",
     "attention": "Where does attention go?",
     "curves": "The bias curves",
     "consistency": "Is the bias architectural?",
@@ -80,6 +80,46 @@ def _verdict_kind(verdict: str) -> str:
 # ------------------------------------------------------------------------------------------------ 1
 
 
+def _say(verdict: str, text: str) -> str:
+    """``verdict`` then ``text``, without saying the same thing twice (text often restates the verdict)."""
+    verdict, text = verdict.strip().rstrip("."), text.strip()
+    if not text or text.lower().startswith(verdict.lower()) or verdict.lower() in text.lower()[: len(verdict) + 40]:
+        return text or verdict + "."
+    return f"{verdict}. {text}" if verdict else text
+
+
+def _verdicts(d: ReportData) -> list[Any]:
+    """The report's first block: the verdict on every fitted curve and every test, each with its reason."""
+    from posbias.artifacts.quality import quality_of
+
+    cal = d.cal_doc
+    stats = cal.get("statistics") or {}
+    rows: list[list[str]] = []
+    worst = "good"
+    for name, entry in cal["methods"].items():
+        if name == "fastv":
+            continue
+        verdict, reason = quality_of(entry)
+        rows.append([method_label(name), verdict, reason])
+        if verdict == "unusable" or (verdict == "weak" and worst == "good"):
+            worst = verdict
+    cons = stats.get("consistency")
+    if cons:
+        rows.append(["bias consistency (is it architectural?)", str(cons.get("verdict", "")), str(cons.get("evidence", ""))])
+    den = stats.get("density")
+    if den:
+        rows.append(["semantic density (centre vs edge)", str(den.get("status", "")) if den.get("status") != "evaluated"
+                     else "evaluated", str(den.get("verdict") or den.get("message", ""))])
+    if not rows:
+        return [Para("The calibration holds no fitted curve.", kind="neutral")]
+    lead = {"good": ("Every fitted curve is good enough to use.", "good"),
+            "weak": ("Some fitted curves are weak: usable, but the runtime warns; more samples would firm them up.", "neutral"),
+            "unusable": ("Some fitted curves are unusable: the runtime refuses them unless forced (force=True).", "bad")}[worst]
+    return [Para(lead[0], kind=lead[1]),
+            Table(["what", "verdict", "why"], rows,
+                  caption="Verdicts (rules: docs/calibration.md, quality; docs/statistics.md). The sections below hold the evidence.")]
+
+
 def _provenance(d: ReportData, generated: str) -> Section:
     a = d.attrs
     cal = d.cal_doc
@@ -119,7 +159,8 @@ def _provenance(d: ReportData, generated: str) -> Section:
         rows.append(["evaluation", f"{d.evaluation_path.name if d.evaluation_path else ''} (created {ev.get('created', '')}, "
                                    f"{ev.get('n_samples', '?')} samples, model fingerprint {same})"])
     rows.append(["report generated", generated])
-    blocks: list[Any] = [Table(["item", "value"], [[str(k), str(v)] for k, v in rows])]
+    blocks: list[Any] = _verdicts(d)
+    blocks.append(Table(["item", "value"], [[str(k), str(v)] for k, v in rows], caption="Provenance: what was measured, how."))
     if d.skipped:
         blocks.append(Table(["skipped sample", "source", "reason"], [[i, s, r] for i, s, r in d.skipped],
                             caption=f"{len(d.skipped)} samples could not be profiled.", pdf_max_rows=30))
@@ -299,7 +340,7 @@ def _consistency(d: ReportData) -> Section:
         blocks.append(_missing("the consistency test", "profile-bias fit without --no-stats (needs at least 20 samples in a source)"))
         return Section("consistency", SECTION_TITLES["consistency"], blocks)
     verdict = str(cons.get("verdict", ""))
-    blocks.append(Para(f"Verdict: {verdict}. {cons.get('evidence', '')}", kind=_verdict_kind(verdict)))
+    blocks.append(Para("Verdict: " + _say(verdict, str(cons.get("evidence", ""))), kind=_verdict_kind(verdict)))
     if cons.get("status") == "evaluated" and cons.get("curves"):
         blocks.append(Fig("consistency", "Pearson r of two groups' mean ΔA curves vs group size.",
                           "line plot of correlation against group size with intervals",
@@ -328,7 +369,7 @@ def _density(d: ReportData) -> Section:
         blocks.append(_missing(f"the density test ({msg})", "profile-bias profile --signals region_logdet (or --signals all), then profile-bias fit"))
         return Section("density", SECTION_TITLES["density"], blocks)
     verdict = str(den.get("verdict", ""))
-    blocks.append(Para(f"Verdict: {verdict}. {den.get('message', '')}", kind=_verdict_kind(verdict)))
+    blocks.append(Para("Verdict: " + _say(verdict, str(den.get("message", ""))), kind=_verdict_kind(verdict)))
     blocks.append(Fig("density", "Mean proxy entropy per region block, and centre vs edge.", "heatmap of entropy per block and bar chart",
                       partial(draw_density, density=den), (TEXT_WIDTH * 0.9, 2.8)))
     w, t = den.get("wilcoxon") or {}, den.get("welch") or {}
@@ -349,7 +390,7 @@ def _density(d: ReportData) -> Section:
 
 def _utp(d: ReportData) -> Section:
     blocks: list[Any] = [Para(
-        "UTP (seed 003) keeps a different number of visual tokens at each layer: an integer program chooses the schedule that "
+        "UTP keeps a different number of visual tokens at each layer: an integer program chooses the schedule that "
         "loses the least information for a compression ratio c, weighting each layer by its information loss l_l (the angle "
         "between the last token's output with all visual tokens removed from layer l on and the full model's)."
     )]
@@ -367,7 +408,7 @@ def _utp(d: ReportData) -> Section:
     else:
         blocks.append(_missing("UTP schedules in the calibration", "profile-bias solve --store S --ratios 2,4,8,16 --into C.json"))
     if d.utr_loss is None:
-        blocks.append(_missing("per-layer information loss l_l (/samples/utr_loss)", "the UTR loss profiling of docs/utp.md (posbias.profiler.utr, /samples/utr_loss)"))
+        blocks.append(_missing("per-layer information loss l_l (/samples/utr_loss)", f"profile-bias utr --store {d.store_path} (then profile-bias solve --store {d.store_path} --ratios 2,4,8,16 --into CAL.json)"))
     return Section("utp", SECTION_TITLES["utp"], blocks)
 
 

@@ -16,6 +16,7 @@ from posbias.runtime.methods import (
     topk_select,
 )
 from posbias.runtime.prune import Pruner, PruneRecord, enable_pruning
+from posbias.runtime.quality import CalibrationQualityWarning
 from posbias.runtime.scoring import (
     METHODS,
     method_layer,
@@ -31,6 +32,7 @@ from posbias.runtime.spec import PARAMS, PRUNE_METHODS, MethodSpec, resolve_meth
 __all__ = [
     "CALIBRATION_FILENAME",
     "Calibration",
+    "CalibrationQualityWarning",
     "METHODS",
     "MethodSpec",
     "PARAMS",

@@ -41,6 +41,7 @@ from posbias.runtime.methods import (
     soft_nms_select,
     topk_select,
 )
+from posbias.runtime.quality import check_entry_quality
 from posbias.runtime.scoring import predict_bias, token_positions
 from posbias.runtime.spec import MethodSpec, resolve_method
 
@@ -476,6 +477,7 @@ def enable_pruning(
     params: dict[str, Any] | None = None,
     schedule: list[int] | None = None,
     check_fingerprint: bool = True,
+    force: bool = False,
 ) -> Pruner:
     """Make a LLaVA or Qwen2.5-VL model drop visual tokens during prefill.
 
@@ -503,6 +505,9 @@ def enable_pruning(
         Explicit UTP schedule (L,) with ``schedule[0] == V`` (instead of the calibration's).
     check_fingerprint : bool
         Refuse a calibration made for another model (default True).
+    force : bool
+        Use a calibration entry whose quality verdict is ``unusable`` (refused otherwise); a ``weak`` one is
+        used with a :class:`~posbias.runtime.quality.CalibrationQualityWarning`, once per calibration entry.
 
     Returns
     -------
@@ -513,4 +518,5 @@ def enable_pruning(
     model_kind(model)
     spec = resolve_method(model, calibration, method=method, keep=keep, ratio=ratio, layer=layer,
                           params=params, schedule=schedule, check_fingerprint=check_fingerprint)
+    check_entry_quality(calibration, spec.method, params=params, force=force)
     return Pruner(model, spec).enable()
