@@ -22,34 +22,35 @@ N_LAYERS = 6
 N_SAMPLES = 24
 
 
-def _write_store(path: Path, *, extras: bool) -> Path:
-    """A 24-sample store of real embedded-photo ids (6x6 grid, 6 layers) with a recency bias at layer 2."""
+def _write_store(path: Path, *, extras: bool, grid: tuple[int, int] = GRID, n_layers: int = N_LAYERS,
+                 n_samples: int = N_SAMPLES) -> Path:
+    """A store of real embedded-photo ids (default: 24 samples, 6x6 grid, 6 layers) with a recency bias at layer 2."""
     from posbias.data.embedded import RECORDS
     from posbias.models.base import VisualLayout
     from posbias.profiler.store import ProfileStoreWriter
 
-    r, c = GRID
+    r, c = grid
     v = r * c
     rng = np.random.default_rng(0)
     attrs = {"model_id": "unit/<model>", "model_fingerprint": "sha256:" + "ab" * 8, "adapter": "llava", "seed": 0,
-             "data": "embedded", "n_requested": N_SAMPLES}
+             "data": "embedded", "n_requested": n_samples}
     idx = np.arange(v)
-    with ProfileStoreWriter(path, n_layers=N_LAYERS, rope_dims=1, attrs=attrs, overwrite=True) as w:
-        for s in range(N_SAMPLES):
-            attn = rng.gamma(4.0, 1.0 / (4.0 * v), size=(v, N_LAYERS))  # (V, L)
+    with ProfileStoreWriter(path, n_layers=n_layers, rope_dims=1, attrs=attrs, overwrite=True) as w:
+        for s in range(n_samples):
+            attn = rng.gamma(4.0, 1.0 / (4.0 * v), size=(v, n_layers))  # (V, L)
             attn[:, 2] *= 1.0 + 2.0 * (idx / (v - 1)) ** 2  # shallow recency bias
             attn = (attn / attn.sum(axis=0, keepdims=True) * 0.3).astype(np.float32)
-            layout = VisualLayout(visual_index=np.arange(5, 5 + v), rows=idx // c, cols=idx % c, grid=GRID,
+            layout = VisualLayout(visual_index=np.arange(5, 5 + v), rows=idx // c, cols=idx % c, grid=grid,
                                   position_ids=np.arange(5, 5 + v)[:, None], seq_len=5 + v + 8)
             kw = {}
             if extras:
-                pa = (attn * (1.0 + 0.1 * rng.standard_normal((v, N_LAYERS)))).astype(np.float32)
-                logdet = rng.normal(0.0, 1.0, (4, 4))
+                pa = (attn * (1.0 + 0.1 * rng.standard_normal((v, n_layers)))).astype(np.float32)
+                logdet = rng.normal(0.0, 1.0, (4, 4))  # (4, 4) region blocks
                 logdet[1:3, 1:3] += 1.5
                 kw = {
                     "token_data": {"attn_pa": np.abs(pa), "vision_importance": rng.random(v).astype(np.float32)},
                     "sample_data": {"region_logdet": logdet.astype(np.float32),
-                                    "utr_loss": np.linspace(1.2, 0.05, N_LAYERS).astype(np.float32) + rng.random(N_LAYERS).astype(np.float32) * 0.05},
+                                    "utr_loss": np.linspace(1.2, 0.05, n_layers).astype(np.float32) + rng.random(n_layers).astype(np.float32) * 0.05},
                 }
             w.append(sample_id=f"embedded:{RECORDS[s].key}", source="embedded", question=EVIL if s == 0 else RECORDS[s].question,
                      answer=RECORDS[s].answer, layout=layout, attn=attn, **kw)
@@ -72,18 +73,18 @@ def _calibration(store: Path, out: Path, *, stats: bool, schedules: bool) -> Pat
     return out
 
 
-def _evaluation(path: Path, store_ids: list[str]) -> Path:
+def _evaluation(path: Path, store_ids: list[str], n_visual: int = GRID[0] * GRID[1]) -> Path:
     methods = ["fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp"]
     results, per_sample = [], []
     for i, m in enumerate(methods):
         for k in (8, 16, 24):
             results.append({"method": m, "keep": k, "n": 4, "kl_mean": 0.5 / k * (1 + 0.2 * i), "kl_sem": 0.002,
                             "top1_agreement": 0.6 + k / 100, "exact_agreement": 0.5 + k / 120,
-                            "accuracy": None, "flops": 1e9 * k / 36, "flops_ratio": k / 36, "prefill_ms": 10 + k,
+                            "accuracy": None, "flops": 1e9 * k / n_visual, "flops_ratio": k / n_visual, "prefill_ms": 10 + k,
                             "prefill_ms_full": 50.0, "peak_mem_mib": 100.0})
             for sid in ("embedded:rocket/pope-rocket", store_ids[1]):
                 per_sample.append({"id": sid, "method": m, "keep": k, "kl": 0.1, "top1_agree": True, "exact_agree": False,
-                                   "kept": sorted(np.random.default_rng(i + k).choice(36, k, replace=False).tolist())})
+                                   "kept": sorted(np.random.default_rng(i + k).choice(n_visual, k, replace=False).tolist())})
     doc = {"schema": "posbias.evaluation", "schema_version": 1, "created": "2026-11-23T00:00:00Z",
            "model": {"id": "unit/<model>", "fingerprint": "sha256:" + "ab" * 8, "adapter": "llava"},
            "calibration": {"file": "cal.json", "fingerprint": "sha256:" + "ab" * 8}, "n_samples": 4,

@@ -159,9 +159,9 @@ def _heat(fig: Any, ax: Any, img: np.ndarray, *, title: str, unit: str, cmap: st
     ax.set_yticks([0, img.shape[0] - 1])
     ax.set_title(title, color=title_color)
     if labels[0]:
-        ax.set_ylabel("grid row (token)")
+        ax.set_ylabel("row (token)")
     if labels[1]:
-        ax.set_xlabel("grid column (token)")
+        ax.set_xlabel("column (token)")
     cb = fig.colorbar(im, ax=ax, shrink=0.85, pad=0.02)
     cb.set_label(unit, fontsize=6.5)
     cb.ax.tick_params(labelsize=6)
@@ -171,6 +171,31 @@ def _heat(fig: Any, ax: Any, img: np.ndarray, *, title: str, unit: str, cmap: st
 
 def _ci_text(level: float) -> str:
     return f"{int(round(level * 100))}%"
+
+
+def _power(values: np.ndarray) -> int:
+    """Power of ten to divide ``values`` by so that the largest is in [1, 10) (0 when they are not small/large)."""
+    finite = np.abs(values[np.isfinite(values)])
+    top = float(finite.max()) if finite.size else 0.0
+    if top == 0.0 or 1e-2 <= top < 1e3:
+        return 0
+    return int(np.floor(np.log10(top)))
+
+
+def _unit(text: str, power: int) -> str:
+    return text if power == 0 else f"{text}, ×1e{power}"
+
+
+def _figure_legend(fig: Any, axes: Sequence[Any], *, ncol: int = 3) -> None:
+    """One legend for ``axes`` below the plots (never over the data); repeated labels shown once."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels and not lab.startswith("_"):
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)))
 
 
 # ------------------------------------------------------------------------------------------ legacy
@@ -240,8 +265,21 @@ def map_columns(maps: dict[str, np.ndarray]) -> list[str]:
     return [c for c in MAP_COLUMNS if f"shallow/{c}" in maps]
 
 
+#: heatmaps per row in the report's map grids: at A4 text width each map is then ~1.8 in (270 px) wide
+MAP_GRID_COLUMNS = 3
+
+
+def map_grid_shape(n_panels: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of ``n_panels`` heatmaps, at most :data:`MAP_GRID_COLUMNS` per row."""
+    ncols = min(MAP_GRID_COLUMNS, max(n_panels, 1))
+    return int(np.ceil(n_panels / ncols)), ncols
+
+
 def draw_attention_maps(fig: Any, maps: dict[str, np.ndarray], units: dict[str, str], layers: dict[str, int]) -> None:
-    """Mean last-token attention on the grid, rows = shallow / deep layer, columns = raw and each correction.
+    """Mean last-token attention on the grid: raw and each correction, at the shallow then the deep layer.
+
+    Panels run left to right, at most :data:`MAP_GRID_COLUMNS` per row, so that each map stays large enough
+    to read at the report's width.
 
     Parameters
     ----------
@@ -253,15 +291,25 @@ def draw_attention_maps(fig: Any, maps: dict[str, np.ndarray], units: dict[str, 
         ``{"shallow": l, "deep": l}``.
     """
     cols = map_columns(maps)
-    axes = fig.subplots(2, len(cols), squeeze=False)
-    for r, lname in enumerate(("shallow", "deep")):
-        for c, corr in enumerate(cols):
+    per_layer, ncols = map_grid_shape(len(cols))  # each layer starts a new row
+    axes = fig.subplots(2 * per_layer, ncols, squeeze=False)
+    for k, lname in enumerate(("shallow", "deep")):
+        for i, corr in enumerate(cols):
+            r, c = k * per_layer + i // ncols, i % ncols
             color = "#000000" if corr == "raw" else method_color(corr)
             _heat(
                 fig, axes[r, c], maps[f"{lname}/{corr}"],
                 title=f"{_MAP_TITLES[corr]}\n{lname} layer {layers[lname]}", unit=units[corr],
-                title_color=color, labels=(c == 0, r == 1),
+                title_color=color, labels=(c == 0, i + ncols >= len(cols)),
             )
+        for j in range(len(cols), per_layer * ncols):
+            axes[k * per_layer + j // ncols, j % ncols].set_visible(False)
+
+
+def attention_maps_height(maps: dict[str, np.ndarray]) -> float:
+    """Height in inches of :func:`draw_attention_maps` at the report's width."""
+    rows, _ = map_grid_shape(len(map_columns(maps)))
+    return 0.3 + 2.4 * 2 * rows
 
 
 def draw_vision_map(fig: Any, vision_map: np.ndarray, raw_shallow: np.ndarray, shallow: int) -> None:
@@ -313,7 +361,7 @@ def draw_layer_curves(fig: Any, x: np.ndarray, layer_curves: np.ndarray, *, x_la
     ax.set_xlabel(x_label)
     ax.set_ylabel("mean attention × V (1 = uniform)")
     ax.set_title("mean attention per layer (smoothed)")
-    ax.legend(ncol=2, loc="best")
+    ax.legend(ncol=1, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=6.5)
 
 
 # ------------------------------------------------------------------------------------------ section 3
@@ -342,10 +390,10 @@ def draw_bias_curves(
     axes = fig.subplots(2, 2, height_ratios=[2.2, 1.0], sharex="col")
     ci = _ci_text(level)
     panels = (
-        (0, "delta", "posprune-pbc", pbc_predict, f"ΔA = A(layer {layers['shallow']}) - A(layer {layers['deep']}) (probability)",
-         "PosPrune PBC: bias ΔA and polynomial fit"),
-        (1, "pore", "pore", pore_predict, f"mean attention at layer {layers['pore']} (probability)",
-         "PoRe: mean attention and exponential fit"),
+        (0, "delta", "posprune-pbc", pbc_predict, "ΔA (probability)",
+         f"PosPrune PBC: ΔA = A(layer {layers['shallow']}) - A(layer {layers['deep']})\nand its polynomial fit"),
+        (1, "pore", "pore", pore_predict, "mean attention (probability)",
+         f"PoRe: mean attention at layer {layers['pore']}\nand its exponential fit"),
     )
     for col, key, method, predict, ylabel, title in panels:
         ax, axr = axes[0, col], axes[1, col]
@@ -363,80 +411,87 @@ def draw_bias_curves(
             res = mean - fit  # (m,)
             xs, (rs,) = _coarsen(x, [res], 144)
             axr.plot(x, res, lw=0.5, color=REFERENCE["band"])
-            axr.plot(xs, rs, lw=1.0, color=method_color(method), label="residual (smoothed)")
+            axr.plot(xs, rs, lw=1.0, color=method_color(method), label=f"{method_label(method)} residual (smoothed)")
             axr.axhline(0.0, color=REFERENCE["zero"], lw=0.6)
-            axr.legend(loc="upper left")
         else:
             axr.text(0.5, 0.5, "no fit in the calibration", ha="center", va="center", transform=axr.transAxes)
         if method == "posprune-pbc":
             ax.axhline(0.0, color=REFERENCE["zero"], lw=0.6)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        ax.legend(loc="best")
         axr.set_ylabel("mean - fit (probability)")
         axr.set_xlabel(x_label)
         for a in (ax, axr):
             a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    _figure_legend(fig, list(axes.ravel()), ncol=2)
 
 
 def draw_degree_selection(fig: Any, pbc_degree: dict[str, Any] | None, bias_map: dict[str, Any] | None) -> None:
-    """Held-out error per polynomial degree (chosen one marked) and the 1-D vs 2-D map comparison."""
+    """Held-out error per polynomial degree (chosen one marked) and the 1-D vs 2-D map comparison.
+
+    Both panels show the excess of each candidate's mean held-out error over the best candidate's, so the
+    axis starts at 0. Left: error bars are the fold-paired SE of that excess, the SE the 1-SE rule uses (it
+    picks the simplest degree whose bar reaches 0). Right: one row per candidate, error bars the SE over folds.
+    """
     n = int(pbc_degree is not None) + int(bias_map is not None)
-    axes = fig.subplots(1, max(n, 1), squeeze=False, width_ratios=[1.0, 1.6][: max(n, 1)] if n == 2 else None)[0]
+    axes = fig.subplots(1, max(n, 1), squeeze=False, width_ratios=[1.0, 1.3] if n == 2 else None)[0]
     k = 0
     if pbc_degree is not None:
         ax = axes[k]
         k += 1
         d = np.asarray(pbc_degree["degrees"], dtype=float)
         mse = np.asarray([np.nan if v is None else v for v in pbc_degree["cv_mse"]], dtype=float)
-        se = np.asarray([np.nan if v is None else v for v in pbc_degree["cv_se"]], dtype=float)
-        ax.errorbar(d, mse, yerr=se, fmt="o-", color=REFERENCE["measured"], ms=4, capsize=3, lw=1, label="CV error ± 1 SE")
+        pse = np.asarray([np.nan if v is None else v for v in pbc_degree.get("paired_se", pbc_degree["cv_se"])], dtype=float)
+        pw = _power(np.concatenate([mse - np.nanmin(mse), pse]))
+        excess = (mse - np.nanmin(mse)) / 10.0**pw
+        pse = pse / 10.0**pw
+        ax.errorbar(d, excess, yerr=np.where(np.isfinite(pse), pse, 0.0), fmt="o-", color=REFERENCE["measured"], ms=4,
+                    capsize=3, lw=1, label="excess over the best ± 1 SE paired by fold (the 1-SE rule's SE)")
+        ax.axhline(0.0, color=REFERENCE["zero"], lw=0.6)
         chosen = pbc_degree.get("chosen")
         if chosen in list(d):
             j = list(d).index(chosen)
-            ax.plot([chosen], [mse[j]], "o", ms=10, mfc="none", mec=method_color("posprune-pbc"), mew=2,
-                    label=f"chosen degree {chosen}")
+            ax.plot([chosen], [excess[j]], "o", ms=10, mfc="none", mec=method_color("posprune-pbc"), mew=2,
+                    label=f"chosen degree {chosen} (simplest whose bar reaches 0)")
         ax.set_xticks(d)
         ax.set_xlabel("polynomial degree")
-        ax.set_ylabel("held-out excess MSE (probability²)")
+        ax.set_ylabel(_unit("held-out MSE - best (probability²", pw) + ")")
         ax.set_title(f"PBC degree: {pbc_degree.get('n_folds')}-fold CV over samples")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        ax.legend()
     if bias_map is not None:
         ax = axes[k]
         names = list(bias_map.get("candidates", []))
         mse = np.asarray([np.nan if v is None else v for v in bias_map.get("cv_mse", [])], dtype=float)
         se = np.asarray([np.nan if v is None else v for v in bias_map.get("cv_se", [])], dtype=float)
-        pos = np.arange(len(names))
-        colors = [method_color("posprune-pbc") if nm.startswith("1d") else method_color("posprune-pbc-2d") for nm in names]
-        ax.bar(pos, mse, yerr=se, color=colors, capsize=2, width=0.7, ecolor="#444444")
-        for best in (bias_map.get("best_1d"), bias_map.get("best_2d")):
-            if best in names:
-                ax.bar([names.index(best)], [mse[names.index(best)]], width=0.7, fill=False, edgecolor="#000000", lw=1.5)
-        ax.set_xticks(pos)
-        ax.set_xticklabels(names, rotation=45, ha="right")
-        ax.set_ylabel("held-out excess MSE (probability²)")
-        ax.set_title(f"1-D curves vs 2-D maps (kept: {bias_map.get('chosen')}); best of each outlined")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        finite = mse[np.isfinite(mse)]
-        if finite.size:
-            lo = float(np.min(finite))
-            ax.set_ylim(lo - 0.5 * (float(np.max(finite)) - lo + 1e-30) * 0.2, None)
+        pw = _power(np.concatenate([mse - np.nanmin(mse), se]))
+        excess = (mse - np.nanmin(mse)) / 10.0**pw
+        se = se / 10.0**pw
+        pos = np.arange(len(names))[::-1]  # first candidate on top
+        for p, nm, e, s_ in zip(pos, names, excess, se):
+            color = method_color("posprune-pbc") if nm.startswith("1d") else method_color("posprune-pbc-2d")
+            best = nm in (bias_map.get("best_1d"), bias_map.get("best_2d"))
+            ax.errorbar([e], [p], xerr=[0.0 if not np.isfinite(s_) else s_], fmt="s" if best else "o", color=color,
+                        ms=5 if best else 3.5, capsize=2, lw=1, mfc=color if best else "white")
+        ax.axvline(0.0, color=REFERENCE["zero"], lw=0.6)
+        ax.set_yticks(pos)
+        ax.set_yticklabels(names, fontsize=6.5)
+        ax.set_xlabel(_unit("held-out MSE - best (probability²", pw) + "), ± 1 SE over folds")
+        ax.set_title(f"1-D curves vs 2-D maps\n(filled: best of each; kept: {bias_map.get('chosen')})")
+    _figure_legend(fig, [axes[0]], ncol=2)
 
 
 def draw_surface_fits(fig: Any, panels: list[tuple[str, np.ndarray, str, bool, str]]) -> None:
-    """A row of maps: measured vs fitted 2-D bias surfaces and centre weights.
+    """A grid of maps (at most :data:`MAP_GRID_COLUMNS` per row): measured vs fitted 2-D bias surfaces and centre weights.
 
     Parameters
     ----------
     panels : list of (title, (R, C) map, unit, signed, colour of the title)
     """
-    ncols = 2 if len(panels) == 4 else len(panels)
-    nrows = int(np.ceil(len(panels) / ncols))
+    nrows, ncols = map_grid_shape(len(panels))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, (title, img, unit, signed, color) in enumerate(panels):
         r, c = divmod(i, ncols)
-        _heat(fig, axes[r, c], img, title=title, unit=unit, signed=signed, title_color=color, labels=(c == 0, r == nrows - 1))
+        _heat(fig, axes[r, c], img, title=title, unit=unit, signed=signed, title_color=color,
+              labels=(c == 0, i + ncols >= len(panels)))
     for j in range(len(panels), nrows * ncols):
         axes.ravel()[j].set_visible(False)
 
@@ -462,11 +517,17 @@ def draw_consistency(fig: Any, consistency: dict[str, Any]) -> None:
         ax.fill_between(n, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
     if thr is not None:
         ax.axhline(float(thr), color=REFERENCE["threshold"], lw=0.9, ls=":", label=f"threshold r = {thr}")
-    ax.set_xscale("log")
-    ax.set_xlabel("group size n (samples per group, log scale)")
+    sizes = [n for c in consistency.get("curves", []) for n in c["group_sizes"]]
+    log = bool(sizes) and max(sizes) >= 8 * min(sizes) and len(set(sizes)) >= 3
+    if log:
+        ax.set_xscale("log")
+    ax.set_xticks(sorted(set(sizes)))
+    ax.set_xticklabels([str(n) for n in sorted(set(sizes))])
+    ax.minorticks_off()
+    ax.set_xlabel("group size n (samples per group" + (", log scale)" if log else ")"))
     ax.set_ylabel("Pearson r of the two mean ΔA curves")
     ax.set_title(f"median r over {consistency.get('n_repeats', '?')} random splits, {_ci_text(float(consistency.get('ci', 0.95)))} split interval")
-    ax.legend(loc="lower right")
+    _figure_legend(fig, [ax], ncol=2)
 
 
 # ------------------------------------------------------------------------------------------ section 5
@@ -490,17 +551,22 @@ def draw_density(fig: Any, density: dict[str, Any]) -> None:
     cb = fig.colorbar(im, ax=ax, shrink=0.85)
     cb.set_label("H = log det(Σ + εI) (nats)", fontsize=6.5)
     ax = axes[1]
-    cm_, em = float(density["centre_mean"]), float(density["edge_mean"])
     lo, hi = (density.get("diff_ci") or [np.nan, np.nan])[:2]
-    ax.bar([0, 1], [cm_, em], color=["#444444", "#AAAAAA"], width=0.6)
-    ax.set_xticks([0, 1])
-    ax.set_xticklabels(["centre blocks", "edge blocks"])
-    ax.set_ylabel("mean H (nats)")
-    span = max(abs(cm_), abs(em)) or 1.0
-    ax.set_ylim(min(cm_, em) - 0.2 * span if min(cm_, em) < 0 else 0, max(cm_, em) + 0.25 * span if max(cm_, em) > 0 else 0)
+    diff = float(density["mean_diff"])
+    lo = diff if lo is None else float(lo)
+    hi = diff if hi is None else float(hi)
+    # the difference and its interval: two bars of nearly equal (often large negative) means would hide it
+    ax.errorbar([diff], [0], xerr=[[diff - lo], [hi - diff]], fmt="o", color="#333333", ms=6, capsize=4, lw=1.5)
+    ax.axvline(0.0, color=REFERENCE["zero"], lw=0.8, ls="--")
+    span = max(abs(lo), abs(hi), 1e-12)
+    ax.set_xlim(-1.15 * span, 1.15 * span)
+    ax.set_yticks([])
+    ax.set_ylim(-1, 1)
+    ax.spines["left"].set_visible(False)
+    ax.set_xlabel("centre - edge mean H (nats)")
     p = (density.get("wilcoxon") or {}).get("p_value")
     ptxt = "n/a" if p is None else f"{p:.2g}"
-    ax.set_title(f"centre - edge = {density['mean_diff']:.3g} [{lo:.3g}, {hi:.3g}]\nWilcoxon p = {ptxt}, n = {density.get('n_samples')}")
+    ax.set_title(f"centre - edge = {diff:.3g} [{lo:.3g}, {hi:.3g}]\nWilcoxon p = {ptxt}, n = {density.get('n_samples')}")
 
 
 # ------------------------------------------------------------------------------------------ section 6
@@ -525,7 +591,6 @@ def draw_utp(fig: Any, schedules: list[dict[str, Any]], utr_loss: np.ndarray | N
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("retained visual tokens (tokens)")
         ax.set_title("UTP schedules: retained tokens per layer")
-        ax.legend()
     if utr_loss is not None:
         ax = axes[k]
         loss = np.asarray(utr_loss, dtype=float)  # (S, L)
@@ -541,7 +606,7 @@ def draw_utp(fig: Any, schedules: list[dict[str, Any]], utr_loss: np.ndarray | N
         ax.set_xlabel("decoder layer l (all visual tokens removed from l on)")
         ax.set_ylabel("l_l = arccos cos(f_l, g) (radians)")
         ax.set_title("information loss l_l per layer")
-        ax.legend()
+    _figure_legend(fig, list(axes), ncol=4)
 
 
 # ------------------------------------------------------------------------------------------ section 7
@@ -593,12 +658,17 @@ def draw_pictures(fig: Any, rows: list[dict[str, Any]], methods: list[str]) -> N
                 for idx in np.flatnonzero(mask):
                     ax.add_patch(Rectangle((idx % c, idx // c), 1, 1, fill=False, edgecolor=col, lw=0.6))
                 if i == 0:
-                    ax.set_title(f"{m}\nkeeps {int(mask.sum())} of {r * c}", fontsize=6.5, color=col)
+                    ax.set_title(f"{_wrap_name(m)}\nkeeps {int(mask.sum())} of {r * c}", fontsize=6.5, color=col)
             if i == 0 and kept is None:
-                ax.set_title(f"{m}\n", fontsize=6.5, color=method_color(m))
+                ax.set_title(f"{_wrap_name(m)}\n", fontsize=6.5, color=method_color(m))
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+
+
+def _wrap_name(name: str, width: int = 11) -> str:
+    """A method name broken after its hyphens when it is wider than a picture column."""
+    return name if len(name) <= width else name.replace("-", "-\n")
 
 
 def _short(title: str, width: int = 22) -> list[str]:
@@ -619,9 +689,9 @@ def draw_fidelity(fig: Any, results: list[dict[str, Any]]) -> None:
         by_method.setdefault(str(r["method"]), []).append(r)
     have_acc = any(r.get("accuracy") is not None for r in results)
     panels = [("kl_mean", "kl_sem", "KL(full ‖ pruned) (nats)", True),
-              ("top1_agreement", None, "top-1 agreement with the full model (fraction)", False),
+              ("top1_agreement", None, "top-1 agreement (fraction)", False),
               ("accuracy" if have_acc else "exact_agreement", None,
-               "accuracy (fraction)" if have_acc else "exact answer agreement (fraction)", False),
+               "accuracy (fraction)" if have_acc else "exact agreement (fraction)", False),
               ("prefill_ms", None, "prefill time (ms)", False)]
     axes = fig.subplots(2, 2).ravel()
     markers = "osD^v<>ph*"

@@ -16,6 +16,7 @@ from posbias.reports.data import ReportData
 from posbias.reports.document import Fig, Para, Section, Table
 from posbias.reports.figures import (
     TEXT_WIDTH,
+    attention_maps_height,
     draw_attention_maps,
     draw_bias_curves,
     draw_consistency,
@@ -28,6 +29,7 @@ from posbias.reports.figures import (
     draw_utp,
     draw_vision_map,
     map_columns,
+    map_grid_shape,
 )
 from posbias.reports.palette import method_color, method_label
 
@@ -84,8 +86,8 @@ def _say(verdict: str, text: str) -> str:
     """``verdict`` then ``text``, without saying the same thing twice (text often restates the verdict)."""
     verdict, text = verdict.strip().rstrip("."), text.strip()
     if not text or text.lower().startswith(verdict.lower()) or verdict.lower() in text.lower()[: len(verdict) + 40]:
-        return text or verdict + "."
-    return f"{verdict}. {text}" if verdict else text
+        return (text or verdict + ".")[:1].upper() + (text or verdict + ".")[1:]
+    return f"{verdict}. {text[:1].upper()}{text[1:]}" if verdict else text
 
 
 def _verdicts(d: ReportData) -> list[Any]:
@@ -108,8 +110,10 @@ def _verdicts(d: ReportData) -> list[Any]:
         rows.append(["bias consistency (is it architectural?)", str(cons.get("verdict", "")), str(cons.get("evidence", ""))])
     den = stats.get("density")
     if den:
-        rows.append(["semantic density (centre vs edge)", str(den.get("status", "")) if den.get("status") != "evaluated"
-                     else "evaluated", str(den.get("verdict") or den.get("message", ""))])
+        text = str(den.get("verdict") or den.get("message", ""))
+        short = str(den.get("status", "")) if den.get("status") != "evaluated" else (
+            "centre higher" if text.startswith("centre") else "edge higher" if text.startswith("edge") else "no difference")
+        rows.append(["semantic density (centre vs edge)", short, text])
     if not rows:
         return [Para("The calibration holds no fitted curve.", kind="neutral")]
     lead = {"good": ("Every fitted curve is good enough to use.", "good"),
@@ -175,9 +179,21 @@ def _provenance(d: ReportData, generated: str) -> Section:
 # ------------------------------------------------------------------------------------------------ 2
 
 
+def _flat_gaussian(d: ReportData) -> str:
+    """Why AdaptPrune's Gaussian is not drawn (its amplitude is 0: a flat weight), or "" when it is drawn."""
+    ap = d.cal_doc["methods"].get("adaptprune-gaussian")
+    if not ap or float(ap["fit"]["learned"].get("amplitude_", 1.0)) > 0.0:
+        return ""
+    return ("AdaptPrune's Gaussian centre weight is not drawn: its fitted amplitude is 0 (the mean attention has no "
+            "centre peak), so the weight is flat and the corrected map equals the raw one.")
+
+
 def _attention(d: ReportData) -> Section:
     layers = {"shallow": d.shallow, "deep": d.deep}
-    cols = map_columns(d.maps)
+    maps, flat = dict(d.maps), _flat_gaussian(d)
+    if flat:  # a flat weight leaves the raw map unchanged: the column would repeat the first one
+        maps = {k: v for k, v in maps.items() if not k.endswith("/adaptprune-gaussian")}
+    cols = map_columns(maps)
     grid_word = "visual grid" if d.fixed_grid else f"visual grid (each image's grid rescaled to {d.map_shape[0]}x{d.map_shape[1]} cells)"
     blocks: list[Any] = [
         Para(
@@ -190,9 +206,11 @@ def _attention(d: ReportData) -> Section:
         ),
         Fig("attention_maps", "Mean last-token attention on the grid, before and after each correction.",
             "heatmaps of mean attention per grid cell, raw and corrected, shallow and deep layer",
-            partial(draw_attention_maps, maps=d.maps, units=d.map_units, layers=layers),
-            (TEXT_WIDTH, 3.3 if len(cols) >= 4 else 3.0)),
+            partial(draw_attention_maps, maps=maps, units=d.map_units, layers=layers),
+            (TEXT_WIDTH, attention_maps_height(maps))),
     ]
+    if flat:
+        blocks.append(Para("No Gaussian column: AdaptPrune's fitted weight is flat (see the verdicts and section 3).", kind="note"))
     if not d.has_attn_pa:
         blocks.append(_missing("UTP's position-agnostic attention (PA-Att) maps: the store has no /tokens/attn_pa",
                                "profile-bias profile --signals attn_pa (or --signals all), then re-run the report"))
@@ -310,7 +328,8 @@ def _curves(d: ReportData) -> Section:
         if not panels:
             panels.append((f"measured ΔA\n(layer {d.shallow} - layer {d.deep})", measured_delta, "ΔA (probability)", True, "#000000"))
         panels.append(("1-D PBC curve ΔA(x)\ndrawn on the grid", np.asarray(pbc_fit.predict(x)).reshape(shape), "ΔA (probability)", True, method_color("posprune-pbc")))
-    if ap:
+    flat = _flat_gaussian(d)
+    if ap and not flat:
         gfit = fitter_from_dict(ap["fit"])
         model = float(gfit.offset_) + float(gfit.amplitude_) * np.asarray(gfit.mask(shape))
         panels.append((f"measured mean A\nlayer {ap['layer']}", d.maps["pore/raw"], "attention (probability)", False, "#000000"))
@@ -319,9 +338,11 @@ def _curves(d: ReportData) -> Section:
         blocks.append(Para("2-D views: the measured bias on the grid next to the fitted surface (kept only when it beats the 1-D "
                            "curve on held-out samples), the 1-D PBC curve drawn on the grid, and AdaptPrune's centre weight "
                            "fitted to the mean attention map."))
+        rows_, _ = map_grid_shape(len(panels))
         blocks.append(Fig("surface_fits", "Measured maps and fitted 2-D models.", "heatmaps of measured and fitted bias maps",
-                          partial(draw_surface_fits, panels=panels),
-                          (TEXT_WIDTH * 0.72, 5.0) if len(panels) == 4 else (TEXT_WIDTH, 2.5)))
+                          partial(draw_surface_fits, panels=panels), (TEXT_WIDTH, 0.3 + 2.4 * rows_)))
+    if flat:
+        blocks.append(Para(flat, kind="note"))
     return Section("curves", SECTION_TITLES["curves"], blocks)
 
 
