@@ -256,11 +256,11 @@ def _settle(results: list[ConsistencyCurve], sizes_avail: dict[str, int], thresh
         missing = max(per_source - min(sizes_avail[s] for s in c.sources), 0)
         where = f"in {c.sources[0]}" if c.kind == "within" else "in each of " + " and ".join(c.sources)
         more.append(missing if c.kind == "within" else missing * 2)
-        parts.append(f"{c.label}: the interval would clear r = {threshold:g} at groups of about {n} "
-                     f"({per_source} samples {where})")
+        parts.append(f"{c.label}: the interval would clear r = {threshold:g} at groups of about {n}, "
+                     f"i.e. {per_source} samples {where}")
     total = max(more) if more else None
     head = f"profile at least {total} more samples" if total else "more repeats, not more samples, may settle it"
-    return total, f"{head} ({'; '.join(parts)})"
+    return total, f"{head}; {'; '.join(parts)}"
 
 
 def _verdict(r_low: float, r_median: float, threshold: float) -> str:

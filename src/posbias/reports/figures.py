@@ -546,6 +546,8 @@ def draw_density(fig: Any, density: dict[str, Any]) -> None:
         if e:
             ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#FFFFFF", lw=0))
     ax.set_title("mean log-det per region block (hatched: edge)")
+    ax.set_xticks(np.arange(block.shape[1]))
+    ax.set_yticks(np.arange(block.shape[0]))
     ax.set_xlabel("block column")
     ax.set_ylabel("block row")
     cb = fig.colorbar(im, ax=ax, shrink=0.85)
@@ -658,7 +660,7 @@ def draw_pictures(fig: Any, rows: list[dict[str, Any]], methods: list[str]) -> N
                 for idx in np.flatnonzero(mask):
                     ax.add_patch(Rectangle((idx % c, idx // c), 1, 1, fill=False, edgecolor=col, lw=0.6))
                 if i == 0:
-                    ax.set_title(f"{_wrap_name(m)}\nkeeps {int(mask.sum())} of {r * c}", fontsize=6.5, color=col)
+                    ax.set_title(f"{_wrap_name(m)}\n{int(mask.sum())}/{r * c} kept", fontsize=6.5, color=col)
             if i == 0 and kept is None:
                 ax.set_title(f"{_wrap_name(m)}\n", fontsize=6.5, color=method_color(m))
     for ax in axes.ravel():
