@@ -14,6 +14,7 @@ __all__ = [
     "Qwen25VLAdapter",
     "load_adapter",
     "known_aliases",
+    "demo_model_dir",
     "tiny_llava",
     "tiny_qwen2_5_vl",
 ]
@@ -25,6 +26,7 @@ _LAZY = {
     "Qwen25VLAdapter": "posbias.models.qwen2_5_vl",
     "load_adapter": "posbias.models.registry",
     "known_aliases": "posbias.models.registry",
+    "demo_model_dir": "posbias.models.demo",
     "tiny_llava": "posbias.models.tiny",
     "tiny_qwen2_5_vl": "posbias.models.tiny",
 }

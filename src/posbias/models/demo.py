@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "smollm2_gguf",
     "load_smollm2",
     "build_demo",
+    "demo_model_dir",
     "load_demo",
 ]
 
@@ -257,6 +259,10 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
     final = demo_folder(name, cache_dir)
     if (final / _MARKER).is_file():
         return final
+    if decoder is None:
+        arch = "LLaVA-1.5" if name == "demo-llava" else "Qwen2.5-VL"
+        print(f"building the demo model {name} (the SmolLM2-135M decoder inside {arch}, untrained vision side) "
+              f"into {final}: once, about 1-2 minutes on 2 CPU cores", file=sys.stderr, flush=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     causal, tokenizer = decoder if decoder is not None else load_smollm2()
     vlm, processor = (_build_llava if name == "demo-llava" else _build_qwen)(causal, tokenizer)
@@ -292,6 +298,23 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def demo_model_dir(name: str = "demo-llava", cache_dir: str | os.PathLike | None = None) -> Path:
+    """The checkpoint folder of a demo model (``config.json``, weights, processor), built on first use.
+
+    Pass it where a model folder is expected: ``load_adapter(folder)``, ``profile-bias --model folder``,
+    ``profile-bias export --to folder``, ``Calibration.from_pretrained(folder)``.
+
+    Parameters
+    ----------
+    name : str
+        "demo-llava" or "demo-qwen2.5-vl".
+    cache_dir : str or PathLike, optional
+        Root folder of the demo caches (default: ``$POSBIAS_CACHE/demo`` or ``~/.cache/posbias/demo``).
+    """
+    _check_name(name)
+    return build_demo(name, cache_dir)
 
 
 def load_demo(
