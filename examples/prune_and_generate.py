@@ -28,7 +28,7 @@ from posbias.runtime import Calibration, enable_pruning
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint folder with a calibration (default: the demo-llava folder)")
-    p.add_argument("--method", default="posprune-pbc", help="fastv, pore, posprune-pbc, posprune, adaptprune, utp")
+    p.add_argument("--method", default="posprune", help="fastv, pore, posprune-pbc, posprune, adaptprune, utp")
     p.add_argument("--keep", type=int, default=64, help="visual tokens kept after the pruning layer")
     p.add_argument("--max-new-tokens", type=int, default=12, help="answer length")
     args = p.parse_args(argv)

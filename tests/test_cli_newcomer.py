@@ -141,3 +141,26 @@ def test_pipeline_records_run_time_and_integer_counts(tmp_path, capsys):
     # the final line says where everything went
     assert str(out) in stdout.strip().splitlines()[-1] and "report.html" in stdout.strip().splitlines()[-1]
     assert all(line == line.rstrip() for line in stdout.splitlines())
+
+
+def test_solve_prints_only_its_results(tmp_path, capsys):
+    """HiGHS writes to the C-level stdout; a subprocess sees everything the command prints."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import posbias
+
+    run = tmp_path / "run"
+    assert main(["--model", "tiny-llava", "--n", "3", "--out", str(run), "--no-progress", "--capture", "attn"]) == 0
+    assert main(["utr", "--store", str(run / "profile.h5"), "--no-progress"]) == 0
+    capsys.readouterr()
+    env = dict(os.environ, PYTHONPATH=str(Path(posbias.__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-m", "posbias.cli", "solve", "--store", str(run / "profile.h5"), "--ratios",
+                           "2", "--into", str(run / "posbias_calibration.json")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines and all(line.startswith("ratio ") for line in lines), proc.stdout
+    assert "HiGHS" not in proc.stdout + proc.stderr

@@ -47,7 +47,7 @@ def test_calibrate_then_ship_then_prune_and_generate(tmp_path):
     run = _run("prune_and_generate.py", "--model", str(ckpt), "--keep", "32", "--max-new-tokens", "6")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    assert lines[0].startswith("posprune-pbc: kept 32 of 576 visual tokens after layer")
+    assert lines[0].startswith("posprune: kept 32 of 576 visual tokens after layer")
     per_row = eval(lines[1].split(":", 1)[1])  # noqa: S307  (a list literal the script printed)
     assert len(per_row) == 24 and sum(per_row) == 32
     assert lines[2].startswith("full answer:") and lines[3].startswith("pruned answer:")

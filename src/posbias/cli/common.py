@@ -35,7 +35,7 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower() or not action.option_strings:
             return text
-        if action.required or action.default in (None, False, True, argparse.SUPPRESS):
+        if action.required or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)):
             return text
         if isinstance(action.default, list) and not action.default:
             return text

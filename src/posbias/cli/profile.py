@@ -161,6 +161,8 @@ def run_profile(args: argparse.Namespace, out_dir: Path) -> Path:
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad option or model leaves no empty folder behind
     verbose = bool(getattr(args, "verbose", False))
+    print(f"profiling {len(stream)} sample(s) of {args.model} into {store_path} (the bar shows the time per sample "
+          "and the time left; Ctrl-C stops, --resume continues)", flush=True)
     summary = profile_samples(
         adapter,
         stream,
