@@ -41,10 +41,38 @@ def build(folder: Path, n: int) -> tuple[Path, Path]:
     return store, cal
 
 
+def _compare(cmd: list[str], other_src: Path, rounds: int) -> None:
+    """Cold report with this checkout and with ``other_src``, alternating, ``rounds`` times each; medians, ratio."""
+    import os
+    import statistics
+
+    mine_src = str(Path(__file__).resolve().parent.parent / "src")
+    # the other checkout fits the store itself (its calibration format may differ); not timed
+    store = Path(cmd[cmd.index("--store") + 1])
+    other_cal = store.with_name("calibration_other.json")
+    env_other = dict(os.environ, PYTHONPATH=str(other_src))
+    subprocess.run([sys.executable, "-m", "posbias.cli", "fit", "--store", str(store), "--out", str(other_cal),
+                    "--n-repeats", "50", "--n-boot", "50", "--overwrite"], check=True, capture_output=True, env=env_other)
+    other_cmd = list(cmd)
+    other_cmd[other_cmd.index("--calibration") + 1] = str(other_cal)
+    times: dict[str, list[float]] = {"this": [], "other": []}
+    for _ in range(rounds):
+        for label, src, c in (("other", str(other_src), other_cmd), ("this", mine_src, cmd)):
+            env = dict(os.environ, PYTHONPATH=src)
+            t = time.perf_counter()
+            subprocess.run(c, check=True, capture_output=True, env=env)
+            times[label].append(time.perf_counter() - t)
+    a, b = statistics.median(times["this"]), statistics.median(times["other"])
+    print(f"interleaved cold reports, median of {rounds}: this {a:.2f} s, {other_src} {b:.2f} s, ratio {a / b:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=800)
     ap.add_argument("--keep-files", default=None, help="write the store, calibration and reports here")
+    ap.add_argument("--against", default=None, metavar="SRC",
+                    help="also time the cold report of another checkout's src/ folder, interleaved, and print the ratio")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --against")
     args = ap.parse_args()
     tmp = None if args.keep_files else tempfile.TemporaryDirectory()
     folder = Path(args.keep_files or tmp.name)  # type: ignore[union-attr]
@@ -59,6 +87,8 @@ def main() -> int:
     subprocess.run(cmd, check=True, capture_output=True)
     cold = time.perf_counter() - t
     print(f"cold CLI report (fresh process, imports included, HTML + PDF): {cold:.2f} s  (target < 30 s)")
+    if args.against:
+        _compare(cmd, Path(args.against), args.rounds)
 
     from posbias.reports.data import collect
     from posbias.reports.html import render_html

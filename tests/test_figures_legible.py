@@ -132,3 +132,21 @@ def test_flat_gaussian_is_a_sentence_not_a_figure(demo_sized, tmp_path):
                 assert not any("Gaussian" in p[0] for p in panels)
                 assert not any(k.endswith("/adaptprune-gaussian") for k in (kw.get("maps") or {}))
     assert inspect  # keep the import local and used
+
+
+def test_report_opens_with_the_verdicts(demo_sized):
+    from posbias.reports.data import collect
+    from posbias.reports.document import Para, Table
+    from posbias.reports.sections import build_sections
+
+    store, cal, ev = demo_sized
+    first = build_sections(collect(store, cal, ev))[0]
+    assert first.title.startswith("Verdicts")
+    lead, table = first.blocks[0], first.blocks[1]
+    assert isinstance(lead, Para) and lead.kind in ("good", "neutral", "bad")
+    assert isinstance(table, Table) and table.header == ["what", "verdict", "why"]
+    doc = json.loads(cal.read_text())
+    fitted = [m for m, e in doc["methods"].items() if "quality" in e]
+    assert len(table.rows) >= len(fitted) + 1  # every fitted curve, then the consistency test
+    assert {r[1] for r in table.rows[: len(fitted)]} <= {"good", "weak", "unusable"}
+    assert any(r[0].startswith("bias consistency") and "more samples" in r[2] for r in table.rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or "default" in text.lower() or not action.option_strings:
+        said = re.search(r"\(default[ :]|default:|; default |%\(default\)", text) or f"'{action.default}'" in text
+        if said or not action.option_strings:
             return text
         if action.required or any(action.default is v for v in (None, False, True, argparse.SUPPRESS)):
             return text
