@@ -197,8 +197,11 @@ def profile_samples(
             if hasattr(capture, "static_data"):
                 for path, value in capture.static_data().items():
                     writer.set_static(path, value)
+            started = False  # the bar counts finished samples, so its rate and time left are per finished sample
             for item in samples:
-                bar.update(1)
+                if started:
+                    bar.update(1)
+                started = True
                 if isinstance(item, BadSample):
                     writer.skip(sample_id=item.sample_id, source=item.sample_id.split(":", 1)[0], reason=item.reason)
                     summary.skipped.append((item.sample_id, item.reason))
@@ -237,6 +240,8 @@ def profile_samples(
                 if on_sample:
                     on_sample(item.id)
                 bar.set_postfix(skipped=len(summary.skipped), refresh=False)
+            if started:
+                bar.update(1)
         bar.close()
         # provenance: the profiling time of this store (a resumed run adds its time to the earlier runs')
         earlier = writer._attrs.get("profile_seconds", 0.0) if resume else 0.0
