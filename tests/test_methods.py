@@ -374,6 +374,24 @@ def _soft_nms_heap_reference(
     return torch.tensor(picks, dtype=torch.int64)
 
 
+def _same_up_to_near_tie(got: list[int], ref: list[int], rel: torch.Tensor, f: torch.Tensor, lam: float,
+                         where: object = None) -> bool:
+    """True if the picks are identical; else assert that where they first differ the two candidates' exact
+    (float64) MMR scores lie within float32 rounding of each other, and return False."""
+    if got == ref:
+        return True
+    t = next(i for i in range(len(ref)) if got[i] != ref[i])
+    r = minmax(rel).double()
+    fn = torch.nn.functional.normalize(f.double(), dim=-1)
+
+    def score(j: int) -> float:
+        sim = float((fn[ref[:t]] @ fn[j]).max()) if t else 0.0
+        return lam * float(r[j]) - (1.0 - lam) * sim
+
+    assert abs(score(got[t]) - score(ref[t])) < 1e-6, (where, t)
+    return False
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_mmr_fast_matches_previous_dense_version_at_2304(seed):
     g = torch.Generator().manual_seed(seed)
@@ -385,7 +403,10 @@ def test_mmr_fast_matches_previous_dense_version_at_2304(seed):
     # clustered features (low-rank plus noise): diversity decides many picks
     feats = torch.randn(2304, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.3 * torch.randn(2304, 64, generator=g)
     assert mmr_select(rel, feats, 256).tolist() == _mmr_dense_reference(rel, feats, 256).tolist()
-    assert mmr_select(rel, feats, 2304 // 3).tolist() == _mmr_dense_reference(rel, feats, 2304 // 3).tolist()
+    # at k = N/3 the diversity terms of late picks crowd together: float32 near-ties may swap an order (seen with
+    # seed 1 on some CPUs' matmul kernels), anything else is a bug
+    got, ref = mmr_select(rel, feats, 2304 // 3).tolist(), _mmr_dense_reference(rel, feats, 2304 // 3).tolist()
+    _same_up_to_near_tie(got, ref, rel, feats, 0.9, where=seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -508,15 +529,5 @@ def test_mmr_differs_from_dense_only_at_float32_near_ties():
         rel = torch.rand(n, generator=rng) ** 3 if case % 5 else torch.randint(0, 10, (n,), generator=rng).float()
         got = mmr_select(rel, f, k, lam=lam).tolist()
         ref = _mmr_dense_reference(rel, f, k, lam=lam).tolist()
-        if got == ref:
-            continue
-        diverged += 1
-        t = next(i for i in range(k) if got[i] != ref[i])
-        r = minmax(rel).double()
-        fn = torch.nn.functional.normalize(f.double(), dim=-1)
-
-        def score(j: int) -> float:
-            return lam * float(r[j]) - (1.0 - lam) * float((fn[ref[:t]] @ fn[j]).max())
-
-        assert abs(score(got[t]) - score(ref[t])) < 1e-6, (case, t)
+        diverged += not _same_up_to_near_tie(got, ref, rel, f, lam, where=case)
     assert diverged < 48 // 2  # most inputs give identical picks
