@@ -331,6 +331,7 @@ def draw_bias_curves(
     pore_predict: Callable[[np.ndarray], np.ndarray] | None,
     level: float,
     n_boot: int,
+    pore_other: tuple[str, Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> None:
     """Measured mean with its cluster-bootstrap band, the fitted PBC polynomial / PoRe exponential, residuals.
 
@@ -338,6 +339,7 @@ def draw_bias_curves(
     ----------
     x : (m,) positions; bands : name -> (mean, low, high), each (m,), for "delta" and "pore".
     pbc_band : the calibration's pointwise confidence band of the polynomial ({"x", "fit", "low", "high"}).
+    pore_other : (label, predict) of PoRe's other exponential form (pure / with offset), drawn dashed.
     """
     axes = fig.subplots(2, 2, height_ratios=[2.2, 1.0], sharex="col")
     ci = _ci_text(level)
@@ -360,6 +362,8 @@ def draw_bias_curves(
                 ax.fill_between(bx, pbc_band["low"], pbc_band["high"], color=method_color(method), alpha=0.25, lw=0,
                                 label=f"{ci} band of the fit (cluster-robust)")
             ax.plot(x, fit, lw=1.8, color=method_color(method), label=method_label(method) + " fit")
+            if method == "pore" and pore_other is not None:
+                ax.plot(x, pore_other[1](x), lw=1.2, ls="--", color=method_color(method), label=pore_other[0])
             res = mean - fit  # (m,)
             xs, (rs,) = _coarsen(x, [res], 144)
             axr.plot(x, res, lw=0.5, color=REFERENCE["band"])

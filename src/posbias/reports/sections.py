@@ -45,6 +45,17 @@ SECTION_TITLES: dict[str, str] = {
 }
 
 
+def _pore_other(pore: dict[str, Any] | None) -> tuple[str, Any] | None:
+    """(label, predict) of PoRe's other exponential form recorded in the calibration, or None."""
+    from posbias.fitters import fitter_from_dict
+
+    other = ((pore or {}).get("form") or {}).get("other")
+    if not other:
+        return None
+    label = "other form: a·exp(bx) + c" if other["params"].get("offset") else "other form: pure a·exp(bx) (released)"
+    return label, fitter_from_dict(other).predict
+
+
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "n/a"
@@ -193,7 +204,8 @@ def _curves(d: ReportData) -> Section:
     blocks: list[Any] = [
         Para(
             f"Left: PosPrune's bias ΔA = A_shallow - A_deep per position (PosPrune Fig. 3c) with the fitted polynomial; right: "
-            f"the mean attention at layer {d.pore_layer} with PoRe's exponential P(x) = a·exp(bx) + c (PoRe Fig. 2). Grey: the "
+            f"the mean attention at layer {d.pore_layer} with PoRe's exponential P(x) = a·exp(bx) (+ c when held-out error "
+            "chose the offset form; the other form dashed) (PoRe Fig. 2). Grey: the "
             f"measured mean and its {int(level * 100)}% band from a cluster bootstrap over samples ({d.n_boot} resamples; tokens of "
             "one image are correlated, so samples are resampled, never tokens). Bottom: residuals, mean minus fit."
         ),
@@ -202,7 +214,8 @@ def _curves(d: ReportData) -> Section:
             partial(draw_bias_curves, x=d.x, bands=d.bands, x_label=d.x_label, layers=layers,
                     pbc_predict=pbc_fit.predict if pbc_fit else None,
                     pbc_band=(stats.get("pbc_inference") or {}).get("band"),
-                    pore_predict=pore_fit.predict if pore_fit else None, level=level, n_boot=d.n_boot),
+                    pore_predict=pore_fit.predict if pore_fit else None, level=level, n_boot=d.n_boot,
+                    pore_other=_pore_other(pore)),
             (TEXT_WIDTH, 4.4)),
     ]
     rows: list[list[str]] = []
@@ -224,6 +237,12 @@ def _curves(d: ReportData) -> Section:
         learned = pore["fit"]["learned"]
         pinf = (stats.get("pore_inference") or {}).get("params")
         rows.append(["PoRe", "layer, domain", f"{pore['layer']}, {pore['domain']}"])
+        form = pore.get("form") or {}
+        if form.get("cv_mse"):
+            mse = ", ".join(f"{n} {_fmt(v, 3) if v is not None else 'failed'}" for n, v in zip(form["forms"], form["cv_mse"]))
+            rows.append(["PoRe", "form (held-out MSE)", f"{form['chosen']} ({mse}; 1-SE rule favours pure)"])
+        elif form:
+            rows.append(["PoRe", "form", f"{form['chosen']} (forced)"])
         for name in ("a", "b", "c"):
             txt = _ci(pinf[name]) if pinf and name in pinf else _fmt(learned[f"{name}_"])
             rows.append(["PoRe", name, txt])
