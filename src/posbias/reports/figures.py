@@ -657,3 +657,30 @@ def draw_fidelity(fig: Any, results: list[dict[str, Any]]) -> None:
             labels.append(lab)
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)))
+
+
+def draw_probe(fig: Any, probe: dict[str, Any]) -> None:
+    """Position-invariance probe: kept fraction of the patch's tokens vs its position, one line per method, one
+    panel per budget; the dotted line is keep / V (what a position-blind random choice keeps on average)."""
+    pos = probe["positions"]
+    order = np.argsort([p["mean_index"] for p in pos], kind="stable")  # raster order of the patch
+    labels = [f"({pos[i]['x']},{pos[i]['y']})" for i in order]
+    keeps = sorted({int(r["keep"]) for r in probe["results"]})
+    axes = np.atleast_1d(fig.subplots(1, len(keeps), sharey=True))
+    markers = "osD^v<>ph*"
+    for ax, k in zip(axes, keeps):
+        rows = sorted((r for r in probe["results"] if int(r["keep"]) == k), key=lambda r: str(r["method"]))
+        for i, r in enumerate(rows):
+            f = np.asarray(r["fraction"], dtype=np.float64)[order]
+            rho = "n/a" if r["spearman"] is None else f"{r['spearman']:+.2f}"
+            ax.plot(np.arange(f.size), f, marker=markers[i % len(markers)], ms=3.5, lw=1.2,
+                    color=method_color(str(r["method"])),
+                    label=f"{method_label(str(r['method']))} (spread {r['spread']:.2f}, ρ {rho})")
+        if rows:
+            ax.axhline(float(rows[0]["uniform"]), color=REFERENCE["zero"], lw=0.8, ls=":", label="keep / V")
+        ax.set_xticks(np.arange(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, fontsize=6)
+        ax.set_xlabel("patch position (x, y px), in visual-sequence order")
+        ax.set_title(f"keep {k}")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("patch tokens kept (fraction)")

@@ -24,6 +24,7 @@ from posbias.reports.figures import (
     draw_fidelity,
     draw_layer_curves,
     draw_pictures,
+    draw_probe,
     draw_surface_fits,
     draw_utp,
     draw_vision_map,
@@ -446,6 +447,34 @@ def _fidelity(d: ReportData) -> Section:
     blocks.append(Table(["method", "keep", "n", "KL mean ± SEM (nats)", "top-1 agr.", "exact agr.", "accuracy", "FLOPs ratio",
                          "prefill ms (pruned / full)", "peak MiB"], rows,
                         caption=f"{ev.get('n_samples', '?')} evaluation samples; model {(ev.get('model') or {}).get('id', '?')}."))
+    paired = [r for r in sorted(results, key=lambda r: (str(r["method"]), float(r["keep"]))) if r.get("paired")]
+    if paired:
+        prow = []
+        for r in paired:
+            kl, t1 = r["paired"]["kl"], r["paired"]["top1"]
+            ci = kl["ci"]
+            prow.append([method_label(str(r["method"])), _fmt(r["keep"]), _fmt(kl["n"]),
+                         f"{_fmt(kl['mean'], 3)} [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]", _fmt(kl["p"], 2), kl["verdict"],
+                         _fmt(t1["mean"], 2), t1["verdict"], _fmt(kl.get("n_needed"))])
+        blocks.append(Table(["method", "keep", "n", "ΔKL vs FastV, mean [95% bootstrap CI]", "Wilcoxon p", "verdict (KL)",
+                             "Δ top-1 agr.", "verdict (top-1)", "n to decide"], prow,
+                            caption="Paired against FastV on the same samples and keep (difference = method - FastV; lower "
+                                    "KL, higher agreement is better; a verdict needs the CI to exclude 0 and p < 0.05)."))
+    blocks.append(Para("What each measure answers: KL and agreement measure fidelity to the full model, so a method "
+                       "that keeps what the full model attends to (its positional bias included) scores well on them; "
+                       "they cannot show the papers' claim, which is about task quality. Accuracy measures task quality "
+                       "and needs labelled samples and a trained model. The position-invariance probe measures whether "
+                       "the same content is kept wherever it sits."))
+    probe = ev.get("probe")
+    if probe and probe.get("results"):
+        blocks.append(Para(
+            f"Position-invariance probe: the same photo patch ({probe['patch']} px of a {probe['canvas']} px grey "
+            f"canvas) at {len(probe['positions'])} positions, question \"{probe['question']}\". A method free of "
+            "positional bias keeps about the same fraction of the patch wherever it sits (flat line, spread near 0, "
+            "Spearman ρ with the position in the visual sequence near 0); a recency bias shows as a rising line."))
+        blocks.append(Fig("probe", "Fraction of the patch's tokens kept vs patch position, per method and budget.",
+                          "line plots of the kept fraction of a content patch against its position, one line per method",
+                          partial(draw_probe, probe=probe), (TEXT_WIDTH, 3.0)))
     return Section("fidelity", SECTION_TITLES["fidelity"], blocks)
 
 
