@@ -272,3 +272,17 @@ def test_palette_one_colour_per_method():
     core = ["fastv", "pore", "posprune-pbc", "posprune", "posprune-pbc-2d", "adaptprune-gaussian", "adaptprune", "utp", "random"]
     assert len({METHOD_COLORS[m] for m in core}) == len(core)
     assert method_color("my-method") == method_color("my-method")
+
+
+def test_departures_table_in_report_and_docs(full_report):
+    from pathlib import Path
+
+    from posbias.departures import DEPARTURES
+
+    text = _html.unescape(full_report["html"].read_text(encoding="utf-8"))
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "runtime.md").read_text(encoding="utf-8")
+    table = docs.split("## Remaining departures from the papers", 1)[1].split("\n## ", 1)[0]
+    assert len(DEPARTURES) >= 5
+    for paper, what, why, switch in DEPARTURES:
+        assert what in text and switch in text
+        assert what in table and why in table  # the docs list the same departures

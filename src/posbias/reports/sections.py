@@ -140,6 +140,12 @@ def _provenance(d: ReportData, generated: str) -> Section:
     if d.missing:
         blocks.append(Table(["not in this report", "how to produce it"], [[w, c] for w, c in d.missing],
                             caption="Inputs this report could use but did not find; the sections below say the same where it matters."))
+    from posbias.departures import DEPARTURES
+
+    blocks.append(Table(["paper", "what differs", "why", "switch that restores the paper's choice"],
+                        [list(row) for row in DEPARTURES],
+                        caption="Remaining departures from the papers (defaults otherwise reproduce the released code; "
+                                "docs/runtime.md)."))
     return Section("provenance", SECTION_TITLES["provenance"], blocks)
 
 
