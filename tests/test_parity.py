@@ -134,7 +134,7 @@ def test_adaptprune_matches_released_adapt_nms_2d(demo, keep):
         assert _posbias_kept(adapter, cal, inputs, "adaptprune", keep) == ref
         square = _posbias_kept_square(adapter, cal, inputs, keep)
         if keep == BUDGETS[0]:
-            assert square != ref  # the paper text's 5 x 5 square is a different selection on this input
+            assert square != ref  # the former 5 x 5 square default is a different selection on this input
 
 
 def _posbias_kept_square(adapter, cal, inputs, keep) -> list[int]:

@@ -37,7 +37,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "posprune-pbc": {},
     "posprune": {"mmr_lambda": 0.9, "arp": True, "arp_centre_ratio": 0.25, "arp_edge_ratio": 0.5, "arp_blocks": 6},
     # released adapt_nms_2d: every token within Euclidean distance <= 5 (distance_limit=5); window=5, radius=None
-    # restores the 5 x 5 square of the paper's text
+    # gives the 5 x 5 square of earlier posbias versions
     "adaptprune": {"sigma_d": 1.5, "sigma_s": 0.05, "window": 11, "radius": 5.0, "gaussian": True,
                    "gaussian_sigma": None},
     "utp": {"pa_layers": 3, "ratio": None},
@@ -270,9 +270,9 @@ def resolve_method(
                 raise PosbiasError(f"{name}={values[name]!r} must be a number > 0")
         w = values["window"]
         if isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0:
-            raise PosbiasError(f"window={w!r} must be a positive odd int (released code: 11 with radius 5; paper text: 5)")
+            raise PosbiasError(f"window={w!r} must be a positive odd int (released code: 11 with radius 5; 5 alone: a 5 x 5 square)")
         if params and "window" in params and "radius" not in params:
-            values["radius"] = None  # an explicit window alone asks for the square (the paper's 5 x 5)
+            values["radius"] = None  # an explicit window alone asks for the square (window=5: the former default)
         r = values["radius"]
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0):
             raise PosbiasError(f"radius={r!r} must be a number >= 0 or None (released code: 5)")
