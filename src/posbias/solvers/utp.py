@@ -359,7 +359,8 @@ def compact_optimum(f: np.ndarray, const: float, budget: int, *, min_keep: int =
     Dynamic program over layers, keep levels and tokens used so far: ``D_i[k, b]`` is the least cost of layers
     1..i with ``r_i = k`` and ``r_1 + ... + r_i = b``; ``D_i[k, b] = f_i(k) + min_{k' >= k} D_{i-1}[k', b - k]``
     (``D_0`` is 0 at ``k = V, b = 0``). Each layer is one suffix minimum over ``k'`` and one skewed add (a strided
-    view, no Python loop over levels); rows above ``(B - (L-1-i) min_keep) / i`` are infeasible and never built.
+    view); rows and columns that cannot reach the budget (``i k <= b <= min(i V, B - (L-1-i) min_keep)``,
+    ``b >= B - (L-1-i) kmax_{i+1}``) are never built.
     The schedule is read back from the last layer's column ``b = B``; only every ``~sqrt(L)``-th layer's table
     is kept and the others are recomputed block by block while reading it back (memory ~2 sqrt(L) tables).
     Exact: every admissible schedule is a path, so the minimum over paths is the optimum (ties: the lowest
@@ -388,28 +389,39 @@ def compact_optimum(f: np.ndarray, const: float, budget: int, *, min_keep: int =
     v, b_tot, lo = vp1 - 1, int(budget), int(min_keep)
     if m < 1 or not (m * lo <= b_tot <= m * v):
         raise PosbiasError(f"budget {budget} cannot be split over {m} layers keeping {lo}..{v} tokens each")
-    # rows (r_i = k) and columns (b = r_1 + .. + r_i) that can still lead to the budget: i k <= b and
-    # b <= min(i V, B - (m - i) min_keep)
-    width = [1] + [min(i * v, b_tot - (m - i) * lo) + 1 for i in range(1, m + 1)]
-    kmax = [v] + [min(v, (width[i] - 1) // i) for i in range(1, m + 1)]
+    # rows (r_i = k) and columns (b = r_1 + .. + r_i) that can still lead to the budget: i k <= b,
+    # b <= min(i V, B - (m - i) min_keep) and b >= max(i min_keep, B - (m - i) kmax[i+1]) (later layers keep at most
+    # kmax[i+1] each); table i holds columns first[i] .. last[i]
+    last = [0] + [min(i * v, b_tot - (m - i) * lo) for i in range(1, m + 1)]
+    kmax = [v] + [min(v, last[i] // i) for i in range(1, m + 1)]
+    first = [0] + [max(i * lo, b_tot - (m - i) * (kmax[i + 1] if i < m else 0)) for i in range(1, m + 1)]
+    if any(first[i] > last[i] for i in range(m + 1)):
+        raise PosbiasError(f"no admissible schedule for budget {budget}; check min_keep")
     item = np.dtype(np.float64).itemsize
 
     def step(prev: np.ndarray, i: int) -> np.ndarray:
-        """D_i (kmax[i]+1, width[i]) from D_{i-1} (kmax[i-1]+1, width[i-1])."""
-        n_k, w, w_prev = kmax[i] + 1, width[i], width[i - 1]
-        pad = np.empty((n_k, n_k + w))  # row k, column n_k + c holds min_{k' >= k} D_{i-1}[k', c]
-        pad[:, :n_k] = np.inf
-        c = min(w, w_prev)
-        pad[:, n_k + c :] = np.inf
-        run = pad[:, n_k : n_k + c]  # (n_k, c) suffix minima, one contiguous row op per level (fast)
-        np.minimum.reduce(prev[n_k - 1 :, :c], axis=0, out=run[n_k - 1])
-        for k in range(n_k - 2, -1, -1):
-            np.minimum(prev[k, :c], run[k + 1], out=run[k])
-        skew = np.lib.stride_tricks.as_strided(pad.ravel()[n_k:], shape=(n_k, w), strides=((n_k + w - 1) * item, item))
-        out = np.add(skew, f[i - 1, :n_k, None])  # (n_k, w): out[k, b] = f_i(k) + pad[k, n_k + b - k]
+        """D_i (kmax[i]+1, last[i]-first[i]+1) from D_{i-1}; out[k, j] is b = first[i] + j."""
+        n_k, w, w_prev = kmax[i] + 1, last[i] - first[i] + 1, prev.shape[1]
+        shift = first[i] - first[i - 1]
+        t_lo = shift - (n_k - 1)  # prev column held by pad column 0
+        pad = np.empty((n_k, w + n_k - 1))  # pad[k, q] = min_{k' >= k} D_{i-1}[k', t_lo + q]
+        ta, tb = max(t_lo, 0), min(shift + w, w_prev)  # prev columns that exist and are read
+        qa, qb = ta - t_lo, max(tb - t_lo, ta - t_lo)
+        pad[:, :qa] = np.inf
+        pad[:, qb:] = np.inf
+        if qb > qa:
+            run = pad[:, qa:qb]  # (n_k, .) suffix minima over k', one contiguous row op per level
+            np.minimum.reduce(prev[n_k - 1 :, ta:tb], axis=0, out=run[n_k - 1])
+            for k in range(n_k - 2, -1, -1):
+                np.minimum(prev[k, ta:tb], run[k + 1], out=run[k])
+        # out[k, j] = f_i(k) + pad[k, n_k - 1 + j - k]: prev column first[i] + j - k - first[i-1] (a skewed view)
+        skew = np.lib.stride_tricks.as_strided(pad.ravel()[n_k - 1 :], shape=(n_k, w),
+                                               strides=((w + n_k - 2) * item, item))
+        out = np.add(skew, f[i - 1, :n_k, None])  # (n_k, w)
         out[:lo] = np.inf
         return out
-    d0 = np.full((v + 1, 1), np.inf)  # D_0: r_0 = V, nothing used yet
+
+    d0 = np.full((v + 1, 1), np.inf)  # D_0: r_0 = V, nothing used yet (column b = 0)
     d0[v, 0] = 0.0
     every = max(1, int(np.ceil(np.sqrt(m))))
     marks: dict[int, np.ndarray] = {0: d0}
@@ -418,9 +430,9 @@ def compact_optimum(f: np.ndarray, const: float, budget: int, *, min_keep: int =
         cur = step(cur, i)
         if i % every == 0 and i < m:
             marks[i] = cur
-    last = cur[:, b_tot] if cur.shape[1] > b_tot else np.full(cur.shape[0], np.inf)  # (kmax[m]+1,)
-    k = int(np.argmin(last))
-    best = float(last[k])
+    final = cur[:, b_tot - first[m]]  # (kmax[m]+1,) the last table holds the single column b = B
+    k = int(np.argmin(final))
+    best = float(final[k])
     if not np.isfinite(best):
         raise PosbiasError(f"no admissible schedule for budget {budget}; check min_keep")
     tail = np.empty(m, dtype=np.int64)
@@ -435,7 +447,7 @@ def compact_optimum(f: np.ndarray, const: float, budget: int, *, min_keep: int =
         for i in range(hi - 1, start - 1, -1):  # r_i from D_i's column b, rows >= r_{i+1}
             if i == 0:
                 break
-            col = tabs[i - start][:, b]
+            col = tabs[i - start][:, b - first[i]]
             k_next = int(tail[i])
             pick = k_next + int(np.argmin(col[k_next:]))
             tail[i - 1] = pick
