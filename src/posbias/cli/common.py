@@ -74,7 +74,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--shallow-layer", type=int, default=None, help="0-based shallow layer of PBC and scoring layer (default 1: the papers' K=2)")
     g.add_argument(
-        "--deep-layer", type=int, default=None, help="deep layer of PBC (default: same relative depth as 20 of 32)"
+        "--deep-layer", type=int, default=None, help="0-based deep layer of PBC (default: the relative depth of the 20th of 32 layers, round(20/32*L)-1)"
     )
     g.add_argument("--pore-layer", type=int, default=None, help="layer whose mean attention PoRe fits (default: shallow)")
     g.add_argument(
