@@ -386,7 +386,8 @@ def _utp(d: ReportData) -> Section:
                           partial(draw_utp, schedules=d.schedules, utr_loss=d.utr_loss, level=level),
                           (TEXT_WIDTH if d.schedules and d.utr_loss is not None else TEXT_WIDTH * 0.6, 2.8)))
     if d.schedules:
-        extra = [k for k in ("objective", "status", "mip_gap", "gap", "solve_seconds", "solve_time", "n_samples", "mode") if any(k in s for s in d.schedules)]
+        extra = [k for k in ("formulation", "objective", "objective_progressive", "objective_tokens", "status", "mip_gap", "gap",
+                             "solve_seconds", "solve_time", "n_samples", "mode") if any(s.get(k) is not None for s in d.schedules)]
         rows = [[s["method"], _fmt(s["ratio"]), _fmt(sum(s["schedule"])), " ".join(str(v) for v in s["schedule"])] + [_fmt(s.get(k)) for k in extra]
                 for s in d.schedules]
         blocks.append(Table(["method", "ratio", "tokens over layers", "retained per layer"] + extra, rows, caption="Schedules in the calibration."))
