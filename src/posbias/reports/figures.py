@@ -682,5 +682,8 @@ def draw_probe(fig: Any, probe: dict[str, Any]) -> None:
         ax.set_xticklabels(labels, rotation=60, fontsize=6)
         ax.set_xlabel("patch position (x, y px), in visual-sequence order")
         ax.set_title(f"keep {k}")
-        ax.legend(fontsize=6)
     axes[0].set_ylabel("patch tokens kept (fraction)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(keeps) > 1:  # spread and rho differ per budget: name the methods only
+        labels = [lab.split(" (spread")[0] for lab in labels]
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=6)  # below: the lines stay visible

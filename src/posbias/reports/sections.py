@@ -481,7 +481,12 @@ def _fidelity(d: ReportData) -> Section:
             "Spearman ρ with the position in the visual sequence near 0); a recency bias shows as a rising line."))
         blocks.append(Fig("probe", "Fraction of the patch's tokens kept vs patch position, per method and budget.",
                           "line plots of the kept fraction of a content patch against its position, one line per method",
-                          partial(draw_probe, probe=probe), (TEXT_WIDTH, 3.0)))
+                          partial(draw_probe, probe=probe), (TEXT_WIDTH, 4.0)))
+        blocks.append(Table(["method", "keep", "spread (max - min)", "Spearman ρ with position", "keep / V"],
+                            [[method_label(str(r["method"])), _fmt(r["keep"]), _fmt(r["spread"], 3), _fmt(r["spearman"], 3),
+                              _fmt(r["uniform"], 3)] for r in probe["results"]],
+                            caption="Position-invariance probe per method and budget (utp: the last layer's survivors, "
+                                    "not comparable)."))
     return Section("fidelity", SECTION_TITLES["fidelity"], blocks)
 
 
