@@ -89,7 +89,7 @@ def test_mmr_first_pick_is_relevance_and_diversity_skips_duplicates():
                 mmr_select(rel, f, 2, lam=lam)
 
 
-def soft_nms_reference(scores, rows, cols, keys, k, sd, ss, window, groups=None):
+def soft_nms_reference(scores, rows, cols, keys, k, sd, ss, window, groups=None, radius=None):
     s = [float(x) for x in scores]
     n = len(s)
     kn = [[v / math.sqrt(sum(u * u for u in f)) for v in f] for f in keys]
@@ -103,6 +103,8 @@ def soft_nms_reference(scores, rows, cols, keys, k, sd, ss, window, groups=None)
             if g[j] != g[i] or abs(rows[j] - rows[i]) > half or abs(cols[j] - cols[i]) > half:
                 continue
             d2 = (rows[j] - rows[i]) ** 2 + (cols[j] - cols[i]) ** 2
+            if radius is not None and d2 > radius * radius:
+                continue
             c = sum(a * b for a, b in zip(kn[i], kn[j]))
             s[j] *= 1 - math.exp(-d2 / (2 * sd * sd)) * math.exp(-((1 - c) ** 2) / (2 * ss * ss))
     return picks
@@ -118,6 +120,35 @@ def test_soft_nms_matches_algorithm_1(sd, ss, window):
     got = soft_nms_select(scores, rows, cols, keys, 15, sigma_d=sd, sigma_s=ss, window=window).tolist()
     ref = soft_nms_reference(scores.tolist(), rows.tolist(), cols.tolist(), keys.tolist(), 15, sd, ss, window)
     assert got == ref
+
+
+@pytest.mark.parametrize("window,radius", [(11, 5), (11, 5.0), (7, 2.5), (5, 5), (3, 0)])
+def test_soft_nms_euclidean_radius_matches_algorithm_1(window, radius):
+    # the released adapt_nms_2d suppresses every token within Euclidean distance <= distance_limit (5): a disc,
+    # not a square; dense, shuffled, holed and two-sub-image layouts all give the brute-force picks
+    g = torch.Generator().manual_seed(21)
+    rows, cols = _grid(13, 14)
+    n = rows.shape[0]
+    keys = 3.0 * torch.randn(1, 6, generator=g, dtype=torch.float64) + torch.randn(n, 6, generator=g, dtype=torch.float64)
+    for idx in (torch.arange(n), torch.randperm(n, generator=g), torch.randperm(n, generator=g)[:150]):
+        s = torch.rand(n, generator=g, dtype=torch.float64)[idx]
+        r, c, kk = rows[idx], cols[idx], keys[idx]
+        got = soft_nms_select(s, r, c, kk, 40, window=window, radius=radius).tolist()
+        assert got == soft_nms_reference(s.tolist(), r.tolist(), c.tolist(), kk.tolist(), 40, 1.5, 0.05, window,
+                                         radius=radius)
+    groups = (cols >= 7).long()
+    c2 = cols % 7
+    s = torch.rand(n, generator=g, dtype=torch.float64)
+    got = soft_nms_select(s, rows, c2, keys, 40, window=window, radius=radius, groups=groups).tolist()
+    assert got == soft_nms_reference(s.tolist(), rows.tolist(), c2.tolist(), keys.tolist(), 40, 1.5, 0.05, window,
+                                     groups=groups.tolist(), radius=radius)
+    # a disc of radius 5 differs from the 11 x 11 square: its corners (distance > 5) are not neighbours
+    nbr = neighbour_table(rows, cols, 11, radius=5)
+    assert nbr.shape[1] == 81
+    centre = 6 * 14 + 7
+    assert 0 * 14 + 2 not in nbr[centre].tolist() and 1 * 14 + 7 in nbr[centre].tolist()
+    with pytest.raises(PosbiasError, match="radius"):
+        soft_nms_select(s, rows, cols, keys, 4, window=11, radius=-1)
 
 
 def test_soft_nms_spreads_picks_and_never_crosses_subimages():

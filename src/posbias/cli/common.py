@@ -117,9 +117,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated methods to fit (default: all of fastv,pore,posprune-pbc,adaptprune-gaussian)",
     )
-    g.add_argument("--shallow-layer", type=int, default=None, help="shallow layer of PBC and pruning layer (default 2)")
+    g.add_argument("--shallow-layer", type=int, default=None, help="0-based shallow layer of PBC and scoring layer (default 1: the papers' K=2)")
     g.add_argument(
-        "--deep-layer", type=int, default=None, help="deep layer of PBC (default: same relative depth as 20 of 32)"
+        "--deep-layer", type=int, default=None, help="0-based deep layer of PBC (default: the relative depth of the 20th of 32 layers, round(20/32*L)-1)"
     )
     g.add_argument("--pore-layer", type=int, default=None, help="layer whose mean attention PoRe fits (default: shallow)")
     g.add_argument(
@@ -133,7 +133,10 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
         choices=["auto", "index", "normalized"],
         help="position variable of the fits: raster index (fixed grids) or i/N (dynamic resolution)",
     )
-    g.add_argument("--pure-exponential", action="store_true", help="fit PoRe's P(x)=a*exp(bx) without the offset c")
+    g.add_argument("--pore-form", choices=("auto", "pure", "offset"), default="auto",
+                   help="PoRe's curve: pure a*exp(bx) as released, a*exp(bx)+c, or auto (pure unless held-out error "
+                   "favours the offset; default)")
+    g.add_argument("--pure-exponential", action="store_true", help="same as --pore-form pure")
     g.add_argument(
         "--gaussian-sigma",
         type=_sigma,

@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer length for exact agreement")
     p.add_argument("--params", default=None,
                    help='JSON of per-method parameter overrides, e.g. \'{"posprune": {"mmr_lambda": 0.8}}\'')
+    p.add_argument("--probe", action="store_true",
+                   help="also run the position-invariance probe (a photo patch at a grid of positions; docs/evaluation.md)")
+    p.add_argument("--probe-steps", type=int, default=3, help="probe positions per axis")
     p.add_argument("--out", default="evaluation.json", help="evaluation JSON to write")
     p.add_argument("--no-progress", action="store_true", help="no per-sample lines")
     p.set_defaults(func=run)
@@ -62,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
     doc = evaluate(adapter, cal, config, calibration_path=args.calibration, progress=not args.no_progress)
     print(format_table(doc))
+    if args.probe:
+        from posbias.evaluate.probe import format_probe, position_probe
+
+        doc["probe"] = position_probe(adapter, cal, config.methods, config.keeps, steps=args.probe_steps,
+                                      params=config.params)
+        print(format_probe(doc["probe"]))
     write_evaluation(doc, out)
     print(f"evaluation -> {out}")
     return 0

@@ -38,7 +38,8 @@ def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
         pore_layer=args.pore_layer,
         degree=args.degree,
         domain=args.domain,
-        pore_offset=not args.pure_exponential,
+        pore_offset="auto" if args.pore_form == "auto" and not args.pure_exponential
+        else (args.pore_form == "offset" and not args.pure_exponential),
         keep=args.keep,
         methods=args.methods,
         seed=getattr(args, "seed", 0),

@@ -30,9 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help="profile.h5 with /samples/utr_loss")
     p.add_argument("--ratios", required=True, type=_ratios, help="compression ratios, e.g. 2,4,8,16")
     p.add_argument("--into", required=True, metavar="CALIBRATION", help="calibration JSON to add schedules to")
-    p.add_argument("--formulation", default="pwl", choices=("pwl", "compact", "tokens"),
-                   help="pwl: compact costs interpolated on --levels keep levels (fast, default); compact: every level "
-                   "(exact compact costs, slow for V=576); tokens: UTP's own token-level ILP (exact, small V*L only)")
+    p.add_argument("--formulation", default="compact", choices=("compact", "pwl", "tokens"),
+                   help="compact: proven optimum of the per-layer tables (exact dynamic program, default); pwl: those "
+                   "tables interpolated on --levels keep levels (HiGHS MILP); tokens: UTP's token-level ILP "
+                   "(exact for progressive pruning, small V*L only; also run as a reference where S*(L-1)*V <= 2048)")
     p.add_argument("--levels", type=int, default=33, help="keep levels (breakpoints) of --formulation pwl (docs/utp.md)")
     p.add_argument("--mode", default="joint", choices=("joint", "per_sample"),
                    help="joint: one schedule for all samples (their losses summed, what the runtime ships); "
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     for key, e in schedules.items():
         sched = e["schedule"]
         shown = "not written (no schedule within budget)" if sched is None else ",".join(map(str, sched))
+        tok = "" if e.get("objective_tokens") is None else \
+            f" token-level={e['objective_tokens']:.6g} ({e['tokens_status']})"
         print(f"ratio {key}: status={e['status']} gap={e['gap']} objective={e['objective']} "
+              f"progressive={e['objective_progressive']}{tok} "
               f"time={e['solve_seconds']:.3f}s samples={e['n_samples']} metric={e['metric']} r={shown}")
     return 0
