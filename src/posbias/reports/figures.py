@@ -459,7 +459,7 @@ def draw_degree_selection(fig: Any, pbc_degree: dict[str, Any] | None, bias_map:
                     label=f"chosen degree {chosen} (simplest whose bar reaches 0)")
         ax.set_xticks(d)
         ax.set_xlabel("polynomial degree")
-        ax.set_ylabel(_unit("held-out MSE - best (probability²", pw) + ")")
+        ax.set_ylabel(_unit("held-out MSE − best\n(probability²", pw) + ")")
         ax.set_title(f"PBC degree: {pbc_degree.get('n_folds')}-fold CV over samples")
     if bias_map is not None:
         ax = axes[k]
