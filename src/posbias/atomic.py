@@ -37,6 +37,7 @@ __all__ = [
     "sweep_stale_temps",
     "temp_path",
     "ensure_folder",
+    "check_writable",
 ]
 
 #: errno values that mean "the machine", not "the input"
@@ -103,6 +104,23 @@ def ensure_folder(folder: str | os.PathLike[str], *, create: bool = False) -> Pa
         raise environment_fault(OSError(errno.ENOTDIR, "not a folder"), p)  # type: ignore[misc]
     if not p.is_dir():
         raise environment_fault(OSError(errno.ENOENT, "no folder"), p)  # type: ignore[misc]
+    return p
+
+
+def check_writable(folder: str | os.PathLike[str]) -> Path:
+    """Create and remove a file in ``folder``: a read-only file system or a folder without permission is
+    found before a long run computes anything, not when it writes its first result."""
+    p = ensure_folder(folder)
+    probe = temp_path(p / "write-probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        fault = environment_fault(exc, p)
+        if fault is None:
+            raise
+        raise fault from exc
     return p
 
 

@@ -26,9 +26,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from posbias.artifacts import export_to
+    from posbias.atomic import check_writable
     from posbias.artifacts.fingerprint import model_fingerprint
 
     fingerprint = None
+    if Path(args.to).is_dir():
+        check_writable(args.to)
     if (Path(args.to) / "config.json").is_file():
         from transformers import AutoConfig
 

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from posbias.artifacts.calibration import Calibration
+    from posbias.atomic import check_writable
     from posbias.errors import PosbiasError
     from posbias.solvers.store import solve_store
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise PosbiasError(f"calibration {into} holds a JSON {type(doc).__name__}, not a calibration object; "
                            "pass a file written by 'profile-bias fit'")
     Calibration.from_dict(doc, source=str(into))  # a damaged calibration fails now, not after the solves
+    check_writable(into.parent)
     schedules = solve_store(args.store, args.ratios, formulation=args.formulation, mode=args.mode,
                             pa_layers=args.pa_layers, min_keep=args.min_keep, time_limit=args.time_limit,
                             levels=args.levels)
