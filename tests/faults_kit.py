@@ -40,6 +40,10 @@ import errno, json, os, signal, sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy, torch, h5py, transformers  # noqa: F401  (warm imports, shared by every child)
 import posbias.cli, posbias.models.tiny, posbias.reports.html, posbias.pipeline  # noqa: F401
+import posbias.evaluate, posbias.profiler.utr, posbias.solvers.store, posbias.reports.pdf  # noqa: F401
+from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: F401
+import matplotlib.backends.backend_pdf, matplotlib.backends.backend_agg  # noqa: F401
+posbias.models.tiny.tiny_llava(seed=0)  # every lazy import of building and running the tiny model
 torch.set_num_threads(1)
 
 def install(fault):
@@ -314,7 +318,7 @@ class Base:
     config: Path  # tiny-llava's config.json
 
 
-def make_base(z: Zygote, folder: Path, *, pdf: bool = True) -> Base:
+def make_base(z: Zygote, folder: Path, *, pdf: bool = False) -> Base:
     """Run the pipeline once on tiny-llava into ``folder`` (about a minute on two loaded cores)."""
     import shutil
 
@@ -379,8 +383,8 @@ def setup_case(command: str, base: Base, d: Path, *, pdf: bool = False) -> tuple
         outs = [copy(base.html, d / "report.html")]
         argv = ["report", "--store", base.store, "--calibration", base.cal, "--evaluation", base.evaluation,
                 "--html", outs[0], "--pictures", "0", "--overwrite"]
-        if pdf and base.pdf is not None:
-            outs.append(copy(base.pdf, d / "report.pdf"))
+        if pdf:  # the PDF too: an old one when the base has it, else a new one must appear whole or not at all
+            outs.append(copy(base.pdf, d / "report.pdf") if base.pdf is not None else d / "report.pdf")
             argv += ["--pdf", outs[1]]
         return argv, outs, argv
     if command == "merge":

@@ -108,14 +108,19 @@ def ensure_folder(folder: str | os.PathLike[str], *, create: bool = False) -> Pa
 
 
 def check_writable(folder: str | os.PathLike[str]) -> Path:
-    """Create and remove a file in ``folder``: a read-only file system or a folder without permission is
-    found before a long run computes anything, not when it writes its first result."""
+    """Create and remove a file in ``folder`` and look at its free space: a read-only file system, a folder
+    without permission or a disk with no free block at all is found before a long run computes anything,
+    not when it writes its first result. (A disk that fills up later is caught when the write fails.)"""
     p = ensure_folder(folder)
     probe = temp_path(p / "write-probe")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         os.unlink(probe)
+        if hasattr(os, "statvfs"):
+            st = os.statvfs(p)
+            if st.f_blocks and (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     except OSError as exc:
         fault = environment_fault(exc, p)
         if fault is None:

@@ -80,8 +80,10 @@ def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from posbias.errors import PosbiasError
 
+    from posbias.profiler.store import store_exists
+
     store, out = Path(args.store), Path(args.out)
-    if not store.is_file():
+    if not store_exists(store):  # a finished store, or the segments of an interrupted run
         raise PosbiasError(f"--store {store} does not exist; run 'profile-bias profile' first or pass the right path")
     if out.is_dir():
         from posbias.artifacts import CALIBRATION_FILENAME

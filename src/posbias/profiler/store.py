@@ -28,6 +28,8 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as _metadata
@@ -1301,7 +1303,7 @@ class _NpzPart(_Part):
                     shapes[path_] = (arr.shape, arr.dtype)
                     if not path_.startswith("tokens/"):
                         self._small[path_] = arr
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             msg = " ".join(str(exc).split())
             raise SchemaError(f"{where} cannot be read ({msg}); delete that segment file and resume the run") from exc
         self.raw_attrs = {k: _reencode(k, v) for k, v in meta.items()}
