@@ -38,6 +38,7 @@ __all__ = [
     "temp_path",
     "ensure_folder",
     "check_writable",
+    "check_space",
 ]
 
 #: errno values that mean "the machine", not "the input"
@@ -50,6 +51,7 @@ _FIXES: dict[int, tuple[str, str]] = {
     errno.EROFS: ("the file system is read-only", "choose an output path on a writable file system"),
     errno.ENOENT: ("its folder does not exist (removed while running?)", "create the folder or choose another output path"),
     errno.ENOTDIR: ("a file stands where a folder should be", "remove or rename that file, or choose another output path"),
+    errno.EEXIST: ("a file stands where a folder should be", "remove or rename that file, or choose another output path"),
     errno.EISDIR: ("a folder stands where the file should be", "remove that folder or choose another output path"),
     errno.EIO: ("an input/output error occurred", "check the disk (dmesg) or choose another output path"),
     errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n)"),
@@ -60,10 +62,11 @@ _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{6}\.tmp$")
 
 
 def _errno_of(exc: BaseException) -> int | None:
-    """errno of an OSError, also when (as with h5py) it is only written inside the message."""
-    if isinstance(exc, OSError):
-        if exc.errno is not None:
-            return int(exc.errno)
+    """errno of an OSError, also when (as with h5py's OSError and RuntimeError) it is only written inside
+    the message."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return int(exc.errno)
+    if isinstance(exc, (OSError, RuntimeError)):
         m = _H5_ERRNO.search(str(exc))
         if m:
             return int(m.group(1))
@@ -71,7 +74,8 @@ def _errno_of(exc: BaseException) -> int | None:
 
 
 def environment_fault(exc: BaseException, path: str | os.PathLike[str] | None = None, *, resume: str = "") -> EnvironmentFault | None:
-    """The one-line :class:`EnvironmentFault` for an OSError caused by the machine, else None.
+    """The one-line :class:`EnvironmentFault` for an OSError (or h5py's RuntimeError) caused by the machine,
+    else None.
 
     ``path`` names the file being written (default: the error's own file name); ``resume`` is appended
     (e.g. "then run again with --resume").
@@ -127,6 +131,31 @@ def check_writable(folder: str | os.PathLike[str]) -> Path:
             raise
         raise fault from exc
     return p
+
+
+def check_space(folder: str | os.PathLike[str], nbytes: int) -> None:
+    """Refuse to start writing about ``nbytes`` into ``folder`` when the disk (or the process's file size
+    limit) cannot hold them: libraries that write in place (HDF5) fail untidily halfway, this fails first."""
+    code = None
+    if hasattr(os, "statvfs"):
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            st = None
+        if st is not None and st.f_blocks:
+            free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+            if nbytes > free:
+                code = errno.ENOSPC
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY and nbytes > soft:
+            code = errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    if code is not None:
+        raise environment_fault(OSError(code, os.strerror(code)), Path(folder))  # type: ignore[misc]
 
 
 def temp_path(target: str | os.PathLike[str]) -> Path:
@@ -199,13 +228,15 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str], *, durable: bool = True, resume: str = "") -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], *, durable: bool = True, resume: str = "",
+                expect_bytes: int = 0) -> Iterator[Path]:
     """Yield a temporary path; when the block ends normally, publish it as ``target`` atomically.
 
     The block writes the whole new file to the yielded path (by any means: ``open``, h5py, matplotlib).
     On normal exit the file is fsync'ed (``durable``), renamed over ``target`` and the folder fsync'ed.
     On any exception the temporary file is removed and ``target`` is left as it was; an OSError caused
-    by the machine is re-raised as :class:`EnvironmentFault` naming ``target``.
+    by the machine is re-raised as :class:`EnvironmentFault` naming ``target``. ``expect_bytes``: about
+    how much will be written, refused up front when it cannot fit (:func:`check_space`).
 
     Examples
     --------
@@ -217,6 +248,8 @@ def atomic_path(target: str | os.PathLike[str], *, durable: bool = True, resume:
     if t.is_dir():
         raise environment_fault(OSError(errno.EISDIR, "is a folder"), t)  # type: ignore[misc]
     sweep_stale_temps(t)
+    if expect_bytes:
+        check_space(t.parent, expect_bytes)
     tmp = temp_path(t)
     try:
         yield tmp
@@ -225,7 +258,7 @@ def atomic_path(target: str | os.PathLike[str], *, durable: bool = True, resume:
         os.replace(tmp, t)
     except BaseException as exc:
         _remove(tmp)
-        fault = environment_fault(exc, t, resume=resume) if isinstance(exc, OSError) else None
+        fault = environment_fault(exc, t, resume=resume) if isinstance(exc, (OSError, RuntimeError)) else None
         if fault is not None and fault is not exc:
             raise fault from exc
         raise

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = top.parse_args(args_list)
     try:
         return int(args.func(args) or 0)
-    except (PosbiasError, OSError) as err:
+    except (PosbiasError, OSError, RuntimeError) as err:
         from posbias.atomic import environment_fault
 
         shown = err if isinstance(err, PosbiasError) else environment_fault(err)

@@ -39,7 +39,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from posbias.atomic import atomic_path, environment_fault, sweep_stale_temps
+from posbias.atomic import atomic_path, ensure_folder, environment_fault, sweep_stale_temps
 from posbias.errors import PosbiasError, SchemaError
 from posbias.models.base import VisualLayout
 
@@ -406,8 +406,11 @@ class _FileBuilder:
                 f.attrs[key] = value
             f.attrs["static_datasets"] = np.array(sorted(self.static_paths), dtype=_STR)
             f.flush()
-        finally:
-            f.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # HDF5 cannot close after a failed flush; the first error tells why
+                f.close()
+            raise
+        f.close()
         if durable:
             _fsync_path(self.path)
 
@@ -416,6 +419,18 @@ class _FileBuilder:
             self.file.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def _expected_bytes(views: Sequence[ProfileStore]) -> int:
+    """About the size of a store rewritten from ``views``: the compacted files as they are, half of the
+    (uncompressed) segments; checked against the free space before HDF5 starts writing."""
+    total = 0
+    for v in views:
+        for part in v._parts:
+            with contextlib.suppress(OSError):
+                size = part.path.stat().st_size
+                total += size if isinstance(part, _H5Part) else size // 2
+    return total
 
 
 #: what a profile run stopped by the machine should do once the cause is gone
@@ -991,7 +1006,7 @@ class ProfileStoreWriter:
             attrs = {k: v for k, v in view.raw_attrs.items() if k not in ("segment", "static_datasets")}
             attrs["complete"] = bool(complete)
             attrs["generation"] = np.int64(self._generation + 1)
-            with atomic_path(self.path, durable=self.durable, resume=_RESUME_HINT) as tmp:
+            with atomic_path(self.path, durable=self.durable, resume=_RESUME_HINT, expect_bytes=_expected_bytes([view])) as tmp:
                 _write_compact([view], tmp, attrs, durable=False)
         self._generation += 1
         self._seq = 0
@@ -1843,11 +1858,8 @@ def merge_stores(
         merged["complete"] = all(v.complete for v in views)
         # above every input's generation: segments of an input that is also the output are then ignored
         merged["generation"] = np.int64(1 + max(v.generation for v in views))
-        try:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise environment_fault(exc, out_path.parent) or exc from exc
-        with atomic_path(out_path, durable=durable) as tmp:
+        ensure_folder(out_path.parent, create=True)
+        with atomic_path(out_path, durable=durable, expect_bytes=_expected_bytes(views)) as tmp:
             _write_compact(views, tmp, merged, selection=selection, skipped=skipped, durable=False)
             for v in views:  # the inputs are read whole: close them before the rename replaces one of them
                 v.close()
@@ -1909,7 +1921,7 @@ def add_sample_data(
         attrs = {k: v for k, v in view.raw_attrs.items() if k not in ("segment", "static_datasets")}
         attrs["complete"] = view.complete
         attrs["generation"] = np.int64(view.generation + 1)
-        with atomic_path(store_path, durable=durable) as tmp:
+        with atomic_path(store_path, durable=durable, expect_bytes=_expected_bytes([view]) + full.nbytes) as tmp:
             _write_compact([view], tmp, attrs, extra_samples={name: full}, durable=False)
     return store_path
 

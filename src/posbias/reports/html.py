@@ -154,7 +154,7 @@ def _start_pdf_process(sections: list[Section], title: str, pdf: str | Path, sub
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
             from posbias.atomic import environment_fault
 
-            fault = environment_fault(exc, pdf) if isinstance(exc, OSError) else exc
+            fault = environment_fault(exc, pdf) if isinstance(exc, (OSError, RuntimeError)) else exc
             if isinstance(fault, EnvironmentFault):  # the machine's fault: the parent says it as such
                 writer.send(("environment", str(fault)))
             else:
