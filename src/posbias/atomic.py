@@ -229,14 +229,15 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], *, durable: bool = True, resume: str = "",
-                expect_bytes: int = 0) -> Iterator[Path]:
+                expect_bytes: int = 0, sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path; when the block ends normally, publish it as ``target`` atomically.
 
     The block writes the whole new file to the yielded path (by any means: ``open``, h5py, matplotlib).
     On normal exit the file is fsync'ed (``durable``), renamed over ``target`` and the folder fsync'ed.
     On any exception the temporary file is removed and ``target`` is left as it was; an OSError caused
     by the machine is re-raised as :class:`EnvironmentFault` naming ``target``. ``expect_bytes``: about
-    how much will be written, refused up front when it cannot fit (:func:`check_space`).
+    how much will be written, refused up front when it cannot fit (:func:`check_space`). ``sweep=False``
+    skips looking for stale temporary files (a writer that cleaned its folder once, then writes many files).
 
     Examples
     --------
@@ -247,7 +248,8 @@ def atomic_path(target: str | os.PathLike[str], *, durable: bool = True, resume:
     ensure_folder(t.parent)
     if t.is_dir():
         raise environment_fault(OSError(errno.EISDIR, "is a folder"), t)  # type: ignore[misc]
-    sweep_stale_temps(t)
+    if sweep:
+        sweep_stale_temps(t)
     if expect_bytes:
         check_space(t.parent, expect_bytes)
     tmp = temp_path(t)

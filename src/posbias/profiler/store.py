@@ -991,7 +991,8 @@ class ProfileStoreWriter:
         attrs["segment"] = np.int64(self._seq)
         attrs["static_datasets"] = sorted(pend.statics)
         arrays["attrs"] = np.array(json.dumps({k: _to_python(v) for k, v in attrs.items()}))
-        with atomic_path(final, durable=self.durable, resume=_RESUME_HINT) as tmp, open(tmp, "wb") as fh:
+        # the folder was cleaned when the writer opened it (under its lock): no sweep per segment
+        with atomic_path(final, durable=self.durable, resume=_RESUME_HINT, sweep=False) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
         self._seq += 1
         self._pending = _Pending()
