@@ -49,22 +49,31 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from posbias.artifacts.calibration import Calibration
+    from posbias.atomic import check_writable
     from posbias.errors import PosbiasError
     from posbias.solvers.store import solve_store
 
     into = Path(args.into)
     if not into.is_file():
         raise PosbiasError(f"calibration {into} does not exist; run 'profile-bias fit' first or check --into")
+    bad = [r for r in args.ratios if not (r == r and 1.0 <= r < float("inf"))]
+    if bad:
+        raise PosbiasError(f"--ratios {bad[0]:g}: a compression ratio is a number >= 1 (2 keeps half the visual tokens)")
     try:
-        doc = json.loads(into.read_text())
-    except json.JSONDecodeError as exc:
+        doc = json.loads(into.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PosbiasError(f"calibration {into} is not JSON ({exc}); pass a file written by 'profile-bias fit'") from exc
+    if not isinstance(doc, dict):
+        raise PosbiasError(f"calibration {into} holds a JSON {type(doc).__name__}, not a calibration object; "
+                           "pass a file written by 'profile-bias fit'")
+    Calibration.from_dict(doc, source=str(into))  # a damaged calibration fails now, not after the solves
+    check_writable(into.parent)
     schedules = solve_store(args.store, args.ratios, formulation=args.formulation, mode=args.mode,
                             pa_layers=args.pa_layers, min_keep=args.min_keep, time_limit=args.time_limit,
                             levels=args.levels)
     doc.setdefault("schedules", {}).update(schedules)
     cal = Calibration.from_dict(doc, source=str(into))
-    into.write_text(cal.dumps())
+    cal.save(into)  # atomic: the old calibration stays whole until the new one is on disk
     for key, e in schedules.items():
         sched = e["schedule"]
         shown = "not written (no schedule within budget)" if sched is None else ",".join(map(str, sched))

@@ -450,8 +450,9 @@ def write_evaluation(doc: dict[str, Any], path: str | Path) -> Path:
     p = Path(path)
     if not p.parent.is_dir():
         raise PosbiasError(f"cannot write {p}: directory {p.parent} does not exist; create it first")
-    p.write_text(dumps(doc), encoding="utf-8")
-    return p
+    from posbias.atomic import atomic_write_text
+
+    return atomic_write_text(p, dumps(doc))
 
 
 def format_table(doc: dict[str, Any]) -> str:
