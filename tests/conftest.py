@@ -44,3 +44,46 @@ def noise_image() -> Image.Image:
 def make_noise_image():
     """Factory ``make_noise_image(height, width, seed=0) -> PIL.Image``."""
     return _noise_image
+
+
+# ----------------------------------------------------------------------------- deprecations from posbias calls
+_POSBIAS_SRC = __import__("os").path.dirname(__import__("posbias").__file__)
+
+
+class PosbiasDeprecationError(AssertionError):
+    """A FutureWarning/DeprecationWarning was raised while a posbias frame was on the stack."""
+
+
+def _posbias_frame(frame):
+    """The innermost frame of posbias's own code on the stack of ``frame``, or None."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_POSBIAS_SRC):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+@pytest.fixture(autouse=True)
+def posbias_deprecations_are_errors():
+    """Every test: a FutureWarning or DeprecationWarning issued while posbias code is on the call stack
+    (posbias called something deprecated, directly or through a library it called) raises
+    :class:`PosbiasDeprecationError` at the warning's call site. Other warnings keep pytest's handling."""
+    import sys
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FutureWarning)
+        warnings.simplefilter("always", DeprecationWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, (FutureWarning, DeprecationWarning)):
+                frame = _posbias_frame(sys._getframe(1))
+                if frame is not None:
+                    raise PosbiasDeprecationError(
+                        f"{category.__name__} under posbias {frame.f_code.co_filename}:{frame.f_lineno}: {message}"
+                    )
+            shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield

@@ -215,7 +215,8 @@ class TransformersAdapter(ModelAdapter):
             )
         sections = None
         if self.rope_dims == 3:
-            sec = getattr(rotary, "mrope_section", None)
+            rope = getattr(self.language_model().config, "rope_parameters", None) or {}
+            sec = rope.get("mrope_section") or getattr(rotary, "mrope_section", None)  # config: public in 5.x
             if sec is None:
                 raise PosbiasError(
                     f"{type(rotary).__name__} has no mrope_section; drop attn_pa from --signals for this model"
