@@ -88,7 +88,7 @@ def test_implementation_switched_and_restored(adapter, noise_image):
         assert _vision_impl(adapter) == before_vision  # vision tower untouched
     assert lm.config._attn_implementation == before_lm
     assert _vision_impl(adapter) == before_vision
-    from posbias.models._hf_compat import routed_modules
+    from posbias._hf_compat import routed_modules
 
     assert not routed_modules()  # no attention module is routed to the capture any more
 

@@ -1,4 +1,4 @@
-"""The transformers/torch compatibility layer (posbias.models._hf_compat): supported ranges, the calling
+"""The transformers/torch compatibility layer (posbias._hf_compat): supported ranges, the calling
 conventions it reads from the installed release, and the deprecation guard of conftest.py."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from posbias.errors import PosbiasError
-from posbias.models import _hf_compat as hf
+from posbias import _hf_compat as hf
 
 
 def test_installed_versions_are_in_range():

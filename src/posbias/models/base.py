@@ -132,11 +132,11 @@ class TransformersAdapter(ModelAdapter):
     Subclasses implement :meth:`prepare` and :meth:`layout`; this class answers the rest from the
     loaded model (decoder layers, config, fingerprint, a cheap last-position forward).
     Construction checks the transformers/torch versions and the decoder's calling convention
-    (:mod:`posbias.models._hf_compat`): one-line :class:`~posbias.errors.PosbiasError` outside the range.
+    (:mod:`posbias._hf_compat`): one-line :class:`~posbias.errors.PosbiasError` outside the range.
     """
 
     def __init__(self, model: Any, processor: Any, *, model_id: str, revision: str | None = None) -> None:
-        from posbias.models._hf_compat import check_decoder, check_versions
+        from posbias._hf_compat import check_decoder, check_versions
 
         check_versions()
         check_decoder(model.model.language_model)

@@ -181,7 +181,7 @@ def load_adapter(
         Unknown alias, bad dtype, a folder that is not a supported checkpoint, or a transformers/torch
         release outside the supported range (checked before anything is loaded).
     """
-    from posbias.models._hf_compat import check_versions
+    from posbias._hf_compat import check_versions
 
     check_versions()
     resolve_dtype(dtype)  # validate early

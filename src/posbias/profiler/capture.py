@@ -4,7 +4,7 @@ How it works
 ------------
 transformers routes every decoder attention call through the attention implementation the model is set to,
 with query and key already rotated by RoPE. :class:`LastTokenAttentionCapture` routes the calls of the
-language model's decoder ONLY to its own function (:func:`posbias.models._hf_compat.route_attention`;
+language model's decoder ONLY to its own function (:func:`posbias._hf_compat.route_attention`;
 the masks it receives are exactly the ones ``sdpa`` would get); the vision tower keeps its implementation. For each decoder layer asked for, the function
 
 1. takes the LAST query row only, computes ``softmax(q_last . K^T * scaling + mask_last_row)`` in float32
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from posbias.errors import PosbiasError
-from posbias.models._hf_compat import ROUTE_NAME, route_attention, sdpa_attention
+from posbias._hf_compat import ROUTE_NAME, route_attention, sdpa_attention
 from posbias.models.base import ModelAdapter, VisualLayout
 
 __all__ = [
@@ -128,7 +128,7 @@ def last_token_attention_row(
 
 class _AttentionSwap:
     """Shared context-manager machinery of the captures: while active, every attention call inside one
-    module (:meth:`_target`) goes to a per-instance function (:func:`posbias.models._hf_compat.route_attention`,
+    module (:meth:`_target`) goes to a per-instance function (:func:`posbias._hf_compat.route_attention`,
     masks built as for ``sdpa``); the previous implementation is restored on exit, also when the body raises.
 
     The routed function (:meth:`_attention`) hands each call to :meth:`_record`, then to transformers'

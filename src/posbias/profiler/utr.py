@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from posbias.errors import PosbiasError
-from posbias.models._hf_compat import (
+from posbias._hf_compat import (
     PrefixCache,
     attention_implementation,
     cache_layer_kv,

@@ -34,7 +34,7 @@ import torch
 
 from posbias.artifacts.calibration import Calibration
 from posbias.errors import PosbiasError
-from posbias.models._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
+from posbias._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
 from posbias.runtime.methods import (
     arp_select,
     gaussian_centre_weight,

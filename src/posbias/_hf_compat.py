@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: transformers releases the suite passes on: [floor, ceiling)
-TRANSFORMERS_RANGE: tuple[str, str] = ("5.0", "6")
+TRANSFORMERS_RANGE: tuple[str, str] = ("5.17", "6")
 #: torch releases the suite passes on: [floor, ceiling)
 TORCH_RANGE: tuple[str, str] = ("2.13", "3")
 
