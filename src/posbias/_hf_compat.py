@@ -19,6 +19,13 @@ Everything here needs torch and transformers only (the runtime imports it). What
   ``set_attn_implementation``; a custom implementation is registered once with the public
   ``AttentionInterface.register`` under :data:`ROUTE_NAME` and dispatches per attention module
   (:func:`route_attention`), so nothing is ever unregistered from transformers' private mappings.
+
+Other conventions the adapters use are public methods of the model classes whose behaviour the version
+range guards: ``rotary_emb(x, position_ids)`` and ``rotary_emb.inv_freq``, ``model.model.get_rope_index``
+(Qwen2.5-VL, ``mm_token_type_ids`` second), ``transformers.vision_utils.get_vision_window_index`` and
+``ProcessorMixin.replace_image_token`` (posbias.models.processors). Below 5.17 Qwen2.5-VL hands its
+decoder layers per-section M-RoPE cos/sin (3, B, S, D) and applies the sections inside attention, which
+the pruner and the signals do not follow: hence the floor.
 """
 
 from __future__ import annotations
