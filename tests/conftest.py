@@ -48,26 +48,51 @@ def make_noise_image():
 
 # ----------------------------------------------------------------------------- deprecations from posbias calls
 _POSBIAS_SRC = __import__("os").path.dirname(__import__("posbias").__file__)
+_STDLIB = __import__("sysconfig").get_paths()["stdlib"]
+#: frames between a caller and the deprecated function that belong to neither (module call dispatch)
+_DISPATCH = ("torch/nn/modules/module.py",)
 
 
 class PosbiasDeprecationError(AssertionError):
-    """A FutureWarning/DeprecationWarning was raised while a posbias frame was on the stack."""
+    """posbias called something deprecated: a FutureWarning/DeprecationWarning whose caller is posbias code."""
 
 
-def _posbias_frame(frame):
-    """The innermost frame of posbias's own code on the stack of ``frame``, or None."""
+def _package(filename: str) -> str:
+    """'posbias', a third-party top-level package name, or '' for stdlib / import machinery / dispatch frames."""
+    if filename.startswith(_POSBIAS_SRC):
+        return "posbias"
+    if filename.startswith("<") or filename.endswith(_DISPATCH):
+        return ""
+    if "site-packages/" in filename:
+        return filename.split("site-packages/", 1)[1].split("/", 1)[0]
+    if filename.startswith(_STDLIB):
+        return ""
+    return filename
+
+
+def _deprecated_call_from_posbias(frame) -> bool:
+    """True when the code that called into the warning's package is posbias's: walk out from the frame that
+    issued the warning past its own package (and stdlib / nn.Module dispatch frames) to the first other
+    package. A deprecation one library triggers in another that posbias merely imported is not counted."""
+    issuer = None
     while frame is not None:
-        if frame.f_code.co_filename.startswith(_POSBIAS_SRC):
-            return frame
+        pkg = _package(frame.f_code.co_filename)
+        if issuer is None:
+            if pkg:
+                issuer = pkg
+                if pkg == "posbias":
+                    return True
+        elif pkg and pkg != issuer:
+            return pkg == "posbias"
         frame = frame.f_back
-    return None
+    return False
 
 
 @pytest.fixture(autouse=True)
 def posbias_deprecations_are_errors():
-    """Every test: a FutureWarning or DeprecationWarning issued while posbias code is on the call stack
-    (posbias called something deprecated, directly or through a library it called) raises
-    :class:`PosbiasDeprecationError` at the warning's call site. Other warnings keep pytest's handling."""
+    """Every test: a FutureWarning or DeprecationWarning caused by a call in posbias's own code (directly,
+    or through nn.Module dispatch) raises :class:`PosbiasDeprecationError` at the warning's call site.
+    Other warnings keep pytest's handling."""
     import sys
     import warnings
 
@@ -78,11 +103,8 @@ def posbias_deprecations_are_errors():
 
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, (FutureWarning, DeprecationWarning)):
-                frame = _posbias_frame(sys._getframe(1))
-                if frame is not None:
-                    raise PosbiasDeprecationError(
-                        f"{category.__name__} under posbias {frame.f_code.co_filename}:{frame.f_lineno}: {message}"
-                    )
+                if _deprecated_call_from_posbias(sys._getframe(1)):
+                    raise PosbiasDeprecationError(f"{category.__name__} from a posbias call: {message}")
             shown(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
