@@ -7,12 +7,12 @@ Everything here needs torch and transformers only (the runtime imports it). What
   installed version; it runs when a model is loaded and when pruning is enabled.
 - **Decoder-layer calling convention.** Layers are called as ``layer(hidden, attention_mask=...,
   position_embeddings=(cos, sin), position_ids=..., <cache>=...)``, where the cache keyword is
-  ``past_key_values`` up to transformers 5.24 and ``cache`` from 5.25 on (the old name is then deprecated
+  ``past_key_values`` in transformers 5.17 to 5.23 and ``cache`` in 5.25 (the old name is then deprecated
   and IGNORED when both are given). :func:`layer_cache_kwarg` reads the name from the layer's signature;
   :func:`check_decoder` checks the whole convention once per layer class.
 - **Cache objects.** The attention calls ``cache.update(key, value, layer_idx, ...)`` and a
   ``DynamicCache`` exposes ``cache.layers[i].keys`` / ``.values``: :class:`PrefixCache` and
-  :func:`cache_layer_kv`. Model outputs carry the cache as ``past_key_values`` (up to 5.24) or
+  :func:`cache_layer_kv`. Model outputs carry the cache as ``past_key_values`` (5.23) or
   ``cache`` (5.25 on): :func:`output_cache`, :func:`kwargs_cache`.
 - **Attention implementation.** Reading which one a (sub)model uses has no public getter
   (``config._attn_implementation``): :func:`attention_implementation`. Switching uses the public
