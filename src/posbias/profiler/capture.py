@@ -2,16 +2,15 @@
 
 How it works
 ------------
-transformers routes every decoder attention call through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
-with query and key already rotated by RoPE. :class:`LastTokenAttentionCapture` registers its own
-function under a private name (with ``sdpa``'s mask builder for that name, so the masks it receives are
-exactly the ones ``sdpa`` would get) and switches ONLY the language model's decoder to it; the vision
-tower keeps its implementation. For each decoder layer asked for, the function
+transformers routes every decoder attention call through the attention implementation the model is set to,
+with query and key already rotated by RoPE. :class:`LastTokenAttentionCapture` routes the calls of the
+language model's decoder ONLY to its own function (:func:`posbias._hf_compat.route_attention`;
+the masks it receives are exactly the ones ``sdpa`` would get); the vision tower keeps its implementation. For each decoder layer asked for, the function
 
 1. takes the LAST query row only, computes ``softmax(q_last . K^T * scaling + mask_last_row)`` in float32
    with the model's GQA layout (each KV head repeated ``num_key_value_groups`` times, as ``repeat_kv``),
    averages over heads (or keeps them) and gathers the visual positions: one (V,) row per layer;
-2. hands the call to transformers' ``sdpa_attention_forward`` for the real output, so the forward is the
+2. hands the call to transformers' sdpa attention for the real output, so the forward is the
    ordinary sdpa forward.
 
 Cost per layer is one (H, 1, S) score row on top of sdpa; no (S, S) map is ever built and
@@ -31,7 +30,6 @@ the call to sdpa.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 
 from posbias.errors import PosbiasError
+from posbias._hf_compat import ROUTE_NAME, route_attention, sdpa_attention
 from posbias.models.base import ModelAdapter, VisualLayout
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "last_token_scores",
 ]
 
-_COUNTER = itertools.count()
 _Swap = TypeVar("_Swap", bound="_AttentionSwap")
 
 
@@ -129,29 +127,24 @@ def last_token_attention_row(
 
 
 class _AttentionSwap:
-    """Shared context-manager machinery of the captures: while active, a per-instance attention function
-    is registered with transformers' ``AttentionInterface`` (with ``sdpa``'s mask builder in
-    ``AttentionMaskInterface``) under a private name, and one module (:meth:`_target`) is switched to it;
-    the previous implementation is restored and the name unregistered on exit, also when the body raises.
+    """Shared context-manager machinery of the captures: while active, every attention call inside one
+    module (:meth:`_target`) goes to a per-instance function (:func:`posbias._hf_compat.route_attention`,
+    masks built as for ``sdpa``); the previous implementation is restored on exit, also when the body raises.
 
-    The registered function (:meth:`_attention`) hands each call to :meth:`_record`, then to transformers'
-    ``sdpa_attention_forward`` for the real output. Subclasses call :meth:`_init_swap` in ``__init__`` and
-    define :meth:`_target` and :meth:`_record` (and :attr:`_nest_message`, :meth:`_switch_failed_message`).
+    The routed function (:meth:`_attention`) hands each call to :meth:`_record`, then to transformers'
+    sdpa attention for the real output. Subclasses call :meth:`_init_swap` in ``__init__`` and
+    define :meth:`_target` and :meth:`_record` (and :attr:`_nest_message`).
     """
 
     _nest_message = "this capture is already active; do not nest the same capture object"
 
-    def _init_swap(self, prefix: str) -> None:
-        self._name = f"{prefix}_{next(_COUNTER)}"
-        self._prev_impl: str | None = None
+    def _init_swap(self) -> None:
+        self._route: Any = None
         self._active = False
 
     def _target(self) -> Any:
         """The module whose attention implementation is swapped."""
         raise NotImplementedError
-
-    def _switch_failed_message(self, target: Any) -> str:
-        return f"could not switch {type(target).__name__} to the capture attention"
 
     def _attention(
         self,
@@ -164,12 +157,8 @@ class _AttentionSwap:
         scaling: float | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         self._record(module, query, key, attention_mask, scaling)
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return sdpa_attention()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     def _record(
         self,
@@ -184,8 +173,8 @@ class _AttentionSwap:
 
     @property
     def name(self) -> str:
-        """The attention-implementation name registered while active."""
-        return self._name
+        """The attention-implementation name the target runs while active."""
+        return ROUTE_NAME
 
     @property
     def active(self) -> bool:
@@ -193,22 +182,11 @@ class _AttentionSwap:
         return self._active
 
     def __enter__(self: _Swap) -> _Swap:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
         if self._active:
             raise PosbiasError(self._nest_message)
-        target = self._target()
-        self._prev_impl = target.config._attn_implementation
-        AttentionInterface.register(self._name, self._attention)
-        AttentionMaskInterface.register(self._name, sdpa_mask)
-        try:
-            target.set_attn_implementation(self._name)
-            if target.config._attn_implementation != self._name:
-                raise RuntimeError(self._switch_failed_message(target))
-        except BaseException:
-            self._restore()
-            raise
+        route = route_attention(self._target(), self._attention)
+        route.__enter__()
+        self._route = route
         self._active = True
         return self
 
@@ -216,17 +194,10 @@ class _AttentionSwap:
         self._restore()
 
     def _restore(self) -> None:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        try:
-            target = self._target()
-            if self._prev_impl is not None and target.config._attn_implementation != self._prev_impl:
-                target.set_attn_implementation(self._prev_impl)
-        finally:
-            AttentionInterface._global_mapping.pop(self._name, None)
-            AttentionMaskInterface._global_mapping.pop(self._name, None)
-            self._active = False
+        route, self._route = self._route, None
+        self._active = False
+        if route is not None:
+            route.__exit__(None, None, None)
 
 
 class LastTokenAttentionCapture(_AttentionSwap):
@@ -285,7 +256,7 @@ class LastTokenAttentionCapture(_AttentionSwap):
         self._wanted = frozenset(chosen)
         modules = adapter.decoder_attention_modules()
         self._layer_of: dict[int, int] = {id(m): i for i, m in enumerate(modules)}
-        self._init_swap("posbias_last_token")
+        self._init_swap()
         self._visual_index: torch.Tensor | None = None  # (V,) int64 on the model device
         self._rows: dict[int, torch.Tensor] = {}
         self._pa_rows: dict[int, torch.Tensor] = {}
@@ -298,12 +269,6 @@ class LastTokenAttentionCapture(_AttentionSwap):
     # ------------------------------------------------------------------ context
     def _target(self) -> Any:
         return self.adapter.language_model()
-
-    def _switch_failed_message(self, target: Any) -> str:
-        return (
-            f"could not switch {type(target).__name__} to the capture attention "
-            f"(still {target.config._attn_implementation!r})"
-        )
 
     def _restore(self) -> None:
         try:
@@ -470,7 +435,7 @@ class VisionAttentionCapture(_AttentionSwap):
         modules = adapter.vision_importance_modules()
         self._slot_of: dict[int, int] = {id(m): i for i, m in enumerate(modules)}
         self._records: dict[int, torch.Tensor] = {}
-        self._init_swap("posbias_vision")
+        self._init_swap()
 
     def _target(self) -> Any:
         return self.tower

@@ -24,6 +24,14 @@ from typing import Any
 import numpy as np
 
 from posbias.errors import PosbiasError
+from posbias._hf_compat import (
+    PrefixCache,
+    attention_implementation,
+    cache_layer_kv,
+    layer_cache_kwarg,
+    output_cache,
+    set_attention_implementation,
+)
 
 __all__ = [
     "fill_utr_loss","feature_angle", "info_loss", "info_loss_naive", "profile_info_loss"]
@@ -99,39 +107,13 @@ def _record_full(adapter: Any, inputs: dict[str, Any], *, with_cache: bool = Fal
     finally:
         for h in handles:
             h.remove()
-    cache = getattr(out, "past_key_values", None) if with_cache else None
+    cache = output_cache(out) if with_cache else None
     return hidden, kwargs_seen, final[0][0, -1], cache  # final: (D,)
 
 
-def _cache_kv(cache: Any, idx: int) -> tuple[Any, Any]:
-    """(keys, values) (1, H_kv, S, D) of layer ``idx`` from a transformers KV cache (4.x or 5.x layout)."""
-    if hasattr(cache, "layers"):
-        return cache.layers[idx].keys, cache.layers[idx].values
-    return cache.key_cache[idx], cache.value_cache[idx]  # pragma: no cover - transformers 4.x
-
-
-class _PrefixKV:
-    """Stand-in for a KV cache: the attention's ``update`` prepends the prompt prefix's keys/values.
-
-    ``keys[i]``/``values[i]`` (1, H_kv, T_p, D) are layer i's keys (after RoPE) and values of the text tokens
-    before the image, taken from the full forward; every run shares them (expanded over the batch).
-    """
-
-    def __init__(self, keys: list[Any], values: list[Any]) -> None:
-        self.keys = keys
-        self.values = values
-
-    def update(self, key: Any, value: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        import torch
-
-        b = key.shape[0]
-        pk = self.keys[layer_idx].expand(b, -1, -1, -1)  # (B, H_kv, T_p, D)
-        pv = self.values[layer_idx].expand(b, -1, -1, -1)  # (B, H_kv, T_p, D)
-        return torch.cat([pk, key], dim=-2), torch.cat([pv, value], dim=-2)  # (B, H_kv, T_p + T_a, D)
-
-
-def _suffix_kwargs(kw: dict[str, Any], suffix_idx: Any, batch: int, mask: Any, cache: Any) -> dict[str, Any]:
-    """Layer kwargs for ``batch`` runs over the suffix tokens: gathered RoPE, explicit mask, prefix cache."""
+def _suffix_kwargs(kw: dict[str, Any], suffix_idx: Any, batch: int, mask: Any, cache: Any, cache_kwarg: str) -> dict[str, Any]:
+    """Layer kwargs for ``batch`` runs over the suffix tokens: gathered RoPE, explicit mask, prefix cache
+    (passed under ``cache_kwarg``, the layer's own name for it)."""
     out: dict[str, Any] = {}
     for key, val in kw.items():
         if key == "position_embeddings":
@@ -146,12 +128,12 @@ def _suffix_kwargs(kw: dict[str, Any], suffix_idx: Any, batch: int, mask: Any, c
             shape = list(p.shape)
             shape[-2] = batch
             out[key] = p.expand(*shape)
-        elif key in ("attention_mask", "past_key_values", "past_key_value", "cache_position", "use_cache"):
+        elif key in ("attention_mask", "cache", "past_key_values", "past_key_value", "cache_position", "use_cache"):
             continue
         else:
             out[key] = val
     out["attention_mask"] = mask.expand(batch, -1, -1, -1)  # (B, 1, T_a, T_p + T_a)
-    out["past_key_values"] = cache
+    out[cache_kwarg] = cache
     out["use_cache"] = False
     return out
 
@@ -198,11 +180,11 @@ def info_loss(adapter: Any, inputs: dict[str, Any], *, return_features: bool = F
     n_p, n_a = int(prefix.size), int(suffix.size)
     keys, values = [], []
     for i in range(len(layers)):
-        k, v = _cache_kv(cache, i)  # (1, H_kv, S, D)
+        k, v = cache_layer_kv(cache, i)  # (1, H_kv, S, D)
         keys.append(k.index_select(-2, prefix_idx))  # (1, H_kv, T_p, D)
         values.append(v.index_select(-2, prefix_idx))
     del cache
-    prefix_kv = _PrefixKV(keys, values)
+    prefix_kv = PrefixCache(keys, values)
     allowed = torch.ones(n_a, n_p + n_a, dtype=torch.bool, device=dev)  # (T_a, T_p + T_a)
     allowed[:, n_p:] = torch.ones(n_a, n_a, dtype=torch.bool, device=dev).tril()
     mask = torch.zeros(n_a, n_p + n_a, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -213,7 +195,7 @@ def info_loss(adapter: Any, inputs: dict[str, Any], *, return_features: bool = F
             start = hidden[i].index_select(1, suffix_idx)  # (1, T_a, D) run i starts here
             hidden[i] = None  # free as we go
             h = start if h is None else torch.cat([h, start], dim=0)
-            kw = _suffix_kwargs(kwargs_seen[i], suffix_idx, int(h.shape[0]), mask, prefix_kv)
+            kw = _suffix_kwargs(kwargs_seen[i], suffix_idx, int(h.shape[0]), mask, prefix_kv, layer_cache_kwarg(layer))
             out = layer(h, **kw)
             h = out[0] if isinstance(out, tuple) else out
         feats = lm.norm(h[:, -1:, :])[:, 0, :]  # (L, D)
@@ -281,14 +263,15 @@ def info_loss_naive(adapter: Any, inputs: dict[str, Any], *, return_features: bo
 
 def _set_eager(model: Any) -> Any:
     """Switch the decoder to eager attention; returns the previous implementation name."""
-    lm_config = model.model.language_model.config
-    old = getattr(lm_config, "_attn_implementation", None)
-    lm_config._attn_implementation = "eager"
+    lm = model.model.language_model
+    old = attention_implementation(lm)
+    set_attention_implementation(lm, "eager")
     return old
 
 
 def _restore_attn(model: Any, old: Any) -> None:
-    model.model.language_model.config._attn_implementation = old
+    if old is not None:
+        set_attention_implementation(model.model.language_model, old)
 
 
 def profile_info_loss(

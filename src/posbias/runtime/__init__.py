@@ -1,7 +1,7 @@
 """posbias.runtime: score, select and prune visual tokens from a calibration.
 
 Imports only torch, stdlib and posbias.artifacts/errors (never numpy-based fitters, scipy, h5py, and
-transformers only through the model object it is handed).
+transformers only through the model object it is handed and :mod:`posbias._hf_compat`).
 """
 
 from __future__ import annotations

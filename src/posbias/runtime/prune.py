@@ -34,6 +34,7 @@ import torch
 
 from posbias.artifacts.calibration import Calibration
 from posbias.errors import PosbiasError
+from posbias._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
 from posbias.runtime.methods import (
     arp_select,
     gaussian_centre_weight,
@@ -137,6 +138,8 @@ class Pruner:
         self.kind = model_kind(model)
         self.spec = spec
         self.lm = model.model.language_model
+        check_versions()
+        check_decoder(self.lm)
         self.layers = list(self.lm.layers)
         self.last: PruneRecord | None = None
         self._state: _Prefill | None = None
@@ -154,7 +157,7 @@ class Pruner:
             return self
         if getattr(self.model, "_posbias_pruner", None) is not None:
             raise PosbiasError("pruning is already enabled on this model; disable the other Pruner first")
-        impl = getattr(self.lm.config, "_attn_implementation", "sdpa")
+        impl = attention_implementation(self.lm) or "sdpa"
         if impl not in ("sdpa", "eager"):
             raise PosbiasError(f"the decoder uses attention {impl!r}; the pruner supports sdpa (default) and eager")
         h = self._handles
@@ -234,7 +237,7 @@ class Pruner:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
             raise PosbiasError("the prompt's attention_mask has padding; pruning supports one unpadded prompt")
-        past = kwargs.get("past_key_values")
+        past = kwargs_cache(kwargs)
         if past is not None and hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0:
             raise PosbiasError("pruning needs the image prompt prefilled from an empty cache; pass a fresh cache")
         visual_pos = torch.nonzero(is_img[0]).flatten().cpu()  # (V,)
