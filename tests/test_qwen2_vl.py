@@ -166,3 +166,29 @@ def test_demo_qwen2_vl_cli_run(tmp_path, capsys):
     doc = json.loads((out / "posbias_calibration.json").read_text())
     assert doc["model"]["adapter"] == "qwen2_vl" and doc["model"]["n_layers"] == 30
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from posbias.errors import PosbiasError
+    from posbias.models.registry import load_adapter
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    with pytest.raises(PosbiasError) as info:
+        load_adapter(tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and "'mllama'" in msg
+    assert all(name in msg for name in ("llava", "qwen2_5_vl", "qwen2_vl"))
+
+
+def test_qwen2_vl_hub_alias_fails_fast_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from posbias.errors import ModelUnavailableError
+    from posbias.models.registry import load_adapter
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for alias, repo in (("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct"), ("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct")):
+        with pytest.raises(ModelUnavailableError) as info:
+            load_adapter(alias, cache_dir=tmp_path)
+        msg = str(info.value)
+        assert "\n" not in msg and f"'{alias}' ({repo})" in msg and "--model /path/to/checkpoint" in msg
