@@ -86,18 +86,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cases = list(demo_cases()) if args.demo else list(synthetic_cases(args.dim, args.key_dim))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats} (ms)")
-    print(f"{'case':34s} {'N':>5} {'k':>4} {'top-k':>8} {'MMR':>8} {'soft-NMS':>9} {'ARP':>8}")
+    print(f"{'case':34s} {'N':>5} {'k':>4} {'top-k':>8} {'MMR':>8} {'soft-NMS':>9} {'NMS r=5':>8} {'ARP':>8}")
     for label, scores, feats, keys, rows, cols, grid, k in cases:
         n = int(scores.shape[0])
-        times: dict[str, list[float]] = {"topk": [], "mmr": [], "nms": [], "arp": []}
+        times: dict[str, list[float]] = {"topk": [], "mmr": [], "nms": [], "disc": [], "arp": []}
         for _ in range(args.repeats + 2):
             times["topk"].append(_time(lambda: topk_select(scores, k)))
             times["mmr"].append(_time(lambda: mmr_select(scores, feats, k)))
-            times["nms"].append(_time(lambda: soft_nms_select(scores, rows, cols, keys, k)))
+            times["nms"].append(_time(lambda: soft_nms_select(scores, rows, cols, keys, k)))  # 5 x 5 square
+            # the released neighbourhood (AdaptPrune's default in the pruner): Euclidean distance <= 5
+            times["disc"].append(_time(lambda: soft_nms_select(scores, rows, cols, keys, k, window=11, radius=5)))
             times["arp"].append(_time(lambda: arp_select(scores, rows, cols, grid)))
         med = {name: statistics.median(v[2:]) for name, v in times.items()}  # drop 2 warm-up runs
         print(f"{label:34s} {n:>5} {k:>4} {med['topk']:>8.3f} {med['mmr']:>8.3f} {med['nms']:>9.3f} "
-              f"{med['arp']:>8.3f}", flush=True)
+              f"{med['disc']:>8.3f} {med['arp']:>8.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from posbias.evaluate import (
     prefill_flops,
     write_evaluation,
 )
+from posbias.evaluate.paired import VERDICTS, paired_comparisons, paired_stats
 from tests.test_pruning import make_calibration
 
 RESULT_KEYS = {"method", "keep", "n", "kl_mean", "kl_sem", "top1_agreement", "exact_agreement", "accuracy", "flops",
@@ -62,7 +63,47 @@ def test_evaluate_tiny_llava(tiny_llava_adapter, tmp_path):
     assert fv[4] < fv[8]
     out = write_evaluation(doc, tmp_path / "ev.json")
     assert json.loads(out.read_text())["results"] == doc["results"]
-    assert "fastv" in format_table(doc)
+    table = format_table(doc)
+    assert "fastv" in table and "verdict (KL)" in table and "fidelity to the full model" in table
+    # every method is paired with FastV on the same samples and keep; FastV is the baseline
+    assert doc["paired_baseline"] == "fastv" and "accuracy" in doc["measures"]
+    for r in doc["results"]:
+        if r["method"] == "fastv":
+            assert r["paired"] is None
+            continue
+        pr = r["paired"]
+        assert pr["baseline"] == "fastv" and pr["kl"]["n"] == 3 and pr["verdict"] in VERDICTS
+        kl = {s["id"]: s["kl"] for s in doc["per_sample"] if s["method"] == r["method"] and s["keep"] == r["keep"]}
+        base = {s["id"]: s["kl"] for s in doc["per_sample"] if s["method"] == "fastv" and s["keep"] == r["keep"]}
+        assert pr["kl"]["mean"] == pytest.approx(sum(kl[i] - base[i] for i in kl) / 3)
+
+
+def test_paired_statistics_decide_from_the_per_sample_differences():
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(0)
+    lower = -0.05 + 0.02 * rng.standard_normal(40)  # KL consistently lower than FastV's: better
+    st = paired_stats(lower, direction=-1)
+    assert st["verdict"] == "better" and st["ci"][1] < 0 < 0.05 - st["p"]
+    assert st["mean"] == pytest.approx(lower.mean()) and st["p"] == pytest.approx(wilcoxon(lower).pvalue)
+    assert paired_stats(-lower, direction=-1)["verdict"] == "worse"
+    assert paired_stats(-lower, direction=+1)["verdict"] == "better"  # agreement: higher is better
+    noise = 0.02 * rng.standard_normal(40)
+    st = paired_stats(noise, direction=-1)
+    assert st["verdict"] == "not distinguishable" and st["ci"][0] < 0 < st["ci"][1]
+    assert st["n_needed"] > 40  # a real but small effect would need more samples
+    zeros = paired_stats(np.zeros(10), direction=+1)
+    assert zeros["p"] == 1.0 and zeros["verdict"] == "not distinguishable" and zeros["n_needed"] is None
+    # pairing is by sample id at the same keep; the baseline gets no entry of its own
+    rows = [{"id": f"s{i}", "method": m, "keep": 4, "kl": kl, "top1_agree": True, "exact_agree": m == "fastv"}
+            for i in range(12) for m, kl in (("fastv", 0.5 + i), ("pore", 0.4 + i))]
+    rows.append({"id": "extra", "method": "pore", "keep": 4, "kl": 9.0, "top1_agree": False, "exact_agree": False})
+    out = paired_comparisons(rows)
+    assert set(out) == {("pore", 4)}
+    assert out[("pore", 4)]["kl"]["n"] == 12 and out[("pore", 4)]["kl"]["mean"] == pytest.approx(-0.1)
+    assert out[("pore", 4)]["verdict"] == "better" and out[("pore", 4)]["exact"]["verdict"] == "worse"
+    assert out[("pore", 4)]["top1"]["p"] == 1.0
 
 
 def test_keep_all_gives_zero_kl(tiny_llava_adapter):
@@ -118,3 +159,41 @@ def test_pinned_mmap_threshold_keeps_large_buffers_mapped_so_rss_peaks_see_them(
 
     assert mapped("0") < 1.0  # the glibc behaviour the pin exists for: the buffer went to the heap
     assert mapped("1") >= 8.0
+
+
+def test_probe_patch_tokens_and_kept_fractions(tiny_llava_adapter):
+    import numpy as np
+
+    from posbias.evaluate.probe import format_probe, patch_tokens, position_probe, probe_canvases
+
+    # LLaVA-1.5: a 336 px canvas is 24 x 24 tokens of 14 px; a 112 px patch at (112, 224) covers rows 16-23, cols 8-15
+    idx = np.arange(576)
+    mask = patch_tokens(idx // 24, idx % 24, (24, 24), (112, 224, 224, 336), 336)
+    assert mask.sum() == 64 and set(idx[mask] // 24) == set(range(16, 24)) and set(idx[mask] % 24) == set(range(8, 16))
+    canv = probe_canvases(336, 112, 3)
+    assert [xy for _, xy in canv] == [(x, y) for y in (0, 112, 224) for x in (0, 112, 224)]
+    img, (x, y) = canv[4]
+    px = np.asarray(img)
+    assert (px[:112, :112] == 128).all() and not (px[y:y + 112, x:x + 112] == 128).all()  # grey canvas, real patch
+
+    ad = tiny_llava_adapter
+    cal = make_calibration(ad, grid=(4, 4))
+    probe = position_probe(ad, cal, ["fastv", "pore"], [4], steps=3, patch_fraction=0.5)
+    assert len(probe["positions"]) == 9 and all(p["tokens"] == 4 for p in probe["positions"])
+    for r in probe["results"]:
+        f = np.asarray(r["fraction"])
+        assert f.shape == (9,) and ((f >= 0) & (f <= 1)).all() and r["spread"] == pytest.approx(f.max() - f.min())
+        assert r["uniform"] == pytest.approx(4 / 16)
+    # the first position's fraction is what the pruner keeps of the patch on that canvas
+    import posbias.runtime as rt
+
+    img, (x, y) = probe_canvases(336, probe["patch"], 3)[0]
+    inputs = ad.prepare(img, probe["question"])
+    lay = ad.layout(inputs)
+    m = patch_tokens(lay.rows, lay.cols, lay.grid, (x, y, x + probe["patch"], y + probe["patch"]), 336)
+    with rt.enable_pruning(ad.model, cal, method="fastv", keep=4) as pruner:
+        with torch.inference_mode():
+            ad.model(**inputs)
+        kept = pruner.last.kept.numpy()
+    assert probe["results"][0]["fraction"][0] == pytest.approx(m[kept].sum() / m.sum())
+    assert "spearman" in format_probe(probe)

@@ -23,7 +23,7 @@ V = GRID[0] * GRID[1]
 N_LAYERS = 30
 #: every figure a full report draws (docs/report.md quotes this count)
 ALL_FIGURES = ["attention_maps", "vision_map", "layer_curves", "bias_curves", "degree_selection", "surface_fits",
-               "consistency", "density", "utp", "pictures", "fidelity"]
+               "consistency", "density", "utp", "pictures", "fidelity", "probe"]
 
 
 def _schedules() -> dict:

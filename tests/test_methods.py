@@ -89,7 +89,7 @@ def test_mmr_first_pick_is_relevance_and_diversity_skips_duplicates():
                 mmr_select(rel, f, 2, lam=lam)
 
 
-def soft_nms_reference(scores, rows, cols, keys, k, sd, ss, window, groups=None):
+def soft_nms_reference(scores, rows, cols, keys, k, sd, ss, window, groups=None, radius=None):
     s = [float(x) for x in scores]
     n = len(s)
     kn = [[v / math.sqrt(sum(u * u for u in f)) for v in f] for f in keys]
@@ -103,6 +103,8 @@ def soft_nms_reference(scores, rows, cols, keys, k, sd, ss, window, groups=None)
             if g[j] != g[i] or abs(rows[j] - rows[i]) > half or abs(cols[j] - cols[i]) > half:
                 continue
             d2 = (rows[j] - rows[i]) ** 2 + (cols[j] - cols[i]) ** 2
+            if radius is not None and d2 > radius * radius:
+                continue
             c = sum(a * b for a, b in zip(kn[i], kn[j]))
             s[j] *= 1 - math.exp(-d2 / (2 * sd * sd)) * math.exp(-((1 - c) ** 2) / (2 * ss * ss))
     return picks
@@ -118,6 +120,35 @@ def test_soft_nms_matches_algorithm_1(sd, ss, window):
     got = soft_nms_select(scores, rows, cols, keys, 15, sigma_d=sd, sigma_s=ss, window=window).tolist()
     ref = soft_nms_reference(scores.tolist(), rows.tolist(), cols.tolist(), keys.tolist(), 15, sd, ss, window)
     assert got == ref
+
+
+@pytest.mark.parametrize("window,radius", [(11, 5), (11, 5.0), (7, 2.5), (5, 5), (3, 0)])
+def test_soft_nms_euclidean_radius_matches_algorithm_1(window, radius):
+    # the released adapt_nms_2d suppresses every token within Euclidean distance <= distance_limit (5): a disc,
+    # not a square; dense, shuffled, holed and two-sub-image layouts all give the brute-force picks
+    g = torch.Generator().manual_seed(21)
+    rows, cols = _grid(13, 14)
+    n = rows.shape[0]
+    keys = 3.0 * torch.randn(1, 6, generator=g, dtype=torch.float64) + torch.randn(n, 6, generator=g, dtype=torch.float64)
+    for idx in (torch.arange(n), torch.randperm(n, generator=g), torch.randperm(n, generator=g)[:150]):
+        s = torch.rand(n, generator=g, dtype=torch.float64)[idx]
+        r, c, kk = rows[idx], cols[idx], keys[idx]
+        got = soft_nms_select(s, r, c, kk, 40, window=window, radius=radius).tolist()
+        assert got == soft_nms_reference(s.tolist(), r.tolist(), c.tolist(), kk.tolist(), 40, 1.5, 0.05, window,
+                                         radius=radius)
+    groups = (cols >= 7).long()
+    c2 = cols % 7
+    s = torch.rand(n, generator=g, dtype=torch.float64)
+    got = soft_nms_select(s, rows, c2, keys, 40, window=window, radius=radius, groups=groups).tolist()
+    assert got == soft_nms_reference(s.tolist(), rows.tolist(), c2.tolist(), keys.tolist(), 40, 1.5, 0.05, window,
+                                     groups=groups.tolist(), radius=radius)
+    # a disc of radius 5 differs from the 11 x 11 square: its corners (distance > 5) are not neighbours
+    nbr = neighbour_table(rows, cols, 11, radius=5)
+    assert nbr.shape[1] == 81
+    centre = 6 * 14 + 7
+    assert 0 * 14 + 2 not in nbr[centre].tolist() and 1 * 14 + 7 in nbr[centre].tolist()
+    with pytest.raises(PosbiasError, match="radius"):
+        soft_nms_select(s, rows, cols, keys, 4, window=11, radius=-1)
 
 
 def test_soft_nms_spreads_picks_and_never_crosses_subimages():
@@ -374,6 +405,24 @@ def _soft_nms_heap_reference(
     return torch.tensor(picks, dtype=torch.int64)
 
 
+def _same_up_to_near_tie(got: list[int], ref: list[int], rel: torch.Tensor, f: torch.Tensor, lam: float,
+                         where: object = None) -> bool:
+    """True if the picks are identical; else assert that where they first differ the two candidates' exact
+    (float64) MMR scores lie within float32 rounding of each other, and return False."""
+    if got == ref:
+        return True
+    t = next(i for i in range(len(ref)) if got[i] != ref[i])
+    r = minmax(rel).double()
+    fn = torch.nn.functional.normalize(f.double(), dim=-1)
+
+    def score(j: int) -> float:
+        sim = float((fn[ref[:t]] @ fn[j]).max()) if t else 0.0
+        return lam * float(r[j]) - (1.0 - lam) * sim
+
+    assert abs(score(got[t]) - score(ref[t])) < 1e-6, (where, t)
+    return False
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_mmr_fast_matches_previous_dense_version_at_2304(seed):
     g = torch.Generator().manual_seed(seed)
@@ -385,7 +434,10 @@ def test_mmr_fast_matches_previous_dense_version_at_2304(seed):
     # clustered features (low-rank plus noise): diversity decides many picks
     feats = torch.randn(2304, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.3 * torch.randn(2304, 64, generator=g)
     assert mmr_select(rel, feats, 256).tolist() == _mmr_dense_reference(rel, feats, 256).tolist()
-    assert mmr_select(rel, feats, 2304 // 3).tolist() == _mmr_dense_reference(rel, feats, 2304 // 3).tolist()
+    # at k = N/3 the diversity terms of late picks crowd together: float32 near-ties may swap an order (seen with
+    # seed 1 on some CPUs' matmul kernels), anything else is a bug
+    got, ref = mmr_select(rel, feats, 2304 // 3).tolist(), _mmr_dense_reference(rel, feats, 2304 // 3).tolist()
+    _same_up_to_near_tie(got, ref, rel, feats, 0.9, where=seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -508,15 +560,5 @@ def test_mmr_differs_from_dense_only_at_float32_near_ties():
         rel = torch.rand(n, generator=rng) ** 3 if case % 5 else torch.randint(0, 10, (n,), generator=rng).float()
         got = mmr_select(rel, f, k, lam=lam).tolist()
         ref = _mmr_dense_reference(rel, f, k, lam=lam).tolist()
-        if got == ref:
-            continue
-        diverged += 1
-        t = next(i for i in range(k) if got[i] != ref[i])
-        r = minmax(rel).double()
-        fn = torch.nn.functional.normalize(f.double(), dim=-1)
-
-        def score(j: int) -> float:
-            return lam * float(r[j]) - (1.0 - lam) * float((fn[ref[:t]] @ fn[j]).max())
-
-        assert abs(score(got[t]) - score(ref[t])) < 1e-6, (case, t)
+        diverged += not _same_up_to_near_tie(got, ref, rel, f, lam, where=case)
     assert diverged < 48 // 2  # most inputs give identical picks

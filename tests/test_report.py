@@ -83,9 +83,21 @@ def _evaluation(path: Path, store_ids: list[str], n_visual: int = GRID[0] * GRID
                             "accuracy": None, "flops": 1e9 * k / n_visual, "flops_ratio": k / n_visual, "prefill_ms": 10 + k,
                             "prefill_ms_full": 50.0, "peak_mem_mib": 100.0})
             for sid in ("embedded:rocket/pope-rocket", store_ids[1]):
-                per_sample.append({"id": sid, "method": m, "keep": k, "kl": 0.1, "top1_agree": True, "exact_agree": False,
+                per_sample.append({"id": sid, "method": m, "keep": k, "kl": 0.1 * (1 + 0.2 * i) + 0.01 * len(sid),
+                                   "top1_agree": True, "exact_agree": False,
                                    "kept": sorted(np.random.default_rng(i + k).choice(n_visual, k, replace=False).tolist())})
-    doc = {"schema": "posbias.evaluation", "schema_version": 1, "created": "2026-11-23T00:00:00Z",
+    from posbias.evaluate.paired import paired_comparisons
+
+    paired = paired_comparisons(per_sample)
+    for r in results:
+        r["paired"] = paired.get((r["method"], r["keep"]))
+    probe = {"question": "What is in this picture?", "canvas": 336, "patch": 112, "steps": 2, "background": 128,
+             "positions": [{"x": x, "y": y, "tokens": 4, "mean_index": 6.0 * y / 112 + x / 112} for y in (0, 224)
+                           for x in (0, 224)],
+             "results": [{"method": m, "keep": 8, "fraction": f, "spread": max(f) - min(f), "spearman": rho,
+                          "uniform": 8 / n_visual}
+                         for m, f, rho in (("fastv", [0.0, 0.25, 0.5, 1.0], 1.0), ("pore", [0.5] * 4, None))]}
+    doc = {"schema": "posbias.evaluation", "schema_version": 1, "created": "2026-11-23T00:00:00Z", "probe": probe,
            "model": {"id": "unit/<model>", "fingerprint": "sha256:" + "ab" * 8, "adapter": "llava"},
            "calibration": {"file": "cal.json", "fingerprint": "sha256:" + "ab" * 8}, "n_samples": 4,
            "sample_ids": ["embedded:rocket/pope-rocket"], "results": results, "per_sample": per_sample}
@@ -117,12 +129,14 @@ def test_every_section_and_figure_present(full_report):
     assert re.findall(r'href="#([a-z]+)"', toc) == heads
     figs = set(re.findall(r'<figure id="fig-([a-z_]+)">', text))
     assert figs == {"attention_maps", "vision_map", "layer_curves", "bias_curves", "degree_selection", "surface_fits",
-                    "consistency", "density", "utp", "pictures", "fidelity"}
+                    "consistency", "density", "utp", "pictures", "fidelity", "probe"}
     # every input was given: nothing reported missing
     assert "Not available" not in text, re.findall(r"Not available[^<]*", text)
     srcs = re.findall(r'src="([^"]*)"', text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "http://" not in text.replace("http-equiv", "") and "https://" not in text
+    # the paired verdicts against FastV and what each measure answers
+    assert "verdict (KL)" in text and "not distinguishable" in text and "fidelity to the full model" in text
     # provenance numbers come from the store
     assert "embedded: 24" in text and "unreadable &lt;image&gt; file" in text
 
@@ -259,3 +273,17 @@ def test_palette_one_colour_per_method():
     core = ["fastv", "pore", "posprune-pbc", "posprune", "posprune-pbc-2d", "adaptprune-gaussian", "adaptprune", "utp", "random"]
     assert len({METHOD_COLORS[m] for m in core}) == len(core)
     assert method_color("my-method") == method_color("my-method")
+
+
+def test_departures_table_in_report_and_docs(full_report):
+    from pathlib import Path
+
+    from posbias.departures import DEPARTURES
+
+    text = _html.unescape(full_report["html"].read_text(encoding="utf-8"))
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "runtime.md").read_text(encoding="utf-8")
+    table = docs.split("## Remaining departures from the papers", 1)[1].split("\n## ", 1)[0]
+    assert len(DEPARTURES) >= 5
+    for paper, what, why, switch in DEPARTURES:
+        assert what in text and switch in text
+        assert what in table and why in table  # the docs list the same departures

@@ -204,3 +204,14 @@ def test_plain_posbias_import_is_light():
     code = "import posbias, sys; print(sorted(m for m in ('torch','numpy','h5py','scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.replace("'", '"')) == []
+
+
+def test_paper_k_maps_to_the_scoring_layer_and_defaults_follow_the_released_code():
+    from posbias.runtime.spec import DEFAULT_K, PARAMS, layer_from_k
+
+    assert DEFAULT_K == 2 and layer_from_k(2) == 1 and layer_from_k(3) == 2  # scored at K-1, pruned from K
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(PosbiasError, match="k="):
+            layer_from_k(bad)
+    ap = PARAMS["adaptprune"]
+    assert (ap["window"], ap["radius"], ap["sigma_d"], ap["sigma_s"]) == (11, 5.0, 1.5, 0.05)  # adapt_nms_2d

@@ -22,7 +22,7 @@ from posbias.pipeline import fit_calibration
 
 GRID = (12, 12)
 V = GRID[0] * GRID[1]
-N_LAYERS = 4  # default_layers(4) = (2, 3): shallow 2 carries the bias, deep 3 does not
+N_LAYERS = 4  # default_layers(4) = (1, 2): shallow 1 (K=2) carries the bias, deep 2 does not
 
 
 def cubic(x, u, v):
@@ -174,13 +174,16 @@ def test_deterministic_under_seed(cubic_store):
     assert a == b
     assert a != c
     ma, mc = json.loads(a)["methods"], json.loads(c)["methods"]
-    # the fits do not depend on the seed; their quality quotes seed-dependent intervals but keeps its verdict
+    # the fits do not depend on the seed; their quality quotes seed-dependent intervals but keeps its verdict,
+    # and PoRe's form choice comes from seeded folds but picks the same form
     assert {k: v["quality"]["verdict"] for k, v in ma.items() if "quality" in v} == \
         {k: v["quality"]["verdict"] for k, v in mc.items() if "quality" in v}
     for m in (ma, mc):
         for v in m.values():
             v.pop("quality", None)
+    fa, fc = ma["pore"].pop("form"), mc["pore"].pop("form")
     assert ma == mc
+    assert fa["chosen"] == fc["chosen"] and fa["other"] == fc["other"]
 
 
 # ------------------------------------------------------------------------------------------- exponential
@@ -194,12 +197,36 @@ def test_exponential_parameters_recovered_with_intervals(tmp_path):
     assert learned["b_"] == pytest.approx(EXP_B, rel=0.1)
     assert learned["a_"] == pytest.approx(EXP_A, rel=0.3)
     assert learned["c_"] == pytest.approx(1e-3, rel=0.1)
+    form = res.calibration.method("pore")["form"]
+    # the offset is real here (c = 1e-3): held-out error picks the offset form over the released pure one
+    assert form["mode"] == "auto" and form["chosen"] == "offset" and form["cv_mse"][1] < form["cv_mse"][0]
+    assert form["other"]["params"]["offset"] is False
     inf = res.statistics["pore_inference"]
     assert inf["n_boot"] == 100 and inf["n_failed"] == 0 and inf["r2"] > 0.95
     b = inf["params"]["b"]
     assert b["low"] < EXP_B < b["high"] and b["high"] - b["low"] < 0.3 * EXP_B
     r = inf["residuals"]
     assert len(r["x"]) == V and np.allclose(np.asarray(r["mean"]) - np.asarray(r["fitted"]), r["residual"])
+
+
+def test_pore_defaults_to_the_released_pure_exponential(tmp_path):
+    # no offset in the data: the 1-SE rule keeps PoRe's released form a exp(bx) (weights exp(-b i)); forcing the
+    # offset still works and records the pure fit as the other form
+    path = write_synthetic_store(
+        tmp_path / "p.h5", n_samples=60, grid=GRID, n_layers=N_LAYERS, base=0.0, shallow_bias=exponential,
+        noise=1e-4, sample_effect=3e-5, seed=8,
+    )
+    res = fit_calibration(path, seed=0, n_boot=20, n_repeats=10, methods=["pore"])
+    pore = res.calibration.method("pore")
+    assert pore["form"]["chosen"] == "pure" and pore["fit"]["params"]["offset"] is False
+    assert pore["fit"]["learned"]["c_"] == 0.0
+    assert pore["fit"]["learned"]["b_"] == pytest.approx(EXP_B, rel=0.1)
+    forced = fit_calibration(path, seed=0, statistics=False, methods=["pore"], pore_offset=True)
+    f_form = forced.calibration.method("pore")["form"]
+    assert f_form["mode"] == "forced" and f_form["chosen"] == "offset"
+    assert f_form["other"]["params"]["offset"] is False and "cv_mse" not in f_form
+    with pytest.raises(PosbiasError, match="pore_offset"):
+        fit_calibration(path, statistics=False, methods=["pore"], pore_offset="yes")
 
 
 # ------------------------------------------------------------------------------------------- 2-D maps

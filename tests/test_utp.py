@@ -159,15 +159,15 @@ def _compact_enumeration(mets, ells, budget, solver, which):
 @pytest.mark.parametrize("ratio", [1.5, 2.5])
 def test_compact_matches_enumeration_of_compact_objective(seed, ratio):
     # general rankings (layers disagree): the compact model is not the progressive one, but the solver
-    # must be optimal for the compact model it claims; with V=8 every level is a breakpoint, so the
-    # default "pwl" is that same model
+    # must be optimal for the compact model it claims (the default, by the exact dynamic program); with V=8 every
+    # level is a breakpoint, so "pwl" is that same model
     mets, ells = _instance(seed, s=2)
     budget = retention_budget(8, 5, ratio)
     for form in ("compact", "pwl"):
         solver = UTPSolver(ratio=ratio, formulation=form).fit(mets, ells)
         best, _ = _compact_enumeration(mets, ells, budget, solver, "compact")
         assert solver.status_ == "optimal" and solver.gap_ <= 1e-12  # 0 up to float rounding of the bounds
-        assert solver.levels_ == list(range(1, 9))
+        assert solver.levels_ == (None if form == "compact" else list(range(1, 9)))
         assert solver.objective_ == pytest.approx(best, abs=1e-9)
         assert solver.objective_compact_ == pytest.approx(best, abs=1e-9)
 
@@ -178,7 +178,7 @@ def test_pwl_with_coarse_levels_is_optimal_for_its_model(seed):
     # every admissible integer schedule under that same interpolated model finds the solver's optimum
     mets, ells = _instance(seed, s=3, v=14, n_layers=5)
     budget = retention_budget(14, 5, 2.0)
-    solver = UTPSolver(ratio=2.0, levels=5).fit(mets, ells)
+    solver = UTPSolver(ratio=2.0, formulation="pwl", levels=5).fit(mets, ells)
     assert len(solver.levels_) == 5 and solver.levels_[0] == 1 and solver.levels_[-1] == 14
     best, _ = _compact_enumeration(mets, ells, budget, solver, "pwl")
     assert solver.status_ == "optimal"
@@ -214,7 +214,7 @@ def test_pwl_large_instance_meets_budget_exactly():
     rng = np.random.default_rng(11)
     mets = [rng.gamma(0.5, size=(576, 1)) * rng.gamma(2.0, size=(576, 32)) for _ in range(3)]
     ells = np.linspace(1.2, 0.05, 32)[None] * rng.uniform(0.8, 1.2, (3, 32))
-    solver = UTPSolver(ratio=4.0).fit(mets, ells)
+    solver = UTPSolver(ratio=4.0, formulation="pwl").fit(mets, ells)
     sched = np.asarray(solver.schedule_)
     assert solver.status_ == "optimal" and solver.gap_ <= 1e-12  # 0 up to float rounding of the bounds
     assert sched[0] == 576 and sched[1:].sum() == 576 * 8 - 576 and np.all(np.diff(sched) <= 0)
@@ -247,3 +247,45 @@ def test_lagrangian_start_is_admissible_and_not_below_the_optimum(ratio):
     assert solver.status_ == "optimal"
     assert start_cost >= solver.objective_ - 1e-9
     assert start_cost == pytest.approx(float(prog.cost @ prog.vector(tail)) + prog.offset, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compact_optimum_matches_enumeration_of_every_schedule(seed):
+    # the exact dynamic program against brute force over every admissible schedule, on random (non-convex)
+    # tables, every budget, min_keep 0..2
+    from posbias.solvers.utp import compact_optimum, iter_schedules
+
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        n_layers, v, lo = int(rng.integers(3, 7)), int(rng.integers(2, 9)), int(rng.integers(0, 3))
+        lo = min(lo, v)
+        f = rng.normal(size=(n_layers - 1, v + 1))
+        for budget in range((n_layers - 1) * lo, (n_layers - 1) * v + 1):
+            tail, obj = compact_optimum(f, 0.25, budget, min_keep=lo)
+            best = min(0.25 + f[np.arange(n_layers - 1), s[1:]].sum()
+                       for s in iter_schedules(v, n_layers, budget, min_keep=lo))
+            assert obj == pytest.approx(best, abs=1e-12)
+            sched = np.concatenate([[v], tail])
+            assert sched[1:].sum() == budget and sched[1:].min() >= lo and np.all(np.diff(sched) <= 0)
+            assert 0.25 + f[np.arange(n_layers - 1), tail].sum() == pytest.approx(obj, abs=1e-12)
+    with pytest.raises(PosbiasError, match="budget"):
+        compact_optimum(np.zeros((3, 5)), 0.0, 13)
+
+
+def test_default_is_the_compact_optimum_with_a_token_level_reference():
+    # default: the proven compact optimum (never above pwl's compact loss); on a small instance the token-level
+    # program runs too and its optimum bounds the progressive loss of every schedule, the chosen one included
+    mets, ells = _instance(1, s=2, v=16, n_layers=6)
+    solver = UTPSolver(ratio=2.5).fit(mets, ells)
+    pwl = UTPSolver(ratio=2.5, formulation="pwl", levels=5).fit(mets, ells)
+    assert solver.formulation == "compact" and solver.status_ == "optimal" and solver.gap_ == 0.0
+    assert solver.objective_ == pytest.approx(solver.objective_compact_)
+    assert solver.objective_compact_ <= pwl.objective_compact_ + 1e-12
+    assert solver.tokens_status_ == "optimal"
+    assert solver.objective_tokens_ <= solver.objective_progressive_ + 1e-9
+    assert solver.objective_tokens_ <= pwl.objective_progressive_ + 1e-9
+    d = solver.to_dict()
+    assert d["objective_tokens"] == pytest.approx(solver.objective_tokens_) and d["tokens_status"] == "optimal"
+    assert UTPSolver.from_dict(d).to_dict() == d
+    big = UTPSolver(ratio=2.5, token_bound="auto").fit([np.tile(m, (40, 1)) for m in mets], ells)
+    assert big.tokens_status_ is None and big.to_dict()["objective_tokens"] is None  # S (L-1) V above the limit

@@ -53,7 +53,7 @@ def test_utr_then_solve_writes_valid_schedules(tmp_path, capsys):
     assert set(doc["schedules"]) == {"1.5", "2"}
     for key, entry in doc["schedules"].items():
         sched = entry["schedule"]
-        assert entry["formulation"] == "pwl" and entry["status"] == "optimal"
+        assert entry["formulation"] == "compact" and entry["status"] == "optimal"
         assert len(sched) == n_layers and sched[0] == n_vis
         assert sum(sched[1:]) == entry["budget"] == round(n_vis * n_layers / float(key)) - n_vis
         assert all(a >= b for a, b in zip(sched, sched[1:]))

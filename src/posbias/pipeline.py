@@ -32,21 +32,22 @@ FIT_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc", "adaptprune-gau
 STORE_FILENAME = "profile.h5"
 REPORT_FILENAME = "report.html"
 
-#: PosPrune prunes at decoder layer 2; its deep reference is layer 20 of a 32-layer model
-DEFAULT_SHALLOW_LAYER = 2
+#: PosPrune scores with its "2nd" (shallow) layer and prunes there, as FastV's K=2: 0-based layer 1; its deep
+#: reference is the "20th" layer of a 32-layer model, 0-based 19 (docs/runtime.md, "Layers and the papers' K")
+DEFAULT_SHALLOW_LAYER = 1
 REFERENCE_DEEP_LAYER, REFERENCE_DEPTH = 20, 32
 
 
 def default_layers(n_layers: int) -> tuple[int, int]:
     """(shallow, deep) default layers for a decoder with ``n_layers`` layers.
 
-    shallow = 2 (PosPrune, FastV); deep = the layer at the relative depth of layer 20 in a 32-layer
-    model, ``round(20 / 32 * n_layers)``, kept inside the model and above shallow.
+    shallow = 1 (PosPrune's 2nd layer, FastV's K=2); deep = the 0-based index of the layer at the relative depth
+    of the 20th of 32 layers, ``round(20 / 32 * n_layers) - 1``, kept inside the model and above shallow.
     """
     if n_layers < 2:
         raise PosbiasError(f"a decoder with {n_layers} layer(s) has no shallow/deep pair; need at least 2 layers")
     shallow = min(DEFAULT_SHALLOW_LAYER, n_layers - 2)
-    deep = int(round(REFERENCE_DEEP_LAYER / REFERENCE_DEPTH * n_layers))
+    deep = int(round(REFERENCE_DEEP_LAYER / REFERENCE_DEPTH * n_layers)) - 1
     deep = min(max(deep, shallow + 1), n_layers - 1)
     return shallow, deep
 
@@ -103,7 +104,7 @@ def fit_calibration(
     pore_layer: int | None = None,
     degree: int | str = "auto",
     domain: str = "auto",
-    pore_offset: bool = True,
+    pore_offset: bool | str = "auto",
     keep: int = 64,
     created: str | None = None,
     methods: Sequence[str] | None = None,
@@ -133,8 +134,10 @@ def fit_calibration(
     domain : {"auto", "index", "normalized"}
         Position variable: raster index for fixed grids, i/N for dynamic resolution; "auto" picks index
         when every sample has the same grid.
-    pore_offset : bool
-        Fit a*exp(b*x)+c (True) or the seed's pure a*exp(b*x) (False).
+    pore_offset : "auto" or bool
+        ``False``: PoRe's released pure exponential a*exp(b*x) (weights exp(-b i)); ``True``: a*exp(b*x)+c;
+        ``"auto"`` (default): the pure form unless the offset form's held-out error over sample folds is lower by
+        more than one standard error (``methods.pore.form`` records both errors and the other form's fit).
     keep : int
         Default number of kept tokens recorded in the artifact.
     created : str, optional
@@ -167,6 +170,7 @@ def fit_calibration(
     from posbias.artifacts.calibration import SCHEMA_VERSION, utc_now
     from posbias.artifacts.quality import assess_methods
     from posbias.fitters import ExponentialBiasFitter, PolynomialBiasFitter
+    from posbias.fitters.exponential import select_exponential_form
     from posbias.fitters.consistency import DEFAULT_THRESHOLD, bias_consistency
     from posbias.fitters.curves import build_sample_curves, centred_coords
     from posbias.fitters.density import NOT_PROFILED, density_test, read_region_density
@@ -339,18 +343,41 @@ def fit_calibration(
 
     # ------------------------------------------------------------------------------ PoRe
     if "pore" in wanted:
-        exp_fit = ExponentialBiasFitter(offset=pore_offset, domain=domain).fit(x, mean_attn, groups=groups)
+        if pore_offset not in ("auto", True, False):
+            raise PosbiasError(f"pore_offset={pore_offset!r} must be 'auto', True or False")
+        attn_curves = curves_of(attn_all, layout_1d) if (statistics or pore_offset == "auto") else None
+        form: dict[str, Any] = {"mode": "forced" if pore_offset != "auto" else "auto"}
+        if pore_offset == "auto":
+            pore_folds = folds if folds is not None else make_folds(
+                n_used, min(DEFAULT_FOLDS, n_used) if cv_folds is None else int(cv_folds), seed)
+            form.update(select_exponential_form(attn_curves, pore_folds, domain=domain))
+            offset = form["chosen"] == "offset"
+        else:
+            offset = bool(pore_offset)
+            form["chosen"] = "offset" if offset else "pure"
+        exp_fit = ExponentialBiasFitter(offset=offset, domain=domain).fit(x, mean_attn, groups=groups)
+        try:  # the other form, for the report's side-by-side curves
+            other = ExponentialBiasFitter(offset=not offset, domain=domain).fit(x, mean_attn, groups=groups)
+            form["other"] = other.to_dict()
+        except PosbiasError:
+            form["other"] = None
         doc_methods["pore"] = {
             "layer": int(pore),
             "domain": domain,
             "fit": exp_fit.to_dict(),
             "goodness": {"r2": float(exp_fit.r2_), "rmse": float(exp_fit.rmse_), "n_samples": int(n_used)},
+            "form": form,
         }
         rows.append(("pore", "layer", str(pore)))
+        if form["mode"] == "auto":
+            mse = ", ".join(f"{n}:{v:.3g}" if v is not None else f"{n}:failed"
+                            for n, v in zip(form["forms"], form["cv_mse"]))
+            rows.append(("pore", "form", f"{form['chosen']} (held-out MSE {mse}; 1-SE rule favours pure)"))
+        else:
+            rows.append(("pore", "form", f"{form['chosen']} (forced)"))
         rows.append(("pore", "P(x)", f"a={exp_fit.a_:.4g} b={exp_fit.b_:.4g} c={exp_fit.c_:.4g}"))
         rows.append(("pore", "R^2 vs mean curve", f"{exp_fit.r2_:.4f}"))
         if statistics:
-            attn_curves = curves_of(attn_all, layout_1d)
             einf = exponential_inference(exp_fit, attn_curves, n_boot=n_boot, level=level, seed=seed)
             stats["pore_inference"] = einf.to_dict()
             p = einf.params

@@ -322,11 +322,9 @@ class Calibration:
             p = p / CALIBRATION_FILENAME
         if not p.parent.is_dir():
             raise PosbiasError(f"cannot save calibration to {p}: directory {p.parent} does not exist; create it first")
-        text = self.dumps()
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(p)
-        return p
+        from posbias.atomic import atomic_write_text
+
+        return atomic_write_text(p, self.dumps())
 
     # ----------------------------------------------------------------- access
     @property

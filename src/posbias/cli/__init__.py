@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +58,9 @@ def unknown_command(word: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``profile-bias`` console script; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere (or POSBIAS_DEBUG=1): errors show their traceback (docs/reliability.md)
+    debug = "--debug" in args_list or os.environ.get("POSBIAS_DEBUG", "") not in ("", "0")
+    args_list = [a for a in args_list if a != "--debug"]
     top, stages = build_parser()
     if args_list and args_list[0] in SUBCOMMANDS:
         args = stages.parse_args(args_list)
@@ -67,9 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = top.parse_args(args_list)
     try:
         return int(args.func(args) or 0)
-    except PosbiasError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    except (PosbiasError, OSError, RuntimeError) as err:
+        from posbias.atomic import environment_fault
+
+        shown = err if isinstance(err, PosbiasError) else environment_fault(err)
+        if shown is None:  # an OSError that is no fault of the machine: a bug, with its traceback
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"{PROG}: error: {' '.join(str(shown).split())}", file=sys.stderr)
+        return int(shown.exit_code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from posbias.atomic import check_writable, environment_fault
 from posbias.errors import PosbiasError
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "check_out_dir",
     "default_out",
     "removing_empty_dir",
+    "refuse_existing",
     "print_table",
     "csv_ints",
     "csv_names",
@@ -118,9 +120,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated methods to fit (default: all of fastv,pore,posprune-pbc,adaptprune-gaussian)",
     )
-    g.add_argument("--shallow-layer", type=int, default=None, help="shallow layer of PBC and pruning layer (default 2)")
+    g.add_argument("--shallow-layer", type=int, default=None, help="0-based shallow layer of PBC and scoring layer (default 1: the papers' K=2)")
     g.add_argument(
-        "--deep-layer", type=int, default=None, help="deep layer of PBC (default: same relative depth as 20 of 32)"
+        "--deep-layer", type=int, default=None, help="0-based deep layer of PBC (default: the relative depth of the 20th of 32 layers, round(20/32*L)-1)"
     )
     g.add_argument("--pore-layer", type=int, default=None, help="layer whose mean attention PoRe fits (default: shallow)")
     g.add_argument(
@@ -134,7 +136,10 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
         choices=["auto", "index", "normalized"],
         help="position variable of the fits: raster index (fixed grids) or i/N (dynamic resolution)",
     )
-    g.add_argument("--pure-exponential", action="store_true", help="fit PoRe's P(x)=a*exp(bx) without the offset c")
+    g.add_argument("--pore-form", choices=("auto", "pure", "offset"), default="auto",
+                   help="PoRe's curve: pure a*exp(bx) as released, a*exp(bx)+c, or auto (pure unless held-out error "
+                   "favours the offset; default)")
+    g.add_argument("--pure-exponential", action="store_true", help="same as --pore-form pure")
     g.add_argument(
         "--gaussian-sigma",
         type=_sigma,
@@ -142,7 +147,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
         help="sigma of AdaptPrune's centre weight in centred units: 'default' (AdaptPrune's released 12 on 24x24, scaled to the "
         "grid), 'fit' (fitted to the mean attention map) or a number",
     )
-    g.add_argument("--keep", type=int, default=64, help="default number of kept visual tokens recorded in the calibration")
+    g.add_argument("--keep", type=int, default=None,
+                   help="default number of kept visual tokens recorded in the calibration (default: 64, or every "
+                   "visual token of a model with fewer)")
     s = p.add_argument_group("statistics")
     s.add_argument("--no-stats", action="store_true", help="skip the statistics (consistency, CV table, intervals, 2-D maps)")
     s.add_argument(
@@ -177,10 +184,29 @@ def check_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
 
 
 def prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
-    """:func:`check_out_dir`, then create the folder."""
+    """:func:`check_out_dir`, then create the folder and check that it can be written."""
     path = check_out_dir(out, names, overwrite)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise environment_fault(exc, path) or exc from exc
+    return check_writable(path)
+
+
+def refuse_existing(outputs: list[tuple[str, str | Path | None]], overwrite: bool) -> None:
+    """The one --overwrite rule of every command that writes: an existing output file is replaced only with
+    --overwrite (checked before any work, so nothing is computed in vain); its folder must exist."""
+    for flag, value in outputs:
+        if value is None:
+            continue
+        p = Path(value)
+        if p.is_dir():
+            raise PosbiasError(f"{flag} {p} is a folder; pass a file path")
+        if p.exists() and not overwrite:
+            raise PosbiasError(f"{flag} {p} exists; pass --overwrite to replace it or choose another path")
+        if not p.parent.is_dir():
+            raise PosbiasError(f"{flag} {p}: folder {p.parent} does not exist; create it or choose another path")
+        check_writable(p.parent)
 
 
 @contextlib.contextmanager

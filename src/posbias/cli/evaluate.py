@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from posbias.cli.common import HelpFormatter, add_model_options, csv_ints, csv_names
+from posbias.cli.common import HelpFormatter, add_model_options, csv_ints, csv_names, refuse_existing
 from posbias.errors import PosbiasError
 
 __all__ = ["add_parser", "run"]
@@ -34,7 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy answer length for exact agreement")
     p.add_argument("--params", default=None,
                    help='JSON of per-method parameter overrides, e.g. \'{"posprune": {"mmr_lambda": 0.8}}\'')
+    p.add_argument("--probe", action="store_true",
+                   help="also run the position-invariance probe (a photo patch at a grid of positions; docs/evaluation.md)")
+    p.add_argument("--probe-steps", type=int, default=3, help="probe positions per axis")
     p.add_argument("--out", default="evaluation.json", help="evaluation JSON to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-progress", action="store_true", help="no per-sample lines")
     p.set_defaults(func=run)
 
@@ -53,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
             raise PosbiasError("--params must be a JSON object {method: {parameter: value}}")
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise PosbiasError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    refuse_existing([("--out", out)], args.overwrite)
     cal = Calibration.load(args.calibration)
     config = EvaluationConfig(methods=args.methods, keeps=args.keep, n=args.n, data=args.data or ["embedded"],
                               seed=args.seed, max_new_tokens=args.max_new_tokens, params=params, store=args.store)
@@ -62,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
     doc = evaluate(adapter, cal, config, calibration_path=args.calibration, progress=not args.no_progress)
     print(format_table(doc))
+    if args.probe:
+        from posbias.evaluate.probe import format_probe, position_probe
+
+        doc["probe"] = position_probe(adapter, cal, config.methods, config.keeps, steps=args.probe_steps,
+                                      params=config.params)
+        print(format_probe(doc["probe"]))
     write_evaluation(doc, out)
     print(f"evaluation -> {out}")
     return 0

@@ -27,15 +27,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from posbias.artifacts import export_to
+    from posbias.artifacts import Calibration, export_to
+    from posbias.errors import PosbiasError
+    from posbias.atomic import check_writable
     from posbias.artifacts.fingerprint import model_fingerprint
 
     fingerprint = None
+    if Path(args.to).is_dir():
+        check_writable(args.to)
+    Calibration.load(args.calibration)  # a damaged calibration is named before the checkpoint is read
     if (Path(args.to) / "config.json").is_file():
         from transformers import AutoConfig
 
+        try:
+            config = AutoConfig.from_pretrained(args.to)
+        except (ValueError, OSError, KeyError) as exc:
+            raise PosbiasError(f"--to {args.to}: config.json is not a transformers model config "
+                               f"({' '.join(str(exc).split())[:200]}); pass the folder save_pretrained wrote") from exc
         # the full config (defaults filled in), as the adapter of a loaded model sees it
-        fingerprint = model_fingerprint(AutoConfig.from_pretrained(args.to).to_dict())
+        fingerprint = model_fingerprint(config.to_dict())
     dest = export_to(args.calibration, args.to, fingerprint=fingerprint, overwrite=args.overwrite)
     print(f"calibration -> {dest}")
     return 0

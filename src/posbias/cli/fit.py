@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from posbias.cli.common import HelpFormatter, add_fit_options, print_table
+from posbias.cli.common import HelpFormatter, add_fit_options, print_table, refuse_existing
 
 __all__ = ["add_parser", "run", "run_fit"]
 
@@ -28,9 +28,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+DEFAULT_KEEP = 64
+
+
+def check_keep(keep: int | None, store: Path) -> int:
+    """The ``--keep`` to record (default 64, at most the visual tokens of the store's samples); refuses a
+    value the store's samples cannot have, before anything is fitted or written."""
+    from posbias.errors import PosbiasError
+    from posbias.profiler.store import ProfileStore
+
+    with ProfileStore(store) as st:
+        most = int(st.n_visual.max()) if st.n_samples else None
+    if keep is None:
+        return DEFAULT_KEEP if most is None else min(DEFAULT_KEEP, most)
+    if keep < 1 or (most is not None and keep > most):
+        limit = f"1..{most}" if most is not None else "a positive number"
+        raise PosbiasError(f"--keep {keep}: the samples of {store} have at most {most} visual tokens; choose {limit}")
+    return int(keep)
+
+
 def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
     from posbias.pipeline import fit_calibration
 
+    keep = check_keep(args.keep, store)
     result = fit_calibration(
         store,
         shallow_layer=args.shallow_layer,
@@ -38,8 +58,9 @@ def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
         pore_layer=args.pore_layer,
         degree=args.degree,
         domain=args.domain,
-        pore_offset=not args.pure_exponential,
-        keep=args.keep,
+        pore_offset="auto" if args.pore_form == "auto" and not args.pure_exponential
+        else (args.pore_form == "offset" and not args.pure_exponential),
+        keep=keep,
         methods=args.methods,
         seed=getattr(args, "seed", 0),
         statistics=not args.no_stats,
@@ -72,10 +93,15 @@ def print_verdicts(methods: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from posbias.errors import PosbiasError
 
+    from posbias.profiler.store import store_exists
+
     store, out = Path(args.store), Path(args.out)
-    if not store.is_file():
+    if not store_exists(store):  # a finished store, or the segments of an interrupted run
         raise PosbiasError(f"--store {store} does not exist; run 'profile-bias profile' first or pass the right path")
-    if out.exists() and not args.overwrite:
-        raise PosbiasError(f"--out {out} exists; pass --overwrite to replace it or choose another path")
+    if out.is_dir():
+        from posbias.artifacts import CALIBRATION_FILENAME
+
+        out = out / CALIBRATION_FILENAME
+    refuse_existing([("--out", out)], args.overwrite)
     run_fit(args, store, out)
     return 0

@@ -57,12 +57,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from posbias.atomic import check_writable
     from posbias.pipeline import STORE_FILENAME
     from posbias.profiler.store import ProfileStore, merge_stores
 
     out = Path(args.out)
     target = out if out.suffix == ".h5" else out / STORE_FILENAME
     inputs = expand_inputs(list(args.inputs))
+    if target.parent.is_dir():
+        check_writable(target.parent)
     merge_stores(inputs, target, dedupe=args.dedupe, overwrite=args.overwrite)
     with ProfileStore(target) as st:
         print(

@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
     """(sample stream, the --data options) of ``args``; validates the sources before any model loads."""
-    from posbias.data.registry import iter_samples, resolve_sources, split_quotas
+    from posbias.data.registry import iter_samples, resolve_with_quotas, split_quotas
 
     options = list(args.data or ["embedded"])
     specs, quotas = split_quotas(options)
@@ -90,7 +90,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
         n = None if quotas is not None and all(q is not None for q in quotas) else DEFAULT_N
     elif n < 1:
         raise PosbiasError(f"--n {n}: the number of samples must be at least 1")
-    sources = resolve_sources(specs)
+    sources, quotas = resolve_with_quotas(specs, quotas)
     return iter_samples(sources, n=n, seed=args.seed, quotas=quotas), options
 
 

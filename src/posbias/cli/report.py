@@ -8,6 +8,8 @@ from posbias.cli.common import HelpFormatter
 import time
 from pathlib import Path
 
+from posbias.cli.common import refuse_existing
+
 __all__ = ["add_parser", "run"]
 
 
@@ -25,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluation", default=None, help="evaluation JSON from profile-bias evaluate (fidelity section)")
     p.add_argument("--html", default=None, help="HTML file to write")
     p.add_argument("--pdf", default=None, help="PDF file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace existing report files")
     p.add_argument("--pictures", type=int, default=3, help="number of store samples drawn with their kept tokens")
     p.set_defaults(func=run)
 
@@ -40,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise PosbiasError("nothing to write: pass --html report.html and/or --pdf report.pdf")
     if not 0 <= args.pictures <= 12:
         raise PosbiasError(f"--pictures {args.pictures}: choose 0..12 samples")
+    if args.html is not None and args.pdf is not None and Path(args.html).resolve() == Path(args.pdf).resolve():
+        raise PosbiasError(f"--html and --pdf name the same file {args.html}; pass two paths")
+    refuse_existing([("--html", args.html), ("--pdf", args.pdf)], args.overwrite)
     start = time.perf_counter()
     render_report(args.store, args.calibration, args.html, pdf=args.pdf, evaluation=args.evaluation, n_pictures=args.pictures)
     for label, path in (("html", args.html), ("pdf", args.pdf)):

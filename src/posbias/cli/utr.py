@@ -46,7 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from posbias.atomic import check_writable
     from posbias.profiler.utr import fill_utr_loss
+
+    if Path(args.store).is_file():
+        check_writable(Path(args.store).parent)  # a read-only folder is found before the forwards, not after
 
     done, kept = fill_utr_loss(
         args.store, model=args.model, data=args.data, device=args.device, dtype=args.dtype,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posbias.data.base import Sample
-from posbias.data.files import ParquetRows, RecordSource, one_line, split_spec
+from posbias.data.files import ParquetRows, RecordSource, drop_repeats, note, one_line, split_spec
 from posbias.errors import PosbiasError
 
 __all__ = ["POPESource", "POPE_LAYOUTS"]
@@ -33,6 +33,8 @@ POPE_LAYOUTS = (
     "pope:QUESTIONS[:IMAGES]",
 )
 _QUESTION_SUFFIXES = (".json", ".jsonl")
+#: files of the original POPE release (``output/coco/`` ...) that are not question files: ignored silently
+_KNOWN_NOT_QUESTIONS = ("co_occur", "ground_truth_objects", "ground_truth", "segmentation", "captions", "instances")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class _Record:
     image: Path | None = None
     row: int | None = None
     bad: str | None = None
+    origin: str = ""  # file or folder the record came from (messages only)
 
 
 def _variant(stem: str) -> str:
@@ -51,6 +54,23 @@ def _variant(stem: str) -> str:
         if stem.startswith(prefix):
             return stem[len(prefix):]
     return stem
+
+
+def _same(a: _Record, b: _Record) -> bool:
+    return (a.question, a.answer, a.bad is None) == (b.question, b.answer, b.bad is None)
+
+
+def _looks_like_questions(path: Path) -> bool:
+    """True when the first non-empty line of ``path`` is a JSON object with POPE's question fields."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    obj = json.loads(line)
+                    return isinstance(obj, dict) and {"question_id", "text"} <= set(obj)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return False
 
 
 def _label(value: object) -> str | None:
@@ -116,14 +136,37 @@ class POPESource(RecordSource):
             elif _label(a) is None:
                 bad = f"parquet row {i}: answer {one_line(str(a), 40)!r} is not yes/no"
             key = f"{variant}/{qid}" if qid is not None and str(qid).strip() else f"{variant}/row{i}"
-            out.append(_Record(key, variant, q and str(q).strip(), _label(a), row=i, bad=bad))
-        return out
+            out.append(_Record(key, variant, q and str(q).strip(), _label(a), row=i, bad=bad,
+                               origin=self._folder_of(files[rows.file_of(i)])))
+        return drop_repeats(out, [r.origin for r in out], _same, f"--data {self.name}:{self.path}")
+
+    def _folder_of(self, f: Path) -> str:
+        """Folder of ``f`` relative to the source path, for messages (``data/``, ``Full/``)."""
+        base = self.path if self.path.is_dir() else self.path.parent
+        try:
+            rel = f.parent.relative_to(base)
+        except ValueError:
+            rel = f.parent
+        return f"{rel}/" if str(rel) != "." else f.name
 
     @staticmethod
     def _question_files(path: Path) -> list[Path]:
+        """The question files at ``path``: known non-question files of the release are left out silently, a
+        file that does not look like POPE questions gets one line and is left out too."""
         if path.is_file():
             return [path] if path.suffix in _QUESTION_SUFFIXES else []
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _QUESTION_SUFFIXES)
+        out = []
+        for p in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _QUESTION_SUFFIXES):
+            if "pope" in p.stem.lower():
+                out.append(p)
+            elif any(k in p.stem.lower() for k in _KNOWN_NOT_QUESTIONS):
+                continue
+            elif _looks_like_questions(p):
+                out.append(p)
+            else:
+                note(f"--data pope:{path}: ignoring {p.name}: not a POPE question file (lines with question_id, "
+                     "image, text, label)")
+        return out
 
     def _image_dir(self, images: str | Path | None, qdir: Path) -> Path:
         if images is not None:
@@ -147,7 +190,7 @@ class POPESource(RecordSource):
             try:
                 lines = f.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as exc:
-                out.append(_Record(f"{variant}/file", variant, bad=one_line(f"cannot read {f}: {exc}")))
+                out.append(_Record(f"{variant}/file", variant, bad=one_line(f"cannot read {f}: {exc}"), origin=f.name))
                 continue
             for li, line in enumerate(lines):
                 if not line.strip():
@@ -156,21 +199,22 @@ class POPESource(RecordSource):
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    out.append(_Record(key, variant, bad=f"line {li + 1} of {f} is not JSON ({exc.msg})"))
+                    out.append(_Record(key, variant, bad=f"line {li + 1} of {f} is not JSON ({exc.msg})", origin=f.name))
                     continue
                 if not isinstance(obj, dict):
-                    out.append(_Record(key, variant, bad=f"line {li + 1} of {f} is not a JSON object"))
+                    out.append(_Record(key, variant, bad=f"line {li + 1} of {f} is not a JSON object", origin=f.name))
                     continue
                 missing = [k for k in ("question_id", "image", "text", "label") if obj.get(k) in (None, "")]
                 if "question_id" not in missing:
                     key = f"{variant}/{obj['question_id']}"
                 if missing:
-                    out.append(_Record(key, variant, bad=f"line {li + 1} of {f} lacks {missing}"))
+                    out.append(_Record(key, variant, bad=f"line {li + 1} of {f} lacks {missing}", origin=f.name))
                     continue
                 label = _label(obj["label"])
                 bad = None if label else f"line {li + 1} of {f}: label {one_line(str(obj['label']), 40)!r} is not yes/no"
-                out.append(_Record(key, variant, str(obj["text"]).strip(), label, image=self.images / str(obj["image"]), bad=bad))
-        return out
+                out.append(_Record(key, variant, str(obj["text"]).strip(), label, image=self.images / str(obj["image"]), bad=bad,
+                                   origin=f.name))
+        return drop_repeats(out, [r.origin for r in out], _same, f"--data {self.name}:{self.path}")
 
     # -- SampleSource
 

@@ -34,6 +34,8 @@ __all__ = [
     "split_quotas",
     "get_source",
     "resolve_sources",
+    "resolve_with_quotas",
+    "UnionSource",
     "plan_samples",
     "SampleStream",
     "iter_samples",
@@ -148,9 +150,100 @@ def get_source(spec: str) -> SampleSource:
     return source
 
 
-def resolve_sources(specs: Iterable[str | SampleSource]) -> list[SampleSource]:
-    """Sources for a list of specs (or ready sources); names must be distinct (they prefix sample ids)."""
-    sources = [s if isinstance(s, SampleSource) else get_source(s) for s in specs]
+class UnionSource(SampleSource):
+    """One benchmark from several copies or layouts (``--data pope:A.parquet --data pope:questions/``): the
+    records of each in turn, a key already read from an earlier copy read once (one line says so)."""
+
+    def __init__(self, name: str, sources: Sequence[SampleSource], specs: Sequence[str]) -> None:
+        from posbias.data.files import note
+
+        self.name = name
+        self.sources = list(sources)
+        self._index: list[tuple[int, int]] = []  # (source, record index)
+        seen: set[str] = set()
+        repeated = 0
+        for k, src in enumerate(self.sources):
+            for i in range(len(src)):
+                key = src.key(i)
+                if key in seen:
+                    repeated += 1
+                    continue
+                seen.add(key)
+                self._index.append((k, i))
+        if repeated:
+            note(f"--data {' + '.join(specs)}: {repeated} record(s) have the ids of records of an earlier copy; "
+                 "each id is read once")
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def key(self, index: int) -> str:
+        k, i = self._index[index]
+        return self.sources[k].key(i)
+
+    def load(self, index: int) -> Sample:
+        k, i = self._index[index]
+        return self.sources[k].load(i)
+
+
+def resolve_with_quotas(
+    specs: Sequence[str], quotas: Sequence[int | None] | None
+) -> tuple[list[SampleSource], list[int | None] | None]:
+    """:func:`resolve_sources` for ``--data`` specs and their quotas: several specs of one source name
+    become one :class:`UnionSource` whose quota is the sum of theirs (``None`` if any is ``None``)."""
+    dup = sorted({s for s in specs if list(specs).count(s) > 1})
+    if dup:
+        raise PosbiasError(f"--data names source(s) {dup} more than once; give each source once")
+    order: list[str] = []
+    groups: dict[str, list[int]] = {}
+    for k, spec in enumerate(specs):
+        name = parse_spec(spec)[0]
+        if name not in groups:
+            order.append(name)
+        groups.setdefault(name, []).append(k)
+    sources = resolve_sources([specs[ks[0]] if len(ks) == 1 else [specs[k] for k in ks] for ks in (groups[n] for n in order)])
+    if quotas is None:
+        return sources, None
+    merged: list[int | None] = []
+    for n in order:
+        qs = [quotas[k] for k in groups[n]]
+        merged.append(None if any(q is None for q in qs) else int(sum(q for q in qs if q is not None)))
+    return sources, merged
+
+
+def resolve_sources(specs: Iterable[str | SampleSource | Sequence[str]]) -> list[SampleSource]:
+    """Sources for a list of specs (or ready sources); names must be distinct (they prefix sample ids).
+
+    Several specs of one source name with different paths (a parquet copy and a jsonl copy of POPE) are
+    combined into one :class:`UnionSource`; the same spec twice is refused.
+    """
+    items = list(specs)
+    strings = [s for s in items if isinstance(s, str)]
+    if len(set(strings)) == len(strings) and not any(isinstance(s, (list, tuple)) for s in items):
+        by_name: dict[str, list[str]] = {}
+        for s in strings:
+            by_name.setdefault(parse_spec(s)[0], []).append(s)
+        if any(len(v) > 1 for v in by_name.values()):
+            combined: list[str | SampleSource | Sequence[str]] = []
+            done: set[str] = set()
+            for s in items:
+                name = parse_spec(s)[0] if isinstance(s, str) else None
+                if name is None or len(by_name[name]) == 1:
+                    combined.append(s)
+                elif name not in done:
+                    done.add(name)
+                    combined.append(by_name[name])
+            items = combined
+    sources: list[SampleSource] = []
+    for s in items:
+        if isinstance(s, SampleSource):
+            sources.append(s)
+        elif isinstance(s, str):
+            sources.append(get_source(s))
+        else:
+            group = list(s)
+            sources.append(UnionSource(parse_spec(group[0])[0], [get_source(g) for g in group], group)
+                           if len(group) > 1 else get_source(group[0]))
     if not sources:
         raise PosbiasError("no sample source given; pass --data NAME[:PATH] (e.g. --data embedded)")
     names = [s.name for s in sources]

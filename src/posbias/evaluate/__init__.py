@@ -16,6 +16,7 @@ from posbias.evaluate.fidelity import (
     prefill_flops,
     write_evaluation,
 )
+from posbias.evaluate.paired import paired_comparisons, paired_stats
 
 __all__ = [
     "SCHEMA_NAME",
@@ -30,4 +31,6 @@ __all__ = [
     "pin_mmap_threshold",
     "prefill_flops",
     "write_evaluation",
+    "paired_comparisons",
+    "paired_stats",
 ]

@@ -13,6 +13,15 @@ each (method, keep) run ``generate`` greedily for a few tokens. From them:
 - ``prefill_ms``: wall time of the prefill forward (inside ``generate``); ``peak_mem_mib``: peak RSS
   growth during the call (CPU; CUDA: ``max_memory_allocated``).
 
+Each method is then compared with FastV on the same samples by a paired test (:mod:`posbias.evaluate.paired`):
+``results[].paired`` holds the mean per-sample difference in KL and agreement, its bootstrap interval, the
+Wilcoxon signed-rank p-value and a verdict (better / not distinguishable / worse).
+
+What each measure answers: KL and agreement, fidelity to the full model (a method that keeps what the full
+model attends to, positional bias included, scores well); accuracy, task quality (needs labels and a trained
+model); the position-invariance probe (:mod:`posbias.evaluate.probe`), whether a method keeps the same content
+wherever it sits in the image.
+
 The JSON written by :func:`write_evaluation` is specified in docs/evaluation.md.
 """
 
@@ -43,6 +52,14 @@ __all__ = [
     "write_evaluation",
     "format_table",
 ]
+
+#: which question each measure answers (recorded in the evaluation JSON and shown by the report)
+MEASURE_QUESTIONS: dict[str, str] = {
+    "kl, top1_agreement, exact_agreement": "fidelity to the full model (not task quality: keeping what the full "
+                                           "model attends to, positional bias included, scores well)",
+    "accuracy": "task quality (needs labelled samples and a trained model)",
+    "probe": "positional invariance: is the same content kept wherever it sits (profile-bias evaluate --probe)",
+}
 
 SCHEMA_NAME = "posbias.evaluation"
 SCHEMA_VERSION = 1
@@ -396,6 +413,11 @@ def evaluate(
                 "peak_mem_mib": (sum(mems) / len(mems)) if mems else None,
                 "select_ms": sum(r["select_ms"] for r in rows) / len(rows),
             })
+    from posbias.evaluate.paired import paired_comparisons
+
+    comparisons = paired_comparisons(per_sample, baseline="fastv", seed=config.seed)
+    for r in results:
+        r["paired"] = comparisons.get((r["method"], r["keep"]))
     labelled_full = [r["correct"] for r in full_rows if r["correct"] is not None]
     full_mems = [r["peak_mem_mib"] for r in full_rows if r["peak_mem_mib"] is not None]
     return {
@@ -416,6 +438,8 @@ def evaluate(
             "flops": sum(r["flops"] for r in full_rows) / len(full_rows),
             "peak_mem_mib": (sum(full_mems) / len(full_mems)) if full_mems else None,
         },
+        "paired_baseline": "fastv" if "fastv" in config.methods else None,
+        "measures": MEASURE_QUESTIONS,
         "results": results,
         "per_sample": [{k: v for k, v in r.items() if k not in ("flops_full", "prefill_ms_full")} for r in per_sample],
     }
@@ -426,24 +450,41 @@ def write_evaluation(doc: dict[str, Any], path: str | Path) -> Path:
     p = Path(path)
     if not p.parent.is_dir():
         raise PosbiasError(f"cannot write {p}: directory {p.parent} does not exist; create it first")
-    p.write_text(dumps(doc), encoding="utf-8")
-    return p
+    from posbias.atomic import atomic_write_text
+
+    return atomic_write_text(p, dumps(doc))
 
 
 def format_table(doc: dict[str, Any]) -> str:
     """The terminal table of an evaluation document."""
-    head = ("method", "keep", "n", "KL mean", "± sem", "top-1", "exact", "acc", "FLOPs", "ratio", "prefill ms", "full ms")
+    head = ("method", "keep", "n", "KL mean", "± sem", "top-1", "exact", "acc", "FLOPs", "ratio", "prefill ms", "full ms",
+            "ΔKL vs FastV [95% CI]", "p", "verdict (KL)", "Δtop-1", "verdict (top-1)")
     rows = [head]
     for r in doc["results"]:
+        pr = r.get("paired")
+        if pr:
+            kl, t1 = pr["kl"], pr["top1"]
+            ci = kl["ci"]
+            paired = (f"{kl['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci[0] is not None else f"{kl['mean']:+.4f}",
+                      f"{kl['p']:.2g}", kl["verdict"], f"{t1['mean']:+.2f}", t1["verdict"])
+        else:
+            paired = ("baseline" if r["method"] == doc.get("paired_baseline") else "-", "-", "-", "-", "-")
         rows.append((
             r["method"], str(r["keep"]), str(r["n"]),
             f"{r['kl_mean']:.4f}", "-" if r["kl_sem"] is None else f"{r['kl_sem']:.4f}",
             f"{r['top1_agreement']:.2f}", f"{r['exact_agreement']:.2f}",
             "-" if r["accuracy"] is None else f"{r['accuracy']:.2f}",
             f"{r['flops'] / 1e9:.2f}G", f"{r['flops_ratio']:.3f}",
-            f"{r['prefill_ms']:.0f}", f"{r['prefill_ms_full']:.0f}",
+            f"{r['prefill_ms']:.0f}", f"{r['prefill_ms_full']:.0f}", *paired,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    need = [(r["method"], r["keep"], r["paired"]["kl"]["n_needed"]) for r in doc["results"]
+            if r.get("paired") and r["paired"]["kl"]["verdict"] == "not distinguishable" and r["paired"]["kl"]["n_needed"]]
+    if need:
+        lines.append("not distinguishable from FastV on KL; samples a paired test would need at the observed effect: "
+                     + ", ".join(f"{m}@{k} ~{n}" for m, k, n in need))
+    lines.append("KL and agreement measure fidelity to the full model, not task quality (accuracy needs labels "
+                 "and a trained model).")
     return "\n".join(lines)

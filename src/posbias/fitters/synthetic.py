@@ -31,7 +31,7 @@ def write_synthetic_store(
     grid: tuple[int, int] | Sequence[tuple[int, int]] = (24, 24),
     n_layers: int = 32,
     shallow_bias: BiasFn | dict[str, BiasFn] | None = None,
-    shallow_layer: int = 2,
+    shallow_layer: int = 1,
     base: float = 1e-3,
     noise: float = 2e-4,
     sample_effect: float = 1e-4,

@@ -210,9 +210,13 @@ def profile_samples(
                     continue
                 try:
                     inputs = adapter.prepare(item.image, item.question)
-                except BadSample as bad:
-                    writer.skip(sample_id=item.id, source=item.source, reason=bad.reason)
-                    summary.skipped.append((item.id, bad.reason))
+                except PosbiasError:
+                    raise  # a wrong option, not this sample: stop and say so
+                except Exception as exc:  # noqa: BLE001 - this sample only: recorded in /skipped with the reason
+                    reason = exc.reason if isinstance(exc, BadSample) else (
+                        "cannot prepare the model inputs: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300])
+                    writer.skip(sample_id=item.id, source=item.source, reason=reason)
+                    summary.skipped.append((item.id, reason))
                     if on_sample:
                         on_sample(item.id)
                     continue

@@ -9,10 +9,11 @@ of all samples, stacked sample after sample, plus optional signal datasets (``/t
 Crash safety. HDF5 is not crash-safe: a process killed while HDF5 updates metadata in place can leave a
 file no library opens. So no file is ever modified in place. While a run is going, every committed batch
 of samples (by default every single sample) is written to a small, complete store file of its own, a
-*segment*, in the folder ``profile.h5.parts/``: written as ``*.tmp``, fsync'ed, then atomically renamed.
+*segment*, in the folder ``profile.h5.parts/``: written to a temporary file, fsync'ed, then atomically
+renamed (:mod:`posbias.atomic`, as every file posbias writes).
 A killed run therefore leaves the last good ``profile.h5`` (if any) plus whole segments;
 :class:`ProfileStore` reads the union as one store. Closing the writer *compacts*: it writes base and
-segments into ``profile.h5.tmp``, fsyncs, renames it over ``profile.h5`` and deletes the segments. The
+segments into a temporary file next to ``profile.h5``, fsyncs, renames it over ``profile.h5`` and deletes the segments. The
 base records a ``generation`` counter and segments carry the generation they were written against, so a
 kill between the rename and the deletion cannot count a sample twice (segments of an older generation are
 ignored and deleted by the next writer).
@@ -27,6 +28,8 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata as _metadata
@@ -36,6 +39,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from posbias.atomic import atomic_path, ensure_folder, environment_fault, sweep_stale_temps
 from posbias.errors import PosbiasError, SchemaError
 from posbias.models.base import VisualLayout
 
@@ -264,6 +268,7 @@ def remove_store(path: str | os.PathLike[str]) -> None:
     for f in (p, p.with_name(p.name + ".tmp")):
         if f.is_file() or f.is_symlink():
             f.unlink()
+    sweep_stale_temps(p)
     d = parts_dir(p)
     if d.is_dir():
         shutil.rmtree(d)
@@ -326,6 +331,9 @@ class _FileBuilder:
         try:
             self.file = h5py.File(path, "w", rdcc_nbytes=_CACHE_BYTES, locking=False)
         except OSError as exc:
+            fault = environment_fault(exc, path)
+            if fault is not None:
+                raise fault from exc
             msg = " ".join(str(exc).split())
             raise PosbiasError(
                 f"cannot create store file {path} ({msg}); check the folder is writable or choose another --out"
@@ -398,8 +406,11 @@ class _FileBuilder:
                 f.attrs[key] = value
             f.attrs["static_datasets"] = np.array(sorted(self.static_paths), dtype=_STR)
             f.flush()
-        finally:
-            f.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # HDF5 cannot close after a failed flush; the first error tells why
+                f.close()
+            raise
+        f.close()
         if durable:
             _fsync_path(self.path)
 
@@ -410,11 +421,20 @@ class _FileBuilder:
             self.path.unlink()
 
 
-def _commit_file(tmp: Path, final: Path, *, durable: bool) -> None:
-    """Atomically publish ``tmp`` as ``final`` (rename, then fsync the folder)."""
-    os.replace(tmp, final)
-    if durable:
-        _fsync_path(final.parent, directory=True)
+def _expected_bytes(views: Sequence[ProfileStore]) -> int:
+    """About the size of a store rewritten from ``views``: the compacted files as they are, half of the
+    (uncompressed) segments; checked against the free space before HDF5 starts writing."""
+    total = 0
+    for v in views:
+        for part in v._parts:
+            with contextlib.suppress(OSError):
+                size = part.path.stat().st_size
+                total += size if isinstance(part, _H5Part) else size // 2
+    return total
+
+
+#: what a profile run stopped by the machine should do once the cause is gone
+_RESUME_HINT = "then run the same command with --resume: every committed sample is kept"
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -621,9 +641,10 @@ class ProfileStoreWriter:
 
     def _cleanup_stale(self) -> None:
         """Delete temporary files and segments already compacted into the base (we hold the lock)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(self.path.name + ".tmp")  # the fixed name of earlier versions
         if tmp.is_file():
             tmp.unlink()
+        sweep_stale_temps(self.path)
         for entry in list(self._parts.iterdir()):
             m = _SEG_RE.match(entry.name)
             if entry.name.endswith(".tmp") or (m and int(m.group(1)) < self._generation):
@@ -937,7 +958,6 @@ class ProfileStoreWriter:
             return
         name = f"seg-{self._generation:06d}-{self._seq:08d}.npz"
         final = self._parts / name
-        tmp = self._parts / (name + ".tmp")
         arrays: dict[str, np.ndarray] = {}
         if pend.samples:
             for name_ in pend.samples[0]["tokens"]:
@@ -971,17 +991,9 @@ class ProfileStoreWriter:
         attrs["segment"] = np.int64(self._seq)
         attrs["static_datasets"] = sorted(pend.statics)
         arrays["attrs"] = np.array(json.dumps({k: _to_python(v) for k, v in attrs.items()}))
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                if self.durable:
-                    os.fsync(fh.fileno())
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _commit_file(tmp, final, durable=self.durable)
+        # the folder was cleaned when the writer opened it (under its lock): no sweep per segment
+        with atomic_path(final, durable=self.durable, resume=_RESUME_HINT, sweep=False) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
         self._seq += 1
         self._pending = _Pending()
 
@@ -995,9 +1007,8 @@ class ProfileStoreWriter:
             attrs = {k: v for k, v in view.raw_attrs.items() if k not in ("segment", "static_datasets")}
             attrs["complete"] = bool(complete)
             attrs["generation"] = np.int64(self._generation + 1)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            _write_compact([view], tmp, attrs, durable=self.durable)
-        _commit_file(tmp, self.path, durable=self.durable)
+            with atomic_path(self.path, durable=self.durable, resume=_RESUME_HINT, expect_bytes=_expected_bytes([view])) as tmp:
+                _write_compact([view], tmp, attrs, durable=False)
         self._generation += 1
         self._seq = 0
         self._cleanup_stale()
@@ -1240,7 +1251,14 @@ class _H5Part(_Part):
         try:
             self._file: h5py.File | None = h5py.File(path, "r", locking=locking, rdcc_nbytes=_CACHE_BYTES)
         except OSError as exc:
-            if "lock" in str(exc).lower():
+            text = str(exc).lower()
+            if "truncated" in text:
+                raise SchemaError(
+                    f"{where} is truncated (an incomplete copy, or written by a process that was stopped); "
+                    "copy it again or re-run 'profile-bias profile' (with --resume if its folder holds segments)"
+                ) from exc
+            # the word "lock", not "sblock" inside HDF5's superblock messages
+            if re.search(r"\block", text):
                 raise SchemaError(
                     f"{where} is locked (a writer has it open, or the filesystem lacks file locks); "
                     "wait for the writer, or open with locking=False / set HDF5_USE_FILE_LOCKING=FALSE"
@@ -1301,7 +1319,7 @@ class _NpzPart(_Part):
                     shapes[path_] = (arr.shape, arr.dtype)
                     if not path_.startswith("tokens/"):
                         self._small[path_] = arr
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             msg = " ".join(str(exc).split())
             raise SchemaError(f"{where} cannot be read ({msg}); delete that segment file and resume the run") from exc
         self.raw_attrs = {k: _reencode(k, v) for k, v in meta.items()}
@@ -1841,15 +1859,18 @@ def merge_stores(
         merged["complete"] = all(v.complete for v in views)
         # above every input's generation: segments of an input that is also the output are then ignored
         merged["generation"] = np.int64(1 + max(v.generation for v in views))
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        _write_compact(views, tmp, merged, selection=selection, skipped=skipped, durable=durable)
+        ensure_folder(out_path.parent, create=True)
+        with atomic_path(out_path, durable=durable, expect_bytes=_expected_bytes(views)) as tmp:
+            _write_compact(views, tmp, merged, selection=selection, skipped=skipped, durable=False)
+            for v in views:  # the inputs are read whole: close them before the rename replaces one of them
+                v.close()
+            # the segments of an input that is also the output are in the new file now (generation above
+            # theirs); they go only after the rename below
     finally:
         for v in views:
             v.close()
     if overwrite and parts_dir(out_path).is_dir():
-        shutil.rmtree(parts_dir(out_path))
-    _commit_file(tmp, out_path, durable=durable)
+        shutil.rmtree(parts_dir(out_path), ignore_errors=True)
     return out_path
 
 
@@ -1901,9 +1922,8 @@ def add_sample_data(
         attrs = {k: v for k, v in view.raw_attrs.items() if k not in ("segment", "static_datasets")}
         attrs["complete"] = view.complete
         attrs["generation"] = np.int64(view.generation + 1)
-        tmp = store_path.with_name(store_path.name + ".tmp")
-        _write_compact([view], tmp, attrs, extra_samples={name: full}, durable=durable)
-    _commit_file(tmp, store_path, durable=durable)
+        with atomic_path(store_path, durable=durable, expect_bytes=_expected_bytes([view]) + full.nbytes) as tmp:
+            _write_compact([view], tmp, attrs, extra_samples={name: full}, durable=False)
     return store_path
 
 

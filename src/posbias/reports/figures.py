@@ -379,6 +379,7 @@ def draw_bias_curves(
     pore_predict: Callable[[np.ndarray], np.ndarray] | None,
     level: float,
     n_boot: int,
+    pore_other: tuple[str, Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> None:
     """Measured mean with its cluster-bootstrap band, the fitted PBC polynomial / PoRe exponential, residuals.
 
@@ -386,6 +387,7 @@ def draw_bias_curves(
     ----------
     x : (m,) positions; bands : name -> (mean, low, high), each (m,), for "delta" and "pore".
     pbc_band : the calibration's pointwise confidence band of the polynomial ({"x", "fit", "low", "high"}).
+    pore_other : (label, predict) of PoRe's other exponential form (pure / with offset), drawn dashed.
     """
     axes = fig.subplots(2, 2, height_ratios=[2.2, 1.0], sharex="col")
     ci = _ci_text(level)
@@ -408,6 +410,8 @@ def draw_bias_curves(
                 ax.fill_between(bx, pbc_band["low"], pbc_band["high"], color=method_color(method), alpha=0.25, lw=0,
                                 label=f"{ci} band of the fit (cluster-robust)")
             ax.plot(x, fit, lw=1.8, color=method_color(method), label=method_label(method) + " fit")
+            if method == "pore" and pore_other is not None:
+                ax.plot(x, pore_other[1](x), lw=1.2, ls="--", color=method_color(method), label=pore_other[0])
             res = mean - fit  # (m,)
             xs, (rs,) = _coarsen(x, [res], 144)
             axr.plot(x, res, lw=0.5, color=REFERENCE["band"])
@@ -455,7 +459,7 @@ def draw_degree_selection(fig: Any, pbc_degree: dict[str, Any] | None, bias_map:
                     label=f"chosen degree {chosen} (simplest whose bar reaches 0)")
         ax.set_xticks(d)
         ax.set_xlabel("polynomial degree")
-        ax.set_ylabel(_unit("held-out MSE - best (probability²", pw) + ")")
+        ax.set_ylabel(_unit("held-out MSE − best\n(probability²", pw) + ")")
         ax.set_title(f"PBC degree: {pbc_degree.get('n_folds')}-fold CV over samples")
     if bias_map is not None:
         ax = axes[k]
@@ -725,3 +729,33 @@ def draw_fidelity(fig: Any, results: list[dict[str, Any]]) -> None:
             labels.append(lab)
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)))
+
+
+def draw_probe(fig: Any, probe: dict[str, Any]) -> None:
+    """Position-invariance probe: kept fraction of the patch's tokens vs its position, one line per method, one
+    panel per budget; the dotted line is keep / V (what a position-blind random choice keeps on average)."""
+    pos = probe["positions"]
+    order = np.argsort([p["mean_index"] for p in pos], kind="stable")  # raster order of the patch
+    labels = [f"({pos[i]['x']},{pos[i]['y']})" for i in order]
+    keeps = sorted({int(r["keep"]) for r in probe["results"]})
+    axes = np.atleast_1d(fig.subplots(1, len(keeps), sharey=True))
+    markers = "osD^v<>ph*"
+    for ax, k in zip(axes, keeps):
+        rows = sorted((r for r in probe["results"] if int(r["keep"]) == k), key=lambda r: str(r["method"]))
+        for i, r in enumerate(rows):
+            f = np.asarray(r["fraction"], dtype=np.float64)[order]
+            rho = "n/a" if r["spearman"] is None else f"{r['spearman']:+.2f}"
+            ax.plot(np.arange(f.size), f, marker=markers[i % len(markers)], ms=3.5, lw=1.2,
+                    color=method_color(str(r["method"])),
+                    label=f"{method_label(str(r['method']))} (spread {r['spread']:.2f}, ρ {rho})")
+        if rows:
+            ax.axhline(float(rows[0]["uniform"]), color=REFERENCE["zero"], lw=0.8, ls=":", label="keep / V")
+        ax.set_xticks(np.arange(len(labels)))
+        ax.set_xticklabels(labels, rotation=60, fontsize=6)
+        ax.set_xlabel("patch position (x, y px), in visual-sequence order")
+        ax.set_title(f"keep {k}")
+    axes[0].set_ylabel("patch tokens kept (fraction)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(keeps) > 1:  # spread and rho differ per budget: name the methods only
+        labels = [lab.split(" (spread")[0] for lab in labels]
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=6)  # below: the lines stay visible

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from posbias.errors import EnvironmentFault
 from posbias.reports.document import Fig, Para, Section, Table
 
 __all__ = ["render_report", "render_html", "report_title"]
@@ -130,9 +131,9 @@ def render_html(
         + "\n".join(body)
         + "\n</body></html>\n"
     )
-    out = Path(out_path)
-    out.write_text(doc, encoding="utf-8")
-    return out
+    from posbias.atomic import atomic_write_text
+
+    return atomic_write_text(out_path, doc)
 
 
 def _start_pdf_process(sections: list[Section], title: str, pdf: str | Path, subtitle: str) -> Any:
@@ -151,7 +152,13 @@ def _start_pdf_process(sections: list[Section], title: str, pdf: str | Path, sub
             render_pdf(sections, title, pdf, subtitle=subtitle)
             writer.send("")
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
-            writer.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            from posbias.atomic import environment_fault
+
+            fault = environment_fault(exc, pdf) if isinstance(exc, (OSError, RuntimeError)) else exc
+            if isinstance(fault, EnvironmentFault):  # the machine's fault: the parent says it as such
+                writer.send(("environment", str(fault)))
+            else:
+                writer.send(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
 
     proc = ctx.Process(target=work, name="posbias-report-pdf", daemon=True)
     proc.start()
@@ -168,6 +175,8 @@ def _join_pdf_process(child: Any, pdf: str | Path) -> None:
     except EOFError:
         msg = "the PDF process ended without an answer"
     proc.join()
+    if isinstance(msg, tuple):
+        raise EnvironmentFault(msg[1])
     if msg or proc.exitcode != 0 or not Path(pdf).is_file():
         raise PosbiasError(f"--pdf {pdf}: writing the PDF failed ({msg or f'exit code {proc.exitcode}'}); "
                            "re-run with the HTML only to see the rest of the report")

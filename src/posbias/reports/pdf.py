@@ -9,6 +9,7 @@ the same ``draw`` function the HTML uses.
 
 from __future__ import annotations
 
+import io
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,7 +232,9 @@ def render_pdf(sections: list[Section], title: str, out_path: str | Path, *, sub
                 first_page[it.section] = pno + 2  # +1 title page, +1 one-based
     out = Path(out_path)
     total = len(pages) + 1
-    with matplotlib.rc_context(RC), PdfPages(out, metadata={"Title": title, "Creator": "posbias"}) as pdf:
+    # drawn in memory, then written whole (posbias.atomic): a kill or a full disk never leaves half a PDF
+    buf = io.BytesIO()
+    with matplotlib.rc_context(RC), PdfPages(buf, metadata={"Title": title, "Creator": "posbias"}) as pdf:
         # title page with the contents
         page = Figure(figsize=A4)
         page.text(_MARGIN_X / A4[0], 1 - 1.0 / A4[1], title, fontsize=17, weight="bold", ha="left", va="top")
@@ -261,4 +264,6 @@ def render_pdf(sections: list[Section], title: str, out_path: str | Path, *, sub
                 _draw_item(sf, it)
             page.text(0.5, _MARGIN_BOTTOM / 2 / A4[1], f"{title} — page {pno + 2} of {total}", fontsize=7, color="#777777", ha="center")
             pdf.savefig(page)
-    return out
+    from posbias.atomic import atomic_write_bytes
+
+    return atomic_write_bytes(out, buf.getvalue())

@@ -25,6 +25,7 @@ from posbias.reports.figures import (
     draw_fidelity,
     draw_layer_curves,
     draw_pictures,
+    draw_probe,
     draw_surface_fits,
     draw_utp,
     draw_vision_map,
@@ -45,6 +46,17 @@ SECTION_TITLES: dict[str, str] = {
     "pictures": "Pruning in pictures",
     "fidelity": "Fidelity: does the pruned model answer like the full one?",
 }
+
+
+def _pore_other(pore: dict[str, Any] | None) -> tuple[str, Any] | None:
+    """(label, predict) of PoRe's other exponential form recorded in the calibration, or None."""
+    from posbias.fitters import fitter_from_dict
+
+    other = ((pore or {}).get("form") or {}).get("other")
+    if not other:
+        return None
+    label = "other form: a·exp(bx) + c" if other["params"].get("offset") else "other form: pure a·exp(bx) (released)"
+    return label, fitter_from_dict(other).predict
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -173,6 +185,12 @@ def _provenance(d: ReportData, generated: str) -> Section:
     if d.missing:
         blocks.append(Table(["not in this report", "how to produce it"], [[w, c] for w, c in d.missing],
                             caption="Inputs this report could use but did not find; the sections below say the same where it matters."))
+    from posbias.departures import DEPARTURES
+
+    blocks.append(Table(["paper", "what differs", "why", "switch that restores the paper's choice"],
+                        [list(row) for row in DEPARTURES],
+                        caption="Remaining departures from the papers (defaults otherwise reproduce the released code; "
+                                "docs/runtime.md)."))
     return Section("provenance", SECTION_TITLES["provenance"], blocks)
 
 
@@ -252,7 +270,8 @@ def _curves(d: ReportData) -> Section:
     blocks: list[Any] = [
         Para(
             f"Left: PosPrune's bias ΔA = A_shallow - A_deep per position (PosPrune Fig. 3c) with the fitted polynomial; right: "
-            f"the mean attention at layer {d.pore_layer} with PoRe's exponential P(x) = a·exp(bx) + c (PoRe Fig. 2). Grey: the "
+            f"the mean attention at layer {d.pore_layer} with PoRe's exponential P(x) = a·exp(bx) (+ c when held-out error "
+            "chose the offset form; the other form dashed) (PoRe Fig. 2). Grey: the "
             f"measured mean and its {int(level * 100)}% band from a cluster bootstrap over samples ({d.n_boot} resamples; tokens of "
             "one image are correlated, so samples are resampled, never tokens). Bottom: residuals, mean minus fit."
         ),
@@ -261,7 +280,8 @@ def _curves(d: ReportData) -> Section:
             partial(draw_bias_curves, x=d.x, bands=d.bands, x_label=d.x_label, layers=layers,
                     pbc_predict=pbc_fit.predict if pbc_fit else None,
                     pbc_band=(stats.get("pbc_inference") or {}).get("band"),
-                    pore_predict=pore_fit.predict if pore_fit else None, level=level, n_boot=d.n_boot),
+                    pore_predict=pore_fit.predict if pore_fit else None, level=level, n_boot=d.n_boot,
+                    pore_other=_pore_other(pore)),
             (TEXT_WIDTH, 4.4)),
     ]
     rows: list[list[str]] = []
@@ -283,6 +303,12 @@ def _curves(d: ReportData) -> Section:
         learned = pore["fit"]["learned"]
         pinf = (stats.get("pore_inference") or {}).get("params")
         rows.append(["PoRe", "layer, domain", f"{pore['layer']}, {pore['domain']}"])
+        form = pore.get("form") or {}
+        if form.get("cv_mse"):
+            mse = ", ".join(f"{n} {_fmt(v, 3) if v is not None else 'failed'}" for n, v in zip(form["forms"], form["cv_mse"]))
+            rows.append(["PoRe", "form (held-out MSE)", f"{form['chosen']} ({mse}; 1-SE rule favours pure)"])
+        elif form:
+            rows.append(["PoRe", "form", f"{form['chosen']} (forced)"])
         for name in ("a", "b", "c"):
             txt = _ci(pinf[name]) if pinf and name in pinf else _fmt(learned[f"{name}_"])
             rows.append(["PoRe", name, txt])
@@ -422,7 +448,8 @@ def _utp(d: ReportData) -> Section:
                           partial(draw_utp, schedules=d.schedules, utr_loss=d.utr_loss, level=level),
                           (TEXT_WIDTH if d.schedules and d.utr_loss is not None else TEXT_WIDTH * 0.6, 2.8)))
     if d.schedules:
-        extra = [k for k in ("objective", "status", "mip_gap", "gap", "solve_seconds", "solve_time", "n_samples", "mode") if any(k in s for s in d.schedules)]
+        extra = [k for k in ("formulation", "objective", "objective_progressive", "objective_tokens", "status", "mip_gap", "gap",
+                             "solve_seconds", "solve_time", "n_samples", "mode") if any(s.get(k) is not None for s in d.schedules)]
         rows = [[s["method"], _fmt(s["ratio"]), _fmt(sum(s["schedule"])), " ".join(str(v) for v in s["schedule"])] + [_fmt(s.get(k)) for k in extra]
                 for s in d.schedules]
         blocks.append(Table(["method", "ratio", "tokens over layers", "retained per layer"] + extra, rows, caption="Schedules in the calibration."))
@@ -489,6 +516,39 @@ def _fidelity(d: ReportData) -> Section:
     blocks.append(Table(["method", "keep", "n", "KL mean ± SEM (nats)", "top-1 agr.", "exact agr.", "accuracy", "FLOPs ratio",
                          "prefill ms (pruned / full)", "peak MiB"], rows,
                         caption=f"{ev.get('n_samples', '?')} evaluation samples; model {(ev.get('model') or {}).get('id', '?')}."))
+    paired = [r for r in sorted(results, key=lambda r: (str(r["method"]), float(r["keep"]))) if r.get("paired")]
+    if paired:
+        prow = []
+        for r in paired:
+            kl, t1 = r["paired"]["kl"], r["paired"]["top1"]
+            ci = kl["ci"]
+            prow.append([method_label(str(r["method"])), _fmt(r["keep"]), _fmt(kl["n"]),
+                         f"{_fmt(kl['mean'], 3)} [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]", _fmt(kl["p"], 2), kl["verdict"],
+                         _fmt(t1["mean"], 2), t1["verdict"], _fmt(kl.get("n_needed"))])
+        blocks.append(Table(["method", "keep", "n", "ΔKL vs FastV, mean [95% bootstrap CI]", "Wilcoxon p", "verdict (KL)",
+                             "Δ top-1 agr.", "verdict (top-1)", "n to decide"], prow,
+                            caption="Paired against FastV on the same samples and keep (difference = method - FastV; lower "
+                                    "KL, higher agreement is better; a verdict needs the CI to exclude 0 and p < 0.05)."))
+    blocks.append(Para("What each measure answers: KL and agreement measure fidelity to the full model, so a method "
+                       "that keeps what the full model attends to (its positional bias included) scores well on them; "
+                       "they cannot show the papers' claim, which is about task quality. Accuracy measures task quality "
+                       "and needs labelled samples and a trained model. The position-invariance probe measures whether "
+                       "the same content is kept wherever it sits."))
+    probe = ev.get("probe")
+    if probe and probe.get("results"):
+        blocks.append(Para(
+            f"Position-invariance probe: the same photo patch ({probe['patch']} px of a {probe['canvas']} px grey "
+            f"canvas) at {len(probe['positions'])} positions, question \"{probe['question']}\". A method free of "
+            "positional bias keeps about the same fraction of the patch wherever it sits (flat line, spread near 0, "
+            "Spearman ρ with the position in the visual sequence near 0); a recency bias shows as a rising line."))
+        blocks.append(Fig("probe", "Fraction of the patch's tokens kept vs patch position, per method and budget.",
+                          "line plots of the kept fraction of a content patch against its position, one line per method",
+                          partial(draw_probe, probe=probe), (TEXT_WIDTH, 4.0)))
+        blocks.append(Table(["method", "keep", "spread (max - min)", "Spearman ρ with position", "keep / V"],
+                            [[method_label(str(r["method"])), _fmt(r["keep"]), _fmt(r["spread"], 3), _fmt(r["spearman"], 3),
+                              _fmt(r["uniform"], 3)] for r in probe["results"]],
+                            caption="Position-invariance probe per method and budget (utp: the last layer's survivors, "
+                                    "not comparable)."))
     return Section("fidelity", SECTION_TITLES["fidelity"], blocks)
 
 

@@ -387,7 +387,28 @@ def _mmr_lazy(base: torch.Tensor, feats: torch.Tensor, stale: torch.Tensor, k: i
 
 def _check_window(window: int) -> None:
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise PosbiasError(f"window={window!r} must be a positive odd int (the seed uses 5)")
+        raise PosbiasError(f"window={window!r} must be a positive odd int (e.g. 11 with radius 5, or 5 for a 5x5 square)")
+
+
+#: a neighbourhood: the (row, col) offsets of its slots, row-major, point-symmetric (the centre in the middle)
+Slots = tuple[tuple[int, int], ...]
+
+
+@functools.lru_cache(maxsize=32)
+def _slots(window: int, radius: float | None = None) -> Slots:
+    """Offsets of the cells in a ``window x window`` square, or only those within Euclidean ``radius`` of the centre.
+
+    ``radius=None``: the whole square; ``radius=5`` with ``window=11``: every cell at distance <= 5 (81 cells), the
+    neighbourhood of AdaptPrune's released ``adapt_nms_2d`` (``distance_limit=5``).
+    """
+    _check_window(window)
+    if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float))
+                               or not math.isfinite(radius) or radius < 0):
+        raise PosbiasError(f"radius={radius!r} must be a finite number >= 0 (the released AdaptPrune uses 5)")
+    half = window // 2
+    r2 = None if radius is None else float(radius) ** 2
+    return tuple((dr, dc) for dr in range(-half, half + 1) for dc in range(-half, half + 1)
+                 if r2 is None or dr * dr + dc * dc <= r2)
 
 
 class _NmsLayout(NamedTuple):
@@ -404,7 +425,7 @@ class _NmsLayout(NamedTuple):
 
 
 def _padded_cells(
-    rows: torch.Tensor, cols: torch.Tensor, window: int, groups: torch.Tensor | None
+    rows: torch.Tensor, cols: torch.Tensor, slots: Slots, groups: torch.Tensor | None
 ) -> tuple[torch.Tensor, int, list[int]]:
     """Padded cell of each token: every (sub-)image grid padded by half a window on each side, row-major.
 
@@ -412,22 +433,25 @@ def _padded_cells(
     (row-major, the centre slot 0). Padding by half a window means that the window of a token never leaves its own
     padded grid (no bounds checks, no crossing of sub-images).
     """
-    _check_window(window)
     n = int(rows.shape[0])
     g = torch.zeros(n, dtype=torch.int64) if groups is None else groups.to(torch.int64)  # (N,)
-    half = window // 2
+    half = _half(slots)
     n_g, n_r, n_c = int(g.max()) + 1, int(rows.max()) + 1 + 2 * half, int(cols.max()) + 1 + 2 * half
     flat = (g * n_r + rows.to(torch.int64) + half) * n_c + cols.to(torch.int64) + half  # (N,) padded cell
     if int(torch.bincount(flat, minlength=1).max()) > 1:
         raise PosbiasError("two visual tokens share a grid cell (same row, col and sub-image); each token needs its "
                            "own cell: check the rows/cols/groups of the layout")
-    return flat, n_g * n_r * n_c, _window_offsets(n_c, window)
+    return flat, n_g * n_r * n_c, _window_offsets(n_c, slots)
 
 
-def _window_offsets(width: int, window: int) -> list[int]:
-    """Cell offset of each slot of a ``window x window`` square, row-major (the centre 0), in rows ``width`` wide."""
-    half = window // 2
-    return [dr * width + dc for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+def _half(slots: Slots) -> int:
+    """Reach of a neighbourhood along either axis."""
+    return max(max(abs(dr), abs(dc)) for dr, dc in slots)
+
+
+def _window_offsets(width: int, slots: Slots) -> list[int]:
+    """Cell offset of each slot of a neighbourhood, row-major (the centre 0), in rows ``width`` wide."""
+    return [dr * width + dc for dr, dc in slots]
 
 
 def neighbour_table(
@@ -435,8 +459,9 @@ def neighbour_table(
     cols: torch.Tensor,
     window: int,
     groups: torch.Tensor | None = None,
+    radius: float | None = None,
 ) -> torch.Tensor:
-    """Indices of each token's neighbours in a square window on its own (sub-)image grid.
+    """Indices of each token's neighbours in a square window (or a disc) on its own (sub-)image grid.
 
     Parameters
     ----------
@@ -446,14 +471,16 @@ def neighbour_table(
         Odd side length of the window (5: offsets -2..2 along each axis).
     groups : torch.Tensor, optional
         (N,) int64 sub-image id of each token; neighbours never cross groups.
+    radius : float, optional
+        Keep only the slots within this Euclidean distance of the centre (see :func:`_slots`).
 
     Returns
     -------
     torch.Tensor
-        (N, window**2) int64 neighbour indices, ``N`` (a dummy slot) where the window leaves the grid or
-        the cell holds no token of the same group. The token itself is among its neighbours.
+        (N, W) int64 neighbour indices (W = window**2 without a radius), ``N`` (a dummy slot) where the window
+        leaves the grid or the cell holds no token of the same group. The token itself is among its neighbours.
     """
-    return _window_neighbours(*_padded_cells(rows, cols, window, groups))  # (N, w*w) int64
+    return _window_neighbours(*_padded_cells(rows, cols, _slots(window, radius), groups))  # (N, W) int64
 
 
 def _window_neighbours(flat: torch.Tensor, n_cells: int, offsets: list[int]) -> torch.Tensor:
@@ -464,7 +491,7 @@ def _window_neighbours(flat: torch.Tensor, n_cells: int, offsets: list[int]) -> 
     return lookup[flat[:, None] + torch.tensor(offsets)[None, :]]
 
 
-def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: torch.Tensor | None,
+def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, slots: Slots, groups: torch.Tensor | None,
                 dense: bool) -> _NmsLayout:
     """The flat cell layout of the soft-NMS tables: the tokens' own order for a dense grid, else the padded grid.
 
@@ -476,13 +503,13 @@ def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: tor
     factor only ever multiplies the pick itself).
     """
     n = int(rows.shape[0])
-    n_w = window * window
+    n_w = len(slots)
     centre = n_w // 2
-    flat, n_padded, offsets = _padded_cells(rows, cols, window, groups)
+    flat, n_padded, offsets = _padded_cells(rows, cols, slots, groups)
     nbr = _window_neighbours(flat, n_padded, offsets).view(-1)  # (N * W,)
     if dense:
         cell, n_cells, at = None, n, torch.arange(n)
-        shifts = _window_offsets(int(cols.max()) + 1, window)
+        shifts = _window_offsets(int(cols.max()) + 1, slots)
     else:
         cell, n_cells, at, shifts = flat, n_padded, flat, offsets
     base = [0] * n_w  # item of slot w for the token at cell x: base[w] + x
@@ -495,7 +522,7 @@ def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: tor
         x = torch.arange(n_cells)
         t_n, start = _NMS_TILE, 0
         nb = -(-n_cells // t_n)
-        for _, c in _slot_groups(shifts, window):
+        for _, c in _slot_groups(shifts, slots):
             span = t_n + c - 1
             for q in range(c):
                 dots.append(start + x * span + x % t_n + q)
@@ -505,20 +532,20 @@ def _nms_layout(rows: torch.Tensor, cols: torch.Tensor, window: int, groups: tor
 
 
 @functools.lru_cache(maxsize=8)
-def _dense_layout(n_rows: int, n_cols: int, window: int) -> _NmsLayout:
+def _dense_layout(n_rows: int, n_cols: int, slots: Slots) -> _NmsLayout:
     """Cached layout of a dense row-major ``n_rows x n_cols`` grid (the common single-image case).
 
-    About 0.5 KB per token for a 5 x 5 window (1.2 MB at 48 x 48); the last 8 grid shapes are kept.
+    About 0.5 KB per token for a 5 x 5 window (1.2 MB at 48 x 48), 1.6 KB for the radius-5 disc; the last 8 grid
+    shapes are kept.
     """
     idx = torch.arange(n_rows * n_cols)
-    return _nms_layout(idx // n_cols, idx % n_cols, window, None, dense=True)
+    return _nms_layout(idx // n_cols, idx % n_cols, slots, None, dense=True)
 
 
 @functools.lru_cache(maxsize=16)
-def _slot_spatial(window: int, sigma_d: float) -> torch.Tensor:
+def _slot_spatial(slots: Slots, sigma_d: float) -> torch.Tensor:
     """(P, 1) float64 spatial decay ``exp(-d^2 / 2 sigma_d^2)`` of the slots after the centre."""
-    half = window // 2
-    d2 = [float(dr * dr + dc * dc) for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+    d2 = [float(dr * dr + dc * dc) for dr, dc in slots]
     return torch.exp(-torch.tensor(d2[len(d2) // 2 + 1 :], dtype=torch.float64) / (2.0 * sigma_d**2))[:, None]
 
 
@@ -526,21 +553,25 @@ def _slot_spatial(window: int, sigma_d: float) -> torch.Tensor:
 _NMS_TILE = 4
 
 
-def _slot_groups(shifts: list[int], window: int) -> list[tuple[int, int]]:
+def _slot_groups(shifts: list[int], slots: Slots) -> list[tuple[int, int]]:
     """(first offset, count) of each run of consecutive cell offsets among the slots after the centre.
 
-    In row-major order the slots after the centre are the rest of the centre row (offsets 1..half), then each
-    following window row (``half`` runs of ``window`` consecutive offsets) in a layout whose rows are at least a
-    window wide.
+    In row-major order the slots after the centre are the rest of the centre row, then each following row of the
+    neighbourhood (a square: ``window`` consecutive offsets per row; a disc: fewer towards its edge), consecutive in a
+    layout whose rows are at least a window wide.
     """
-    centre, half = (window * window) // 2, window // 2
-    runs = [(shifts[centre + 1], half)]
-    for r in range(half):
-        runs.append((shifts[centre + 1 + half + r * window], window))
+    centre = len(slots) // 2
+    runs: list[tuple[int, int]] = []
+    last_row = None
+    for w in range(centre + 1, len(slots)):
+        if slots[w][0] != last_row:
+            runs.append((shifts[w], 0))
+            last_row = slots[w][0]
+        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
     return runs
 
 
-def _nms_cosines(kp: torch.Tensor, lay: _NmsLayout, m: int, window: int) -> torch.Tensor:
+def _nms_cosines(kp: torch.Tensor, lay: _NmsLayout, m: int, slots: Slots) -> torch.Tensor:
     """(P, cells) float32 ``kp[x] . kp[x + s_o]`` for the slots after the centre, by tiled batched matmuls.
 
     The cells are cut into tiles of ``T = _NMS_TILE`` consecutive cells; for a run of ``c`` consecutive offsets
@@ -554,7 +585,7 @@ def _nms_cosines(kp: torch.Tensor, lay: _NmsLayout, m: int, window: int) -> torc
     nb = -(-m // t_n)
     d = int(kp.shape[1])
     heads = kp[: nb * t_n].view(nb, t_n, d)  # (nb, T, D)
-    runs = _slot_groups(lay.shifts, window)
+    runs = _slot_groups(lay.shifts, slots)
     sizes = [nb * t_n * (t_n + c - 1) for _, c in runs]
     out = _scratch("nms_dots", (sum(sizes),))
     pos = 0
@@ -569,7 +600,7 @@ def _nms_tables(
     rows: torch.Tensor,
     cols: torch.Tensor,
     keys: torch.Tensor,
-    window: int,
+    slots: Slots,
     sigma_d: float,
     sigma_s: float,
     groups: torch.Tensor | None,
@@ -584,19 +615,18 @@ def _nms_tables(
     ``x - s_o``. Dense single-image grids reuse a cached layout; sub-images, holes or another token
     order are copied into a padded grid whose empty cells hold zero keys.
     """
-    _check_window(window)
     n = int(rows.shape[0])
     rows, cols = rows.to(torch.int64), cols.to(torch.int64)
     lay = None
     if groups is None:
         n_r, n_c = int(rows.max()) + 1, int(cols.max()) + 1
-        if n_r * n_c == n and n_c >= window:  # (a row narrower than the window: slot offsets would not be ordered)
-            cached = _dense_layout(n_r, n_c, window)
+        if n_r * n_c == n and n_c >= 2 * _half(slots) + 1:  # (a narrower row: slot offsets would not be ordered)
+            cached = _dense_layout(n_r, n_c, slots)
             if torch.equal(rows, cached.rows) and torch.equal(cols, cached.cols):
                 lay = cached
     if lay is None:
-        lay = _nms_layout(rows, cols, window, groups, dense=False)
-    m, n_w = lay.n_cells, window * window
+        lay = _nms_layout(rows, cols, slots, groups, dense=False)
+    m, n_w = lay.n_cells, len(slots)
     centre, far = n_w // 2, lay.shifts[-1]
     if centre == 0:  # a 1 x 1 window: only the pick itself, which is never read again
         return torch.ones(n, dtype=torch.float64), lay.nbr
@@ -611,10 +641,10 @@ def _nms_tables(
     else:
         kp[:m].zero_()
         kp.index_copy_(0, lay.cell, keys / norms)
-    e = _nms_cosines(kp, lay, m, window)  # (P, cells) float32 cos of slot centre + 1 + o at cell x
+    e = _nms_cosines(kp, lay, m, slots)  # (P, cells) float32 cos of slot centre + 1 + o at cell x
     x = _scratch("nms_fac", (centre, m), torch.float64)
     x.copy_(e).sub_(1.0).square_().mul_(-1.0 / (2.0 * sigma_s**2)).exp_()  # exp(-(1 - cos)^2 / 2 sigma_s^2)
-    x.mul_(_slot_spatial(window, sigma_d)).neg_().add_(1.0)  # (P, cells) 1 - spatial * exp(.)
+    x.mul_(_slot_spatial(slots, sigma_d)).neg_().add_(1.0)  # (P, cells) 1 - spatial * exp(.)
     fac = torch.index_select(x.view(-1), 0, lay.where, out=_scratch("nms_slots", (n * n_w,), torch.float64))
     return fac, lay.nbr  # (N * W,) float64 factor of slot w of token i at i * W + w, (N * W,) int64 neighbour
 
@@ -630,11 +660,13 @@ def _soft_nms_select(
     sigma_s: float = 0.05,
     window: int = 5,
     groups: torch.Tensor | None = None,
+    radius: float | None = None,
 ) -> torch.Tensor:
     """AdaptPrune's adaptive soft-NMS (seed 004, Algorithm 1 lines 4-14).
 
     Repeatedly pick the highest (already corrected) score; for each neighbour ``j`` of the pick ``i`` in a
-    ``window x window`` square of the same sub-image, ``s_j *= 1 - exp(-d^2 / 2 sigma_d^2) *
+    ``window x window`` square (with ``radius``: only those within that Euclidean grid distance, as the released
+    ``adapt_nms_2d``'s ``distance_limit``) of the same sub-image, ``s_j *= 1 - exp(-d^2 / 2 sigma_d^2) *
     exp(-(1 - cos(key_i, key_j))^2 / 2 sigma_s^2)`` with ``d`` the grid distance.
 
     Parameters
@@ -650,9 +682,11 @@ def _soft_nms_select(
     sigma_d, sigma_s : float
         Spatial and similarity decay widths (anchors: 1.5 and 0.05).
     window : int
-        Odd side length of the suppression window (anchors: 5).
+        Odd side length of the suppression square (the seed's text: 5; 11 holds the released radius 5).
     groups : torch.Tensor, optional
         (N,) sub-image id; suppression never crosses sub-images.
+    radius : float, optional
+        Suppress only within this Euclidean distance (the released code: 5 with ``window=11``); None: the square.
 
     Returns
     -------
@@ -667,9 +701,10 @@ def _soft_nms_select(
         raise PosbiasError(f"keys have shape {tuple(keys.shape)}; expected ({n}, D)")
     if not bool(torch.isfinite(scores).all()):
         raise PosbiasError("soft-NMS scores must be finite (got NaN or inf); mask tokens by leaving them out instead")
-    fac_t, nbr_t = _nms_tables(rows, cols, keys, window, float(sigma_d), float(sigma_s), groups)
+    slots = _slots(window, radius)
+    fac_t, nbr_t = _nms_tables(rows, cols, keys, slots, float(sigma_d), float(sigma_s), groups)
     fac, nbr = _flat_view(fac_t), _flat_view(nbr_t)  # fac_t and nbr_t stay alive until the function returns
-    n_w = window * window
+    n_w = len(slots)
     s64 = scores.double()  # (N,)
     cur = s64.tolist()  # current scores, decayed in place
     cur.append(0.0)  # the dummy neighbour N: decayed freely, never read
@@ -857,10 +892,11 @@ def mmr_select(relevance: torch.Tensor, features: torch.Tensor, k: int, *, lam: 
 
 def soft_nms_select(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, keys: torch.Tensor, k: int, *,
                     sigma_d: float = 1.5, sigma_s: float = 0.05, window: int = 5,
-                    groups: torch.Tensor | None = None) -> torch.Tensor:
+                    groups: torch.Tensor | None = None, radius: float | None = None) -> torch.Tensor:
     with single_thread(), torch.inference_mode():  # as mmr_select
         picks = _soft_nms_select(scores.cpu(), rows.cpu(), cols.cpu(), keys.cpu(), k, sigma_d=sigma_d,
-                                 sigma_s=sigma_s, window=window, groups=None if groups is None else groups.cpu())
+                                 sigma_s=sigma_s, window=window, groups=None if groups is None else groups.cpu(),
+                                 radius=radius)
     return picks.clone()
 
 

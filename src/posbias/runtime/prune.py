@@ -455,7 +455,8 @@ class Pruner:
                 score = score * self._gaussian(rows, cols, st.grid)
             keys = st.k[i][0].index_select(0, st.vis_local.to(st.k[i].device)).cpu()  # (V_cur, Hkv*D)
             picks = soft_nms_select(score, rows, cols, keys, keep, sigma_d=float(spec.params["sigma_d"]),
-                                    sigma_s=float(spec.params["sigma_s"]), window=int(spec.params["window"]))
+                                    sigma_s=float(spec.params["sigma_s"]), window=int(spec.params["window"]),
+                                    radius=spec.params["radius"])
             return torch.sort(picks).values
         raise PosbiasError(f"unknown pruning method {m!r}")  # pragma: no cover - resolve_method guards
 
@@ -481,6 +482,7 @@ def enable_pruning(
     schedule: list[int] | None = None,
     check_fingerprint: bool = True,
     force: bool = False,
+    k: int | None = None,
 ) -> Pruner:
     """Make a LLaVA or Qwen2.5-VL model drop visual tokens during prefill.
 
@@ -499,8 +501,11 @@ def enable_pruning(
     ratio : float, optional
         Fraction of the visual tokens kept, in (0, 1].
     layer : int, optional
-        Decoder layer after which tokens are dropped (its last-token attention scores them);
-        default: the method's layer in the calibration.
+        0-based decoder layer whose last-token attention scores the visual tokens; they are dropped after it;
+        default: the method's layer in the calibration (K=2 for fastv without one: layer 1).
+    k : int, optional
+        The papers' convention instead of ``layer``: FastV / AdaptPrune / PosPrune ``K`` (score with layer
+        ``K - 1``, prune from layer ``K``); ``k=2`` is ``layer=1``. Pass one of ``layer`` and ``k``.
     params : dict, optional
         Overrides of the method's parameters (names: :data:`posbias.runtime.spec.PARAMS`); unknown
         names are an error.
@@ -520,6 +525,6 @@ def enable_pruning(
     model = unwrap_model(model)
     model_kind(model)
     spec = resolve_method(model, calibration, method=method, keep=keep, ratio=ratio, layer=layer,
-                          params=params, schedule=schedule, check_fingerprint=check_fingerprint)
+                          params=params, schedule=schedule, check_fingerprint=check_fingerprint, k=k)
     check_entry_quality(calibration, spec.method, params=params, force=force)
     return Pruner(model, spec).enable()

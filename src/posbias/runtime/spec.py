@@ -9,7 +9,23 @@ from posbias.artifacts.calibration import Calibration
 from posbias.artifacts.fingerprint import model_fingerprint
 from posbias.errors import PosbiasError
 
-__all__ = ["PRUNE_METHODS", "PARAMS", "CALIBRATION_ENTRY", "MethodSpec", "resolve_method", "n_decoder_layers"]
+__all__ = ["PRUNE_METHODS", "PARAMS", "CALIBRATION_ENTRY", "DEFAULT_K", "MethodSpec", "resolve_method", "n_decoder_layers",
+           "layer_from_k"]
+
+#: the papers' pruning layer K (FastV, AdaptPrune, PosPrune, PoRe on FastV: K=2 in their released code)
+DEFAULT_K = 2
+
+
+def layer_from_k(k: int) -> int:
+    """posbias's ``layer`` for a paper's ``K``.
+
+    FastV's ``K`` (and AdaptPrune's, PosPrune's "second layer", PoRe's FastV base) counts the decoder layers that run
+    on all tokens: tokens are scored with the last token's attention in 0-based layer ``K - 1`` and are absent from
+    0-based layer ``K`` on. posbias's ``layer`` names the scoring layer itself, so ``layer = K - 1`` (K=2: layer 1).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise PosbiasError(f"k={k!r} must be an int >= 1 (the paper's pruning layer K: scored at layer K-1, pruned from K)")
+    return k - 1
 
 #: selection methods of the pruner
 PRUNE_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp")
@@ -20,7 +36,10 @@ PARAMS: dict[str, dict[str, Any]] = {
     "pore": {},
     "posprune-pbc": {},
     "posprune": {"mmr_lambda": 0.9, "arp": True, "arp_centre_ratio": 0.25, "arp_edge_ratio": 0.5, "arp_blocks": 6},
-    "adaptprune": {"sigma_d": 1.5, "sigma_s": 0.05, "window": 5, "gaussian": True, "gaussian_sigma": None},
+    # released adapt_nms_2d: every token within Euclidean distance <= 5 (distance_limit=5); window=5, radius=None
+    # gives the 5 x 5 square of earlier posbias versions
+    "adaptprune": {"sigma_d": 1.5, "sigma_s": 0.05, "window": 11, "radius": 5.0, "gaussian": True,
+                   "gaussian_sigma": None},
     "utp": {"pa_layers": 3, "ratio": None},
 }
 
@@ -57,7 +76,8 @@ class MethodSpec:
     ----------
     method : str
     layer : int
-        Decoder layer after which tokens are dropped (first scoring layer).
+        0-based decoder layer whose attention scores the tokens; they are dropped after it (the papers' ``K`` is
+        ``layer + 1``, see :func:`layer_from_k`).
     keep, ratio : int or None, float or None
         Budget: exactly one is set.
     params : dict
@@ -144,6 +164,7 @@ def resolve_method(
     params: dict[str, Any] | None = None,
     schedule: list[int] | None = None,
     check_fingerprint: bool = True,
+    k: int | None = None,
 ) -> MethodSpec:
     """Validate everything that can be validated before a forward and return the :class:`MethodSpec`.
 
@@ -164,6 +185,12 @@ def resolve_method(
     if method not in PRUNE_METHODS:
         raise PosbiasError(f"unknown pruning method {method!r}; use one of {', '.join(PRUNE_METHODS)}")
     n_layers = n_decoder_layers(model)
+    if k is not None:
+        if layer is not None:
+            raise PosbiasError("pass either layer=... (0-based scoring layer) or k=... (the paper's K = layer + 1), not both")
+        layer = layer_from_k(k)
+        if layer > n_layers - 2:
+            raise PosbiasError(f"k={k} is outside the model: K can be 1..{n_layers - 1} (the model has {n_layers} layers)")
 
     # parameters: defaults <- artifact entry under the method's own name <- explicit overrides
     values = dict(PARAMS[method])
@@ -213,7 +240,8 @@ def resolve_method(
             layer = int(calibration.defaults["layer"])  # the calibration's pruning layer (anchors: K=2)
         elif method == "fastv":
             fv = calibration.methods.get("fastv") if calibration is not None else None
-            layer = int(fv["layer"]) if fv else (int(calibration.defaults["layer"]) if calibration is not None else 2)
+            layer = int(fv["layer"]) if fv else (int(calibration.defaults["layer"]) if calibration is not None
+                                                 else layer_from_k(DEFAULT_K))
         else:
             layer = 0
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers - 2:
@@ -242,7 +270,12 @@ def resolve_method(
                 raise PosbiasError(f"{name}={values[name]!r} must be a number > 0")
         w = values["window"]
         if isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0:
-            raise PosbiasError(f"window={w!r} must be a positive odd int (anchors: 5)")
+            raise PosbiasError(f"window={w!r} must be a positive odd int (released code: 11 with radius 5; 5 alone: a 5 x 5 square)")
+        if params and "window" in params and "radius" not in params:
+            values["radius"] = None  # an explicit window alone asks for the square (window=5: the former default)
+        r = values["radius"]
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0):
+            raise PosbiasError(f"radius={r!r} must be a number >= 0 or None (released code: 5)")
         sig = values["gaussian_sigma"]
         if sig is None:
             sig = float(entry.get("fit", {}).get("learned", {}).get("sigma_", 1.0))

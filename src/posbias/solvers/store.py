@@ -9,7 +9,7 @@ import numpy as np
 __all__ = ["solve_store"]
 
 
-def solve_store(store_path: str, ratios: list[float], *, formulation: str = "pwl", mode: str = "joint",
+def solve_store(store_path: str, ratios: list[float], *, formulation: str = "compact", mode: str = "joint",
                 pa_layers: int = 3, min_keep: int = 1, time_limit: float = 60.0, levels: int | None = 33) -> dict[str, dict]:
     """Schedules for every ratio from a store; returns the calibration's ``schedules`` section."""
     from posbias.errors import PosbiasError
