@@ -35,6 +35,14 @@ def tiny_qwen_adapter():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_adapter():
+    """Tiny random Qwen2-VL (no vision windows; 100x150 image -> 4x5 merged grid, 3 decoder layers); shared."""
+    from posbias.models.tiny import tiny_qwen2_vl
+
+    return tiny_qwen2_vl(seed=0)
+
+
+@pytest.fixture(scope="session")
 def noise_image() -> Image.Image:
     """A 100x150 (H x W) RGB noise image, non-square on purpose."""
     return _noise_image(100, 150, seed=0)

@@ -11,7 +11,7 @@ import torch
 from posbias.errors import PosbiasError
 from posbias.profiler.capture import LastTokenAttentionCapture, capture_attention
 
-ADAPTERS = ["tiny_llava_adapter", "tiny_qwen_adapter"]
+ADAPTERS = ["tiny_llava_adapter", "tiny_qwen_adapter", "tiny_qwen2_adapter"]
 
 
 def _vision_impl(adapter) -> str:

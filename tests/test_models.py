@@ -239,7 +239,7 @@ def _save_tiny(adapter, folder):
         adapter.processor.tokenizer.save_pretrained(str(folder))
 
 
-@pytest.mark.parametrize("build", ["tiny_llava", "tiny_qwen2_5_vl"])
+@pytest.mark.parametrize("build", ["tiny_llava", "tiny_qwen2_5_vl", "tiny_qwen2_vl"])
 def test_load_adapter_local_folder_roundtrip(build, tmp_path, noise_image):
     from posbias.models import tiny
     from posbias.models.registry import load_adapter
@@ -304,7 +304,7 @@ def smollm2():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["demo-llava", "demo-qwen2.5-vl"])
+@pytest.mark.parametrize("name", ["demo-llava", "demo-qwen2.5-vl", "demo-qwen2-vl"])
 def test_demo_text_logits_equal_plain_smollm2(name, smollm2):
     from posbias.models.registry import load_adapter
 
@@ -342,7 +342,7 @@ def _tiny_decoder():
     return LlamaForCausalLM(config).eval(), tok
 
 
-@pytest.mark.parametrize("name", ["demo-llava", "demo-qwen2.5-vl"])
+@pytest.mark.parametrize("name", ["demo-llava", "demo-qwen2.5-vl", "demo-qwen2-vl"])
 def test_demo_builder_with_tiny_decoder(name, tmp_path, noise_image):
     """The demo builder wraps a decoder exactly (text logits equal), caches, and reloads."""
     from posbias.models import demo
@@ -365,7 +365,11 @@ def test_demo_builder_with_tiny_decoder(name, tmp_path, noise_image):
         assert layout.grid == (24, 24) and adapter.model.config.vision_config.image_size == 336
     else:
         vc = adapter.model.config.vision_config
-        assert vc.fullatt_block_indexes and len(vc.fullatt_block_indexes) < vc.depth
+        if name == "demo-qwen2-vl":  # the real class, every vision block global (no windows)
+            assert type(adapter.model).__name__ == "Qwen2VLForConditionalGeneration" and adapter.name == "qwen2_vl"
+            assert getattr(vc, "window_size", None) is None and vc.depth == 4
+        else:
+            assert vc.fullatt_block_indexes and len(vc.fullatt_block_indexes) < vc.depth
         assert adapter.model.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
         assert 256 <= layout.n_visual <= 576
     # second call reuses the cache (no decoder needed)

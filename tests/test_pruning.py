@@ -1,4 +1,4 @@
-"""Pruning inside real (tiny, random) LLaVA and Qwen2.5-VL models: exactness, positions, cache, generate, errors."""
+"""Pruning inside real (tiny, random) LLaVA, Qwen2.5-VL and Qwen2-VL models: exactness, positions, cache, generate, errors."""
 
 from __future__ import annotations
 
@@ -59,12 +59,19 @@ def qwen(tiny_qwen_adapter, noise_image):
     return ad, inputs, make_calibration(ad)
 
 
+@pytest.fixture(scope="module")
+def qwen2(tiny_qwen2_adapter, noise_image):
+    ad = tiny_qwen2_adapter
+    inputs = ad.prepare(noise_image, "what is in the image")
+    return ad, inputs, make_calibration(ad)
+
+
 def _logits(model, inputs):
     with torch.no_grad():
         return model(**inputs, use_cache=False).logits[0, -1]  # (vocab,)
 
 
-@pytest.mark.parametrize("which", ["llava", "qwen"])
+@pytest.mark.parametrize("which", ["llava", "qwen", "qwen2"])
 def test_keep_all_reproduces_logits_and_disable_restores(which, request):
     ad, inputs, cal = request.getfixturevalue(which)
     model = ad.model
@@ -104,7 +111,7 @@ def _manual_prefill_positions(model, inputs, kept_seq):
         return model.lm_head(lm.norm(x))[0, -1]
 
 
-@pytest.mark.parametrize("which", ["llava", "qwen"])
+@pytest.mark.parametrize("which", ["llava", "qwen", "qwen2"])
 def test_pruned_prefill_keeps_original_positions(which, request):
     ad, inputs, cal = request.getfixturevalue(which)
     model = ad.model
@@ -122,7 +129,7 @@ def test_pruned_prefill_keeps_original_positions(which, request):
     assert p.last.tokens_per_layer == [layout.seq_len, layout.seq_len, layout.seq_len - layout.n_visual + 5]
 
 
-@pytest.mark.parametrize("which", ["llava", "qwen"])
+@pytest.mark.parametrize("which", ["llava", "qwen", "qwen2"])
 def test_generate_continues_on_pruned_cache(which, request):
     ad, inputs, cal = request.getfixturevalue(which)
     model = ad.model
@@ -156,8 +163,8 @@ def test_generate_continues_on_pruned_cache(which, request):
         torch.testing.assert_close(out.logits[step][0], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_all_methods_run_and_keep_budget(llava, qwen):
-    for ad, inputs, cal in (llava, qwen):
+def test_all_methods_run_and_keep_budget(llava, qwen, qwen2):
+    for ad, inputs, cal in (llava, qwen, qwen2):
         model = ad.model
         n_visual = ad.layout(inputs).n_visual
         for method in METHODS_CAL:

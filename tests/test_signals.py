@@ -26,7 +26,7 @@ from posbias.profiler.signals import (
     uniform_position,
 )
 
-ADAPTERS = ["tiny_llava_adapter", "tiny_qwen_adapter"]
+ADAPTERS = ["tiny_llava_adapter", "tiny_qwen_adapter", "tiny_qwen2_adapter"]
 
 
 @pytest.fixture(params=ADAPTERS)

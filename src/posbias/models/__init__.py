@@ -12,11 +12,13 @@ __all__ = [
     "ModelAdapter",
     "LlavaAdapter",
     "Qwen25VLAdapter",
+    "Qwen2VLAdapter",
     "load_adapter",
     "known_aliases",
     "demo_model_dir",
     "tiny_llava",
     "tiny_qwen2_5_vl",
+    "tiny_qwen2_vl",
 ]
 
 _LAZY = {
@@ -24,11 +26,13 @@ _LAZY = {
     "ModelAdapter": "posbias.models.base",
     "LlavaAdapter": "posbias.models.llava",
     "Qwen25VLAdapter": "posbias.models.qwen2_5_vl",
+    "Qwen2VLAdapter": "posbias.models.qwen2_vl",
     "load_adapter": "posbias.models.registry",
     "known_aliases": "posbias.models.registry",
     "demo_model_dir": "posbias.models.demo",
     "tiny_llava": "posbias.models.tiny",
     "tiny_qwen2_5_vl": "posbias.models.tiny",
+    "tiny_qwen2_vl": "posbias.models.tiny",
 }
 
 __getattr__ = lazy_getattr(__name__, _LAZY)

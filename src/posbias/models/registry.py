@@ -8,11 +8,11 @@
   ``config.json`` metadata request with a short timeout decides whether the hub is reachable. If it is,
   ``from_pretrained`` downloads as usual; if not, :class:`~posbias.errors.ModelUnavailableError` comes
   within seconds (no long network hang);
-- ``demo-llava`` / ``demo-qwen2.5-vl``: SmolLM2 decoder with a seeded random vision side
+- ``demo-llava`` / ``demo-qwen2.5-vl`` / ``demo-qwen2-vl``: SmolLM2 decoder with a seeded random vision side
   (:mod:`posbias.models.demo`), built once and cached on disk;
-- ``tiny-llava`` / ``tiny-qwen2.5-vl``: tiny random models for tests (:mod:`posbias.models.tiny`).
+- ``tiny-llava`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen2-vl``: tiny random models for tests (:mod:`posbias.models.tiny`).
 
-The adapter class is chosen from ``config.model_type`` (``"llava"``, ``"qwen2_5_vl"``) and imported lazily.
+The adapter class is chosen from ``config.model_type`` (``"llava"``, ``"qwen2_5_vl"``, ``"qwen2_vl"``) and imported lazily.
 """
 
 from __future__ import annotations
@@ -42,17 +42,20 @@ __all__ = [
 HUB_ALIASES: dict[str, str] = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
 }
 #: alias -> architecture of the demo models (SmolLM2 decoder, untrained vision side)
-DEMO_ALIASES: dict[str, str] = {"demo-llava": "llava", "demo-qwen2.5-vl": "qwen2_5_vl"}
+DEMO_ALIASES: dict[str, str] = {"demo-llava": "llava", "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen2-vl": "qwen2_vl"}
 #: alias -> architecture of the tiny random test models
-TINY_ALIASES: dict[str, str] = {"tiny-llava": "llava", "tiny-qwen2.5-vl": "qwen2_5_vl"}
+TINY_ALIASES: dict[str, str] = {"tiny-llava": "llava", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl"}
 #: config.model_type -> "module:Class" of its adapter (imported on first use)
 ADAPTERS: dict[str, str] = {
     "llava": "posbias.models.llava:LlavaAdapter",
     "qwen2_5_vl": "posbias.models.qwen2_5_vl:Qwen25VLAdapter",
+    "qwen2_vl": "posbias.models.qwen2_vl:Qwen2VLAdapter",
 }
 #: seconds allowed for the one reachability request to the hub
 HUB_TIMEOUT_S: float = 5.0
@@ -190,15 +193,17 @@ def load_adapter(
         from posbias.models import tiny
 
         given = {k: v for k, v in extra.items() if v is not None}
-        if TINY_ALIASES[name] == "llava":
+        arch = TINY_ALIASES[name]
+        if arch == "llava":
             if given:
                 raise PosbiasError(f"options {sorted(given)} do not apply to LLaVA models; drop them")
             adapter = tiny.tiny_llava()
         else:
+            label = adapter_class(arch).label
             unknown = sorted(set(given) - {"min_pixels", "max_pixels"})
             if unknown:
-                raise PosbiasError(f"options {unknown} do not apply to Qwen2.5-VL models; drop them")
-            adapter = tiny.tiny_qwen2_5_vl()
+                raise PosbiasError(f"options {unknown} do not apply to {label} models; drop them")
+            adapter = getattr(tiny, f"tiny_{arch}")()
             if given:
                 adapter.set_pixel_limits(**given)
         adapter.model.to(device=device, dtype=resolve_dtype(dtype))

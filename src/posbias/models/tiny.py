@@ -1,8 +1,8 @@
-"""Tiny random LLaVA and Qwen2.5-VL models for tests.
+"""Tiny random LLaVA, Qwen2.5-VL and Qwen2-VL models for tests.
 
 These are the REAL transformers classes (``LlavaForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``) with tiny configs and seeded random weights, plus a small
-word-level tokenizer built in code with the ``tokenizers`` library (about 150 words, the special tokens
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``) with tiny configs and
+seeded random weights, plus a small word-level tokenizer built in code with the ``tokenizers`` library (about 150 words, the special tokens
 of both architectures, ``<unk>`` for anything else), so they build offline in well under a second.
 Their outputs mean nothing; their shapes, masks and positions follow the real models exactly.
 
@@ -11,13 +11,18 @@ Their outputs mean nothing; their shapes, masks and positions follow the real mo
 - ``tiny_qwen2_5_vl``: Qwen2.5-VL vision 2 blocks (block 0 windowed, block 1 full attention), patch 14,
   merge 2, pixel limits 56*56 .. 112*168 (a 100x150 image gives a 4x5 merged grid); decoder 3 layers,
   4 heads / 2 KV heads, hidden 64, M-RoPE sections [2, 3, 3].
+- ``tiny_qwen2_vl``: Qwen2-VL vision 2 blocks (both full attention, no windows), width 32, patch 14,
+  merge 2, the same pixel limits and the same decoder as ``tiny_qwen2_5_vl``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["tiny_tokenizer", "tiny_llava", "tiny_qwen2_5_vl", "TINY_QWEN_MIN_PIXELS", "TINY_QWEN_MAX_PIXELS"]
+__all__ = [
+    "tiny_tokenizer", "tiny_llava", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "TINY_QWEN_MIN_PIXELS",
+    "TINY_QWEN_MAX_PIXELS",
+]
 
 TINY_QWEN_MIN_PIXELS = 56 * 56
 TINY_QWEN_MAX_PIXELS = 112 * 168
@@ -110,6 +115,39 @@ def tiny_llava(seed: int = 0) -> Any:
     return LlavaAdapter(model, processor, model_id="tiny-llava", revision=None)
 
 
+def _qwen_text_config(tokenizer: Any) -> dict[str, Any]:
+    """The tiny decoder (3 layers, 4 heads / 2 KV heads, hidden 64, M-RoPE [2, 3, 3]) and special token ids."""
+    tid = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return dict(
+        text_config=text, image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+    )
+
+
+def _tiny_qwen(adapter_cls: Any, config_cls: Any, vision: dict[str, Any], seed: int, model_id: str) -> Any:
+    """Build ``adapter_cls.hf_class`` from ``config_cls(vision_config=vision, ...)`` with seeded weights."""
+    import torch
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    from posbias.models.processors import QwenImageProcessor
+
+    tokenizer = tiny_tokenizer()
+    config = config_cls(vision_config=vision, **_qwen_text_config(tokenizer))
+    torch.manual_seed(seed)
+    model = getattr(transformers, adapter_cls.hf_class)(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_QWEN_MIN_PIXELS, max_pixels=TINY_QWEN_MAX_PIXELS)
+    processor = QwenImageProcessor(image_processor, tokenizer)
+    return adapter_cls(model, processor, model_id=model_id, revision=None)
+
+
 def tiny_qwen2_5_vl(seed: int = 0) -> Any:
     """A ready :class:`~posbias.models.qwen2_5_vl.Qwen25VLAdapter` around a tiny random Qwen2.5-VL.
 
@@ -118,31 +156,31 @@ def tiny_qwen2_5_vl(seed: int = 0) -> Any:
     seed : int
         ``torch.manual_seed`` for the random weights.
     """
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLConfig
 
-    from posbias.models.processors import QwenImageProcessor
     from posbias.models.qwen2_5_vl import Qwen25VLAdapter
 
-    tokenizer = tiny_tokenizer()
-    tid = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1],
-        ),
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1],
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_QWEN_MIN_PIXELS, max_pixels=TINY_QWEN_MAX_PIXELS)
-    processor = QwenImageProcessor(image_processor, tokenizer)
-    return Qwen25VLAdapter(model, processor, model_id="tiny-qwen2.5-vl", revision=None)
+    return _tiny_qwen(Qwen25VLAdapter, Qwen2_5_VLConfig, vision, seed, "tiny-qwen2.5-vl")
+
+
+def tiny_qwen2_vl(seed: int = 0) -> Any:
+    """A ready :class:`~posbias.models.qwen2_vl.Qwen2VLAdapter` around a tiny random Qwen2-VL.
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` for the random weights.
+    """
+    from transformers import Qwen2VLConfig
+
+    from posbias.models.qwen2_vl import Qwen2VLAdapter
+
+    vision = dict(
+        depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return _tiny_qwen(Qwen2VLAdapter, Qwen2VLConfig, vision, seed, "tiny-qwen2-vl")

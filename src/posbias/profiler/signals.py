@@ -17,7 +17,8 @@ Signals (names as in ``--signals`` and in the store, docs/store.md):
 ``vision_importance``
     (V,) vision-encoder importance in the LLM's visual-token order (LLaVA: [CLS] -> patch attention,
     head mean, at the feature layer; Qwen2.5-VL: mean attention each patch receives in the
-    full-attention blocks, mapped through the window permutation and the 2x2 merge).
+    full-attention blocks, mapped through the window permutation and the 2x2 merge; Qwen2-VL: the same
+    at its last block, every block being global, with no permutation to undo).
 ``region_logdet``
     (n, n) per sample: ``H = log det(Cov + eps I)`` (seed 000, Eq. 1) of the LLM's input visual tokens
     (projector output) on an n x n block grid; ``region_logdet_vision`` the same for the vision-encoder

@@ -76,7 +76,7 @@ def crop_for_adapter(image: Any, adapter: str, grid: tuple[int, int], max_side: 
     """The part of the image the visual grid covers, as (H, W, 3) uint8.
 
     LLaVA-1.5's CLIP processor resizes the shortest side and centre-crops a square, so the grid covers the
-    central square; Qwen2.5-VL resizes the whole image to the grid's aspect ratio.
+    central square; Qwen2-VL and Qwen2.5-VL resize the whole image to the grid's aspect ratio.
     """
     img = image
     if adapter == "llava":

@@ -234,7 +234,7 @@ def _attention(d: ReportData) -> Section:
                                "profile-bias profile --signals attn_pa (or --signals all), then re-run the report"))
     if d.vision_map is not None:
         blocks.append(Fig("vision_map", "Vision-encoder importance ([CLS] attention for LLaVA, mean received attention for "
-                          "Qwen2.5-VL) next to the decoder's shallow-layer attention.",
+                          "Qwen2-VL and Qwen2.5-VL) next to the decoder's shallow-layer attention.",
                           "heatmap of vision-encoder importance and decoder attention",
                           partial(draw_vision_map, vision_map=d.vision_map, raw_shallow=d.maps["shallow/raw"], shallow=d.shallow),
                           (TEXT_WIDTH * 0.75, 2.6)))

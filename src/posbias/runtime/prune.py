@@ -48,7 +48,9 @@ from posbias.runtime.spec import MethodSpec, resolve_method
 
 __all__ = ["Pruner", "PruneRecord", "enable_pruning", "model_kind", "unwrap_model"]
 
-_ARCH = {"llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+#: config.model_type -> what the pruner keys on: "llava" (one square patch grid, 1-D RoPE) or "mrope" (Qwen-VL:
+#: the merged grid from image_grid_thw, 3-D M-RoPE positions; the vision tower may or may not use windows)
+_ARCH = {"llava": "llava", "qwen2_5_vl": "mrope", "qwen2_vl": "mrope"}
 
 
 def unwrap_model(model: Any) -> Any:
@@ -59,12 +61,13 @@ def unwrap_model(model: Any) -> Any:
 
 
 def model_kind(model: Any) -> str:
-    """``"llava"`` or ``"qwen2_5_vl"`` from ``model.config.model_type``; PosbiasError otherwise."""
+    """``"llava"`` or ``"mrope"`` from ``model.config.model_type`` (see ``_ARCH``); PosbiasError otherwise."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt not in _ARCH:
         raise PosbiasError(
             f"model of type {mt!r} ({type(model).__name__}) is not supported by the pruner; "
-            "pass a transformers LlavaForConditionalGeneration or Qwen2_5_VLForConditionalGeneration"
+            "pass a transformers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or "
+            "Qwen2VLForConditionalGeneration"
         )
     return _ARCH[mt]
 

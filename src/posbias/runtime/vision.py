@@ -4,8 +4,10 @@
   output LLaVA feeds to the projector, ``vision_feature_layer``, -2 for LLaVA-1.5), head mean (seed 000
   Eq. 2). Computed from the attention module's input with its ``q_proj``/``k_proj``: one (H, 1, N) row.
 - Qwen2.5-VL (no [CLS]): the mean attention each patch receives from all patches of its image at the last
-  full-attention block (VisionZip's rule the seed follows), averaged over the 2x2 merge unit and mapped
+  full-attention block (VisionZip's rule PosPrune follows), averaged over the 2x2 merge unit and mapped
   from the window-permuted order back to the LLM's raster order.
+- Qwen2-VL (no [CLS], no windows): the same rule at the last block (every block attends over the whole
+  image); the tower's merge units are already in the LLM's raster order, so nothing is un-permuted.
 
 Only torch is imported; the hooks are plain ``nn.Module`` hooks.
 """
@@ -32,8 +34,10 @@ class VisionImportance:
     Parameters
     ----------
     model : transformers model
-        ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
-    kind : {"llava", "qwen2_5_vl"}
+        ``LlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` or
+        ``Qwen2VLForConditionalGeneration``.
+    kind : {"llava", "mrope"}
+        ``posbias.runtime.prune.model_kind(model)``.
     """
 
     def __init__(self, model: Any, kind: str) -> None:
@@ -61,8 +65,10 @@ class VisionImportance:
                 raise PosbiasError(f"vision_feature_layer {feat} leaves no attention layer for ARP; use the default -2")
             attn = layers[layer_idx].self_attn
             self._handles.append(attn.register_forward_pre_hook(self._clip_pre, with_kwargs=True))
-        elif self.kind == "qwen2_5_vl":
+        elif self.kind == "mrope":
             visual = self.model.model.visual
+            # windowed towers (Qwen2.5-VL) permute the merge units; Qwen2-VL's keep the raster order
+            self._windowed = getattr(visual.config, "window_size", None) is not None
             full = list(getattr(visual, "fullatt_block_indexes", []) or [])
             block = visual.blocks[full[-1] if full else len(visual.blocks) - 1]
             self._merge_unit = int(visual.spatial_merge_size) ** 2
@@ -125,6 +131,11 @@ class VisionImportance:
     def _qwen_visual(self, module: Any, args: tuple, output: Any) -> None:
         pooled = getattr(output, "pooler_output", None)
         if pooled is None or self._window_rows is None or self._window_imp is None:
+            return
+        if not self._windowed:
+            self.importance = self._window_imp  # (V,) already raster order
+            self._window_rows = None
+            self._window_imp = None
             return
         with torch.no_grad():
             # recover the window permutation by matching rows (window order -> raster order)
