@@ -6,6 +6,8 @@ HiGHS's status codes into plain strings and never returns a solution HiGHS did n
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,25 @@ class MilpResult:
     x: np.ndarray | None
     seconds: float
 
+
+
+def _new_highs() -> Any:
+    """A ``highspy.Highs`` instance without the copyright banner that highspy >= 1.16 prints to the process's
+    standard output (file descriptor 1, below Python's ``sys.stdout``) when the first one is constructed."""
+    import highspy
+
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable stdout: nothing to protect
+        return highspy.Highs()
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 def solve_milp(
     cost: np.ndarray,
@@ -111,7 +132,7 @@ def solve_milp(
             highspy.HighsVarType.kInteger if flag else highspy.HighsVarType.kContinuous for flag in integer
         ]
 
-    h = highspy.Highs()
+    h = _new_highs()
     h.silent()
     h.setOptionValue("time_limit", float(time_limit))
     h.setOptionValue("mip_rel_gap", float(mip_rel_gap))
