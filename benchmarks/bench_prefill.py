@@ -4,7 +4,7 @@ Usage: python benchmarks/bench_prefill.py [--keep 64] [--layer 2] [--repeats 5] 
 
 FastV selection (plain top-k) after ``--layer`` keeping ``--keep`` of the 576 visual tokens. The two
 sides are interleaved per repeat (full, pruned, full, pruned, ...) so that load from other processes on
-this shared machine hits both alike; medians are reported. FLOPs follow seed 000 Eq. 8 summed over
+this shared machine hits both alike; medians are reported. FLOPs follow PosPrune Eq. 8 summed over
 decoder layers. Peak memory is the peak RSS growth during the forward (sampled every ms, CPU).
 """
 

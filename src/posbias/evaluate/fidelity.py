@@ -8,7 +8,7 @@ each (method, keep) run ``generate`` greedily for a few tokens. From them:
 - ``top1_agree``: the first answer token is the same;
 - ``exact_agree``: the generated answers (up to EOS, at most ``max_new_tokens``) are identical;
 - ``accuracy``: the answer's first word against a yes/no label (POPE, MME) when the source has one;
-- ``flops``: seed 000 Eq. 8 summed over decoder layers, ``4 n d^2 + 2 n^2 d + 2 n d m`` with ``n`` the
+- ``flops``: PosPrune Eq. 8 summed over decoder layers, ``4 n d^2 + 2 n^2 d + 2 n d m`` with ``n`` the
   tokens that layer processed during prefill (text + visual), ``d`` the hidden size, ``m`` the MLP size;
 - ``prefill_ms``: wall time of the prefill forward (inside ``generate``); ``peak_mem_mib``: peak RSS
   growth during the call (CPU; CUDA: ``max_memory_allocated``).

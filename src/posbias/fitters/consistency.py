@@ -1,6 +1,6 @@
 """Is the bias a property of the architecture? Consistency of mean bias curves across sample groups.
 
-PosPrune (seed 000, Figs. 3-4) draws disjoint random groups of equal size -- two from one data set, or one
+PosPrune (Figs. 3-4) draws disjoint random groups of equal size -- two from one data set, or one
 from each of two data sets -- averages ``A_shallow - A_deep`` per position within each group, and reports
 the Pearson correlation of the two mean curves as the group size grows. If the bias is architectural the
 correlation rises towards 1 as the semantic noise of the individual samples averages out.

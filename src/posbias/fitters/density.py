@@ -1,4 +1,4 @@
-"""Semantic density test: do central region blocks carry more information than edge blocks? (seed 000, Fig. 2)
+"""Semantic density test: do central region blocks carry more information than edge blocks? (PosPrune, Fig. 2)
 
 PosPrune divides the visual grid into ``n x n`` region blocks (6x6 of 4x4 patches on LLaVA's 24x24 grid),
 computes the proxy entropy ``H = log|Σ + εI|`` of each block's token features (Eq. 1), and finds the 16

@@ -1,6 +1,6 @@
 """PoRe's recency-bias curve: an exponential of the mean attention per position.
 
-PoRe (seed 002) averages the last-token attention each visual token receives over a data set,
+PoRe averages the last-token attention each visual token receives over a data set,
 ``Ā_i = (1/M) Σ_m A_i^(m)``, fits it with an exponential by least squares, ``P(x) = a·exp(b·x)``, and
 reweights attention as ``Â_i = A_i / P(i)``. This fitter adds an optional constant offset
 ``P(x) = a·exp(b·x) + c`` and constrains ``a > 0, c >= 0`` so that ``P(x) > 0`` everywhere.

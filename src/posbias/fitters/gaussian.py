@@ -1,4 +1,4 @@
-"""AdaptPrune's Gaussian centre correction (seed 004) as a fitter.
+"""AdaptPrune's Gaussian centre correction as a fitter.
 
 AdaptPrune multiplies the attention scores by a Gaussian mask centred at the image midpoint,
 ``w(x, y) = exp(-(x² + y²) / (2 σ²))`` over ``x, y = linspace(-12, 12, 24)`` with ``σ = 12`` on LLaVA's

@@ -1,6 +1,6 @@
 """PosPrune's positional-bias curve: a polynomial of shallow-minus-deep attention.
 
-PosPrune (seed 000, Eqs. 3-6) estimates the architecture-induced positional bias of a shallow decoder
+PosPrune (Eqs. 3-6) estimates the architecture-induced positional bias of a shallow decoder
 layer as the expected difference between shallow- and deep-layer attention per visual token,
 ``ΔA_i = A_i^shallow - A_i^deep``, and smooths it with a polynomial in the token position,
 ``ΔA(i) = Σ_k a_k i^k``. The corrected shallow attention is ``A_i^shallow - ΔA(i)``.

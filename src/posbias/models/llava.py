@@ -177,7 +177,7 @@ class LlavaAdapter(TransformersAdapter):
         return [layers[i].self_attn for i in self.vision_feature_layers()]
 
     def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
-        """[CLS] -> patch attention, head mean (seed 000, Eq. 2); mean over feature layers when several.
+        """[CLS] -> patch attention, head mean (PosPrune, Eq. 2); mean over feature layers when several.
 
         ``records`` hold one (N,) head-mean [CLS] query row per module (N = 1 + patches); its patch part
         (N - 1,) is in raster order, the LLM's visual-token order.

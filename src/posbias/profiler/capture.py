@@ -17,7 +17,7 @@ Cost per layer is one (H, 1, S) score row on top of sdpa; no (S, S) map is ever 
 ``output_attentions`` is never used. The previous implementation is restored on exit, also when the
 body raises.
 
-With ``position_agnostic=True`` the same hook also computes the position-agnostic row (UTP, seed 003,
+With ``position_agnostic=True`` the same hook also computes the position-agnostic row (UTP,
 Eq. 2): the visual keys it receives (after RoPE) are rotated by ``R(p' - p_j)`` to the uniform position
 ``p'`` (see :mod:`posbias.profiler.signals`), the text columns of the ordinary score row are kept, and
 one softmax runs over all keys: one (H_kv, V, D) rotation and one (H, V) product per layer.

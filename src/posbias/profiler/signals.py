@@ -7,7 +7,7 @@ Signals (names as in ``--signals`` and in the store, docs/store.md):
 ``attn_heads``
     (V, L, H) the same per head (``per_head=True``, ``--per-head``).
 ``attn_pa``
-    (V, L) position-agnostic attention (UTP, seed 003, Eq. 2): the last token's row recomputed with every
+    (V, L) position-agnostic attention (UTP, Eq. 2): the last token's row recomputed with every
     visual key rotated to one uniform position ``p' = floor((p1 + p2) / 2 + 1/2)`` (p1, p2: positions of
     the first and last visual token), text keys and the query at their own positions, one softmax over
     all keys. Computed inside the capture forward from the post-RoPE keys: RoPE is a rotation, so
@@ -20,7 +20,7 @@ Signals (names as in ``--signals`` and in the store, docs/store.md):
     full-attention blocks, mapped through the window permutation and the 2x2 merge; Qwen2-VL: the same
     at its last block, every block being global, with no permutation to undo).
 ``region_logdet``
-    (n, n) per sample: ``H = log det(Cov + eps I)`` (seed 000, Eq. 1) of the LLM's input visual tokens
+    (n, n) per sample: ``H = log det(Cov + eps I)`` (PosPrune, Eq. 1) of the LLM's input visual tokens
     (projector output) on an n x n block grid; ``region_logdet_vision`` the same for the vision-encoder
     output before projection.
 
@@ -68,7 +68,7 @@ __all__ = [
 SIGNALS: tuple[str, ...] = ("attn", "attn_pa", "vision_importance", "region_logdet")
 #: what ``--signals all`` means
 DEFAULT_SIGNALS: tuple[str, ...] = SIGNALS
-#: n of the n x n region block grid (seed 000: 6x6 on LLaVA's 24x24)
+#: n of the n x n region block grid (PosPrune: 6x6 on LLaVA's 24x24)
 DEFAULT_REGION_GRID = 6
 #: eps of ``log det(Cov + eps I)``
 DEFAULT_REGION_EPS = 1e-3
@@ -103,7 +103,7 @@ def parse_signals(spec: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def uniform_position(first: np.ndarray | Sequence[int], last: np.ndarray | Sequence[int]) -> np.ndarray:
-    """``p' = floor((p1 + p2) / 2 + 1/2)`` per RoPE axis (UTP, seed 003).
+    """``p' = floor((p1 + p2) / 2 + 1/2)`` per RoPE axis (UTP).
 
     Parameters
     ----------
@@ -282,7 +282,7 @@ def region_block_index(rows: np.ndarray, cols: np.ndarray, grid: tuple[int, int]
 
 
 def edge_mask(n: int) -> np.ndarray:
-    """(n, n) bool: True on the outer ring of blocks (edge region), False in the centre (seed 000)."""
+    """(n, n) bool: True on the outer ring of blocks (edge region), False in the centre (PosPrune)."""
     mask = np.zeros((n, n), dtype=bool)  # (n, n)
     mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
     return mask
@@ -325,7 +325,7 @@ def region_logdet(
     n: int = DEFAULT_REGION_GRID,
     eps: float = DEFAULT_REGION_EPS,
 ) -> np.ndarray:
-    """Region semantic density (seed 000, Eq. 1): ``H = log det(Cov + eps I)`` per block of an n x n grid.
+    """Region semantic density (PosPrune, Eq. 1): ``H = log det(Cov + eps I)`` per block of an n x n grid.
 
     Parameters
     ----------

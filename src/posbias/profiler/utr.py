@@ -1,4 +1,4 @@
-"""Per-layer information loss for UTP retention schedules (seed 003, section 3.3).
+"""Per-layer information loss for UTP retention schedules (section 3.3).
 
 ``ell[i]`` (0-based decoder layer i = 0..L-1; the seed's ``l = i + 1``) is the angle
 ``arccos(cos(f_i, g))`` between the last prompt token's final feature (after the final norm, what the LM

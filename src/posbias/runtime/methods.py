@@ -3,9 +3,9 @@
 Every function takes per-token tensors of one image (or one prompt) and returns int64 indices into them:
 
 - :func:`topk_select`            plain top-k (FastV, PoRe, PBC scores), ascending indices;
-- :func:`mmr_select`             PosPrune's Maximal Marginal Relevance (seed 000, Eq. 7), greedy, pick order;
-- :func:`soft_nms_select`        AdaptPrune's adaptive soft-NMS (seed 004, Algorithm 1), pick order;
-- :func:`arp_select`             PosPrune's Asymmetric Regional Pruning (seed 000, ARP), ascending indices;
+- :func:`mmr_select`             PosPrune's Maximal Marginal Relevance (Eq. 7), greedy, pick order;
+- :func:`soft_nms_select`        AdaptPrune's adaptive soft-NMS (Algorithm 1), pick order;
+- :func:`arp_select`             PosPrune's Asymmetric Regional Pruning (ARP), ascending indices;
 - :func:`gaussian_centre_weight` AdaptPrune's Gaussian centre correction weight over a grid.
 
 Greedy loops run over the k picks (not over tokens); each pick is a handful of vector operations.
@@ -147,7 +147,7 @@ def _mmr_select(
     lam: float = 0.9,
     normalize_relevance: bool = True,
 ) -> torch.Tensor:
-    """Greedy Maximal Marginal Relevance (PosPrune, seed 000 Eq. 7).
+    """Greedy Maximal Marginal Relevance (PosPrune, Eq. 7).
 
     ``MMR(i) = lam * Rel(i) - (1 - lam) * max_{j in S} cos(f_i, f_j)``; the first pick is the token of
     highest relevance, then the token of highest MMR among those not yet picked, until ``k`` are picked.
@@ -662,7 +662,7 @@ def _soft_nms_select(
     groups: torch.Tensor | None = None,
     radius: float | None = None,
 ) -> torch.Tensor:
-    """AdaptPrune's adaptive soft-NMS (seed 004, Algorithm 1 lines 4-14).
+    """AdaptPrune's adaptive soft-NMS (Algorithm 1 lines 4-14).
 
     Repeatedly pick the highest (already corrected) score; for each neighbour ``j`` of the pick ``i`` in a
     ``window x window`` square (with ``radius``: only those within that Euclidean grid distance, as the released
@@ -824,7 +824,7 @@ def arp_select(
     centre_ratio: float = 0.25,
     edge_ratio: float = 0.5,
 ) -> torch.Tensor:
-    """Asymmetric Regional Pruning (PosPrune, seed 000): keep the most important tokens of each block.
+    """Asymmetric Regional Pruning (PosPrune): keep the most important tokens of each block.
 
     Parameters
     ----------

@@ -4,8 +4,8 @@ The fitted curves are re-implemented here from their ``to_dict()`` payloads so t
 imports the numpy/scipy fitters:
 
 - ``fastv``:        score = attn
-- ``pore``:         score = attn / P(x),   P(x) = a·exp(b·x) + c              (PoRe, seed 002)
-- ``posprune-pbc``: score = attn - ΔA(x),  ΔA(x) = Σ_k coef_k t^k, t = (x - shift) / scale   (PosPrune, seed 000)
+- ``pore``:         score = attn / P(x),   P(x) = a·exp(b·x) [+ c]            (PoRe)
+- ``posprune-pbc``: score = attn - ΔA(x),  ΔA(x) = Σ_k coef_k t^k, t = (x - shift) / scale   (PosPrune)
 
 with x the raster index 0..V-1 (``domain="index"``) or i / V (``domain="normalized"``).
 """

@@ -1,7 +1,7 @@
 """Vision importance for ARP, recomputed in torch from the vision tower's own projections.
 
 - LLaVA (CLIP): the [CLS] query's attention over the patches at the vision feature layer (the layer whose
-  output LLaVA feeds to the projector, ``vision_feature_layer``, -2 for LLaVA-1.5), head mean (seed 000
+  output LLaVA feeds to the projector, ``vision_feature_layer``, -2 for LLaVA-1.5), head mean (PosPrune
   Eq. 2). Computed from the attention module's input with its ``q_proj``/``k_proj``: one (H, 1, N) row.
 - Qwen2.5-VL (no [CLS]): the mean attention each patch receives from all patches of its image at the last
   full-attention block (VisionZip's rule PosPrune follows), averaged over the 2x2 merge unit and mapped

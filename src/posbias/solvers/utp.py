@@ -1,4 +1,4 @@
-"""UTP layer-wise retention schedules (seed 003, section 3.3, Eqs. 3-5), solved exactly.
+"""UTP layer-wise retention schedules (section 3.3, Eqs. 3-5), solved exactly.
 
 Indexing: decoder layers are 0-based here, ``i = 0..L-1`` (the seed's ``l = i + 1``). Layer 0 keeps all
 ``V`` visual tokens (the seed's ``r_1 = V``); a schedule is ``r = (r_0 = V, r_1, ..., r_{L-1})`` with
@@ -860,7 +860,7 @@ def _from_num(x: Any) -> float:
 
 
 class UTPSolver:
-    """Layer-wise retention schedule for one compression ratio (seed 003 UTR), solved with HiGHS.
+    """Layer-wise retention schedule for one compression ratio (UTP's UTR), solved with HiGHS.
 
     Parameters
     ----------
