@@ -39,7 +39,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from posbias.atomic import atomic_path, ensure_folder, environment_fault, sweep_stale_temps
+from posbias.atomic import atomic_path, ensure_folder, environment_fault, fsync_file, sweep_stale_temps
 from posbias.errors import PosbiasError, SchemaError
 from posbias.models.base import VisualLayout
 
@@ -207,21 +207,6 @@ def _looks_like_hdf5(path: Path) -> bool:
     except OSError:
         return False
     return False
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    """fsync a file (or a folder, to make a rename in it durable); best effort on filesystems without it."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def parts_dir(path: str | os.PathLike[str]) -> Path:
@@ -412,7 +397,8 @@ class _FileBuilder:
             raise
         f.close()
         if durable:
-            _fsync_path(self.path)
+            with contextlib.suppress(OSError):  # best effort (file systems without fsync)
+                fsync_file(self.path)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
