@@ -197,3 +197,21 @@ def test_probe_patch_tokens_and_kept_fractions(tiny_llava_adapter):
         kept = pruner.last.kept.numpy()
     assert probe["results"][0]["fraction"][0] == pytest.approx(m[kept].sum() / m.sum())
     assert "spearman" in format_probe(probe)
+
+
+def test_probe_measures_an_unusable_entry_as_the_evaluation_does(tiny_llava_adapter):
+    # evaluate forces every method (the report shows the verdicts); the probe, which runs after the evaluation,
+    # must not refuse the same entry and lose the run
+    from posbias.errors import PosbiasError
+    from posbias.evaluate.probe import position_probe
+    import posbias.runtime as rt
+
+    ad = tiny_llava_adapter
+    doc = make_calibration(ad, grid=(4, 4)).to_dict()
+    doc["methods"]["pore"]["quality"] = {"verdict": "unusable", "reason": "made unusable by the test", "r2": 0.5,
+                                         "n_samples": 20, "interval_ok": None, "interval": "none"}
+    cal = rt.Calibration.from_dict(doc, source="<unusable>")
+    with pytest.raises(PosbiasError, match="unusable"):
+        rt.enable_pruning(ad.model, cal, method="pore", keep=4)
+    probe = position_probe(ad, cal, ["pore"], [4], steps=2, patch_fraction=0.5)
+    assert [r["method"] for r in probe["results"]] == ["pore"] and len(probe["results"][0]["fraction"]) == 4

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from posbias.atomic import check_writable, environment_fault
+from posbias.atomic import check_writable
 from posbias.errors import PosbiasError
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "add_model_options",
     "add_sample_options",
     "add_fit_options",
-    "prepare_out_dir",
     "check_out_dir",
     "default_out",
     "removing_empty_dir",
@@ -181,16 +180,6 @@ def check_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
             f"--out {out} already holds a run ({', '.join(existing)}); pass --overwrite to replace it or choose another --out"
         )
     return path
-
-
-def prepare_out_dir(out: str, names: list[str], overwrite: bool) -> Path:
-    """:func:`check_out_dir`, then create the folder and check that it can be written."""
-    path = check_out_dir(out, names, overwrite)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise environment_fault(exc, path) or exc from exc
-    return check_writable(path)
 
 
 def refuse_existing(outputs: list[tuple[str, str | Path | None]], overwrite: bool) -> None:

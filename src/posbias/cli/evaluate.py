@@ -65,12 +65,16 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
     doc = evaluate(adapter, cal, config, calibration_path=args.calibration, progress=not args.no_progress)
     print(format_table(doc))
+    write_evaluation(doc, out)  # before the probe: a probe that fails does not lose the evaluation
     if args.probe:
         from posbias.evaluate.probe import format_probe, position_probe
 
-        doc["probe"] = position_probe(adapter, cal, config.methods, config.keeps, steps=args.probe_steps,
-                                      params=config.params)
+        try:
+            doc["probe"] = position_probe(adapter, cal, config.methods, config.keeps, steps=args.probe_steps,
+                                          params=config.params)
+        except PosbiasError as exc:
+            raise PosbiasError(f"{exc} (the evaluation without the probe is in {out})") from None
         print(format_probe(doc["probe"]))
-    write_evaluation(doc, out)
+        write_evaluation(doc, out)
     print(f"evaluation -> {out}")
     return 0

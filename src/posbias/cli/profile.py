@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from posbias.cli.common import HelpFormatter, add_model_options, add_sample_options, check_out_dir, default_out, removing_empty_dir
+from posbias.atomic import check_writable, ensure_folder
 from posbias.errors import PosbiasError
 
 __all__ = ["add_parser", "add_arguments", "run", "run_profile", "SHARDS_DIRNAME", "DEFAULT_N"]
@@ -158,8 +159,11 @@ def run_profile(args: argparse.Namespace, out_dir: Path) -> Path:
         )
     if overwrite and (out_dir / SHARDS_DIRNAME).is_dir():
         shutil.rmtree(out_dir / SHARDS_DIRNAME)
+    if out_dir.is_dir():
+        check_writable(out_dir)  # a read-only or full folder is found before the model loads
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad option or model leaves no empty folder behind
+    # created only now, so a bad option or model leaves no empty folder behind; machine faults are one line
+    check_writable(ensure_folder(out_dir, create=True))
     verbose = bool(getattr(args, "verbose", False))
     print(f"profiling {len(stream)} sample(s) of {args.model} into {store_path} (the bar shows the time per sample "
           "and the time left; Ctrl-C stops, --resume continues)", flush=True)

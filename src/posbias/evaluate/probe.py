@@ -116,7 +116,9 @@ def position_probe(adapter: Any, calibration: Any, methods: list[str], keeps: li
         for k in keeps:
             frac = []
             for inputs, mask in zip(inputs_list, masks):
-                with enable_pruning(adapter.model, calibration, method=m, keep=k, params=params.get(m)) as pruner:
+                # force: as the evaluation, the probe measures every method, weak or unusable curves included
+                with enable_pruning(adapter.model, calibration, method=m, keep=k, params=params.get(m),
+                                    force=True) as pruner:
                     with torch.inference_mode():
                         adapter.model(**inputs)
                     kept = pruner.last.kept.numpy()

@@ -529,5 +529,5 @@ def enable_pruning(
     model_kind(model)
     spec = resolve_method(model, calibration, method=method, keep=keep, ratio=ratio, layer=layer,
                           params=params, schedule=schedule, check_fingerprint=check_fingerprint, k=k)
-    check_entry_quality(calibration, spec.method, params=params, force=force)
+    check_entry_quality(calibration, spec.method, params=spec.params, force=force)  # the resolved parameters
     return Pruner(model, spec).enable()
