@@ -161,7 +161,7 @@ def fit_calibration(
     n_boot : int
         Bootstrap replicates of the PoRe intervals.
     gaussian_sigma : "default", "fit" or float
-        Sigma of AdaptPrune's centre weight in centred units (default: the seed's, 12 on 24x24).
+        Sigma of AdaptPrune's centre weight in centred units (default: AdaptPrune's, 12 on 24x24).
     level : float
         Confidence level of all intervals.
     """

@@ -23,7 +23,7 @@ records that group size and the samples it needs (2n in the source within, n in 
 result states the samples still to profile. When no median r is positive no trend can be fitted and the
 advice is to double the store.
 
-Default threshold: :data:`DEFAULT_THRESHOLD` = 0.9. The seed's text calls the two groups' curves "highly
+Default threshold: :data:`DEFAULT_THRESHOLD` = 0.9. The PosPrune paper calls the two groups' curves "highly
 consistent" and shows r rising towards 1 with group size in Fig. 4, but gives no number; 0.9 (a "very
 strong" correlation by the usual convention) is our reading of it, and it is configurable.
 """

@@ -31,12 +31,12 @@ def _model_pure(t: np.ndarray, a: float, b: float) -> np.ndarray:
 
 
 class ExponentialBiasFitter(BaseFitter):
-    """Least-squares ``P(x) = a·exp(b·x) + c`` (or the seed's ``a·exp(b·x)``) of the mean attention curve.
+    """Least-squares ``P(x) = a·exp(b·x) + c`` (or PoRe's ``a·exp(b·x)``) of the mean attention curve.
 
     Parameters
     ----------
     offset : bool, default True
-        Fit the constant ``c >= 0``; ``False`` gives the seed's pure exponential (``c_ = 0``).
+        Fit the constant ``c >= 0``; ``False`` gives PoRe's pure exponential (``c_ = 0``).
     domain : {"index", "normalized"}, default "index"
         ``"index"``: x is the raster index 0..V-1; ``"normalized"``: x = i / V in [0, 1).
 

@@ -3,7 +3,7 @@
 AdaptPrune multiplies the attention scores by a Gaussian mask centred at the image midpoint,
 ``w(x, y) = exp(-(x² + y²) / (2 σ²))`` over ``x, y = linspace(-12, 12, 24)`` with ``σ = 12`` on LLaVA's
 24x24 grid. posbias works in centred coordinates scaled to each grid, ``u = linspace(-1, 1, R)[row]``,
-``v = linspace(-1, 1, C)[col]``, where the seed's mask is ``exp(-(u² + v²) / (2 σ_n²))`` with
+``v = linspace(-1, 1, C)[col]``, where AdaptPrune's mask is ``exp(-(u² + v²) / (2 σ_n²))`` with
 ``σ_n = 12 / 12 = 1`` (:data:`DEFAULT_SIGMA`). On another grid the default keeps that ratio of sigma to
 the half-width of the grid, i.e. ``σ = R / 2`` patches along rows and ``C / 2`` along columns.
 
@@ -11,7 +11,7 @@ the half-width of the grid, i.e. ``σ = R / 2`` patches along rows and ``C / 2``
 attention map by weighted least squares: a profile over σ (closed-form ``a, c`` for each σ on a log grid,
 then a bounded 1-D refinement). If the best fit has ``a = 0`` the map has no centre peak
 (``centre_peak_ = False``) and sigma stays at the default. The R² of the default sigma is always reported,
-so a calibration says whether the seed's mask describes this model at all.
+so a calibration says whether AdaptPrune's mask describes this model at all.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from posbias.fitters.curves import count_samples, fit_points, uv_key
 
 __all__ = ["GaussianCentreFitter", "DEFAULT_SIGMA", "SIGMA_BOUNDS", "gaussian_mask"]
 
-#: the seed's sigma (12 on linspace(-12, 12, 24)) in centred, grid-scaled units
+#: AdaptPrune's sigma (12 on linspace(-12, 12, 24)) in centred, grid-scaled units
 DEFAULT_SIGMA: float = 1.0
 #: range searched by sigma="fit", centred units
 SIGMA_BOUNDS: tuple[float, float] = (0.05, 20.0)
@@ -71,12 +71,12 @@ def _fit_ac(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np
 
 
 class GaussianCentreFitter(BaseFitter):
-    """Gaussian centre weight ``exp(-(u² + v²) / (2 σ²))`` with the seed's or a fitted sigma.
+    """Gaussian centre weight ``exp(-(u² + v²) / (2 σ²))`` with AdaptPrune's or a fitted sigma.
 
     Parameters
     ----------
     sigma : "default", "fit" or float, default "default"
-        ``"default"``: the seed's sigma (1.0 in centred units = 12 on a 24x24 grid, scaled to the grid);
+        ``"default"``: AdaptPrune's sigma (1.0 in centred units = 12 on a 24x24 grid, scaled to the grid);
         ``"fit"``: fitted to the mean attention map; a positive float: that sigma in centred units.
 
     Attributes
@@ -90,7 +90,7 @@ class GaussianCentreFitter(BaseFitter):
     r2_, rmse_ : float
         Goodness of ``c + a · mask`` against the mean attention map at ``sigma_``.
     r2_default_ : float
-        The same R² with the seed's sigma.
+        The same R² with AdaptPrune's sigma.
     n_samples_, n_points_, n_excluded_ : int
     """
 

@@ -10,7 +10,7 @@ too small. The cluster-robust sandwich (statsmodels ``cov_type="cluster"``, CR1 
 groups = samples) only assumes independence between samples, which is how the data were drawn. Intervals
 use Student's t with ``G - 1`` degrees of freedom (G = number of samples). WLS was not used: the pooled
 points have equal weight by construction, and reweighting positions by an estimated variance would change
-the estimate away from the one the seed (and the runtime) uses. The curve band is pointwise (not
+the estimate away from the one the paper (and the runtime) uses. The curve band is pointwise (not
 simultaneous), ``f(x) ± t * sqrt(x_tᵀ Σ x_t)``.
 
 Exponential PoRe fit -- cluster bootstrap

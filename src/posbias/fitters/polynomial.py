@@ -17,7 +17,7 @@ from posbias.fitters.base import BaseFitter, r2_score
 
 __all__ = ["PolynomialBiasFitter", "MAX_DEGREE"]
 
-#: highest polynomial degree accepted (the seed's ablation covers 1..5 and picks 3)
+#: highest polynomial degree accepted (PosPrune's ablation covers 1..5 and picks 3)
 MAX_DEGREE: int = 5
 
 
@@ -27,7 +27,7 @@ class PolynomialBiasFitter(BaseFitter):
     Parameters
     ----------
     degree : int, default 3
-        Polynomial degree, 1..5 (the seed finds 3 best).
+        Polynomial degree, 1..5 (PosPrune finds 3 best).
     domain : {"index", "normalized"}, default "index"
         ``"index"``: x is the raster index 0..V-1 (fixed-grid models such as LLaVA-1.5);
         ``"normalized"``: x = i / V in [0, 1) (dynamic-resolution models such as Qwen2.5-VL).
@@ -92,7 +92,7 @@ class PolynomialBiasFitter(BaseFitter):
             1 <= int(self.degree) <= MAX_DEGREE
         ):
             raise PosbiasError(
-                f"PolynomialBiasFitter: degree={self.degree!r} is not allowed; use an integer 1..{MAX_DEGREE} (3 is the seed's choice)"
+                f"PolynomialBiasFitter: degree={self.degree!r} is not allowed; use an integer 1..{MAX_DEGREE} (3 is the PosPrune paper's choice)"
             )
         self._check_domain()
         degree = int(self.degree)
@@ -134,7 +134,7 @@ class PolynomialBiasFitter(BaseFitter):
         return out
 
     def unscaled_coef(self) -> np.ndarray:
-        """Coefficients ``a_k`` in ascending powers of the raw position x (the seed's Eq. 5).
+        """Coefficients ``a_k`` in ascending powers of the raw position x (PosPrune's Eq. 5).
 
         Returns
         -------

@@ -1,9 +1,9 @@
 """Per-layer information loss for UTP retention schedules (section 3.3).
 
-``ell[i]`` (0-based decoder layer i = 0..L-1; the seed's ``l = i + 1``) is the angle
+``ell[i]`` (0-based decoder layer i = 0..L-1; UTP's ``l = i + 1``) is the angle
 ``arccos(cos(f_i, g))`` between the last prompt token's final feature (after the final norm, what the LM
 head reads) when every visual token is removed from layer i on (``f_i``) and the same feature of the
-full model (``g``). Column 0 removes the visual tokens from the very first layer; the seed uses
+full model (``g``). Column 0 removes the visual tokens from the very first layer; UTP uses
 ``l = 2..L``, i.e. columns 1..L-1.
 
 Fast path (:func:`info_loss`): one full forward records the input of every decoder layer, the layer

@@ -181,7 +181,7 @@ def _mmr_select(
     n = int(relevance.shape[0])
     _check_k(k, n)
     if not 0.0 <= float(lam) <= 1.0:
-        raise PosbiasError(f"mmr_lambda={lam!r} must lie in [0, 1]; the seed uses 0.9")
+        raise PosbiasError(f"mmr_lambda={lam!r} must lie in [0, 1]; PosPrune uses 0.9")
     if features.ndim != 2 or features.shape[0] != n:
         raise PosbiasError(f"features have shape {tuple(features.shape)}; expected ({n}, D)")
     if not bool(torch.isfinite(relevance).all()):
@@ -682,7 +682,7 @@ def _soft_nms_select(
     sigma_d, sigma_s : float
         Spatial and similarity decay widths (anchors: 1.5 and 0.05).
     window : int
-        Odd side length of the suppression square (the seed's text: 5; 11 holds the released radius 5).
+        Odd side length of the suppression square (AdaptPrune's text: 5; 11 holds the released radius 5).
     groups : torch.Tensor, optional
         (N,) sub-image id; suppression never crosses sub-images.
     radius : float, optional
@@ -794,9 +794,9 @@ def arp_quota(
     """
     for name, r in (("arp_centre_ratio", centre_ratio), ("arp_edge_ratio", edge_ratio)):
         if not 0.0 <= float(r) < 1.0:
-            raise PosbiasError(f"{name}={r!r} must lie in [0, 1) (the seed uses 0.25 centre, 0.5 edge)")
+            raise PosbiasError(f"{name}={r!r} must lie in [0, 1) (PosPrune uses 0.25 centre, 0.5 edge)")
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise PosbiasError(f"arp_blocks={blocks!r} must be a positive int (the seed uses 6)")
+        raise PosbiasError(f"arp_blocks={blocks!r} must be a positive int (PosPrune uses 6)")
     n_rows, n_cols = int(grid[0]), int(grid[1])
     br_n, bc_n = max(1, min(blocks, n_rows // 2)), max(1, min(blocks, n_cols // 2))  # blocks of >= 2 tokens a side
     br = (rows.to(torch.int64) * br_n) // n_rows  # (N,)

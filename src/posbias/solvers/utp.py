@@ -1,7 +1,7 @@
 """UTP layer-wise retention schedules (section 3.3, Eqs. 3-5), solved exactly.
 
-Indexing: decoder layers are 0-based here, ``i = 0..L-1`` (the seed's ``l = i + 1``). Layer 0 keeps all
-``V`` visual tokens (the seed's ``r_1 = V``); a schedule is ``r = (r_0 = V, r_1, ..., r_{L-1})`` with
+Indexing: decoder layers are 0-based here, ``i = 0..L-1`` (UTP's ``l = i + 1``). Layer 0 keeps all
+``V`` visual tokens (UTP's ``r_1 = V``); a schedule is ``r = (r_0 = V, r_1, ..., r_{L-1})`` with
 ``V >= r_1 >= ... >= r_{L-1} >= min_keep`` and ``sum_{i>=1} r_i = B`` where
 ``B = round(V * L / c) - V`` for compression ratio ``c`` (:func:`retention_budget`).
 
@@ -16,7 +16,7 @@ progressive top-k pruning for a given schedule.
 Three formulations (docs/utp.md derives them and says what is exact):
 
 ``"tokens"``
-    The seed's Eqs. 4-5 exactly: binary ``x[i, j]`` (token j kept at layer i), nesting ``x[i] <= x[i-1]``, and
+    UTP's Eqs. 4-5 exactly: binary ``x[i, j]`` (token j kept at layer i), nesting ``x[i] <= x[i-1]``, and
     the top-k rule linearised with one monotone threshold vector per layer (``x[i,j] = x[i-1,j] AND z[i, rank(j)]``).
     Optimal for progressive top-k pruning; ``O(V L)`` binaries per sample, practical only for small V L.
 ``"compact"`` (default)
@@ -67,7 +67,7 @@ __all__ = [
 FORMULATIONS: tuple[str, ...] = ("compact", "pwl", "tokens")
 
 #: largest S * (L-1) * V (binaries x of the token-level program) for which ``token_bound="auto"`` also solves the
-#: seed's token-level program (Eqs. 4-5) next to the compact optimum (V=64, L=8, S=3: 1344, a few seconds)
+#: UTP's token-level program (Eqs. 4-5) next to the compact optimum (V=64, L=8, S=3: 1344, a few seconds)
 TOKEN_BOUND_MAX = 2048
 
 #: seconds the token-level program may take when solved as a bound next to another formulation
@@ -88,7 +88,7 @@ def retention_budget(n_visual: int, n_layers: int, ratio: float, *, min_keep: in
     n_layers : int
         L, decoder layers (>= 2).
     ratio : float
-        Compression ratio c >= 1 (the seed's CR as a factor: 4 for "400%").
+        Compression ratio c >= 1 (UTP's CR as a factor: 4 for "400%").
     min_keep : int
         Tokens every layer keeps at least.
 
@@ -886,7 +886,7 @@ class UTPSolver:
     evaluate : bool
         Also score the schedule under the other models (``objective_compact_``, ``objective_progressive_``).
     token_bound : "auto" or bool
-        Also solve the seed's token-level program (exact for progressive top-k, HiGHS, at most
+        Also solve UTP's token-level program (exact for progressive top-k, HiGHS, at most
         :data:`TOKEN_BOUND_SECONDS`) as a reference for the chosen schedule's progressive loss (joint mode, not for
         ``"tokens"`` itself); ``"auto"``: only when S (L-1) V <= :data:`TOKEN_BOUND_MAX`.
 
@@ -901,7 +901,7 @@ class UTPSolver:
     objective_compact_ : float
         The same schedule's summed loss under the exact compact tables (NaN unless ``evaluate``).
     objective_progressive_ : float
-        The same schedule's summed loss under progressive top-k pruning, the seed's model
+        The same schedule's summed loss under progressive top-k pruning, UTP's model
         (:func:`simulate_loss`; NaN unless ``evaluate``).
     levels_ : list of int or None
         Breakpoints used by ``"pwl"``/``"compact"`` (last solve; None for ``"tokens"``).
