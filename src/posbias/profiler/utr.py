@@ -25,6 +25,7 @@ import numpy as np
 
 from posbias.errors import PosbiasError
 from posbias._hf_compat import (
+    _CACHE_NAMES,
     PrefixCache,
     attention_implementation,
     cache_layer_kv,
@@ -128,7 +129,7 @@ def _suffix_kwargs(kw: dict[str, Any], suffix_idx: Any, batch: int, mask: Any, c
             shape = list(p.shape)
             shape[-2] = batch
             out[key] = p.expand(*shape)
-        elif key in ("attention_mask", "cache", "past_key_values", "past_key_value", "cache_position", "use_cache"):
+        elif key in ("attention_mask", "cache_position", "use_cache") or key in _CACHE_NAMES:  # our own mask and cache go in
             continue
         else:
             out[key] = val

@@ -44,11 +44,19 @@ class MilpResult:
 
 
 
+#: whether this process has built its first Highs (the one that prints the banner)
+_BANNER_SHOWN = False
+
+
 def _new_highs() -> Any:
     """A ``highspy.Highs`` instance without the copyright banner that highspy >= 1.16 prints to the process's
     standard output (file descriptor 1, below Python's ``sys.stdout``) when the first one is constructed."""
     import highspy
 
+    global _BANNER_SHOWN
+    if _BANNER_SHOWN:  # printed once per process: later instances need no redirect
+        return highspy.Highs()
+    _BANNER_SHOWN = True
     sys.stdout.flush()
     try:
         saved = os.dup(1)
@@ -61,6 +69,7 @@ def _new_highs() -> Any:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
 
 def solve_milp(
     cost: np.ndarray,
