@@ -46,16 +46,26 @@ class VisualLayout:
     Attributes
     ----------
     visual_index : np.ndarray
-        (V,) int64, ascending sequence positions of the visual tokens in ``input_ids``.
+        (V,) int64, ascending sequence positions of the visual tokens in ``input_ids`` (every position the
+        image fills, separator / newline tokens included).
     rows, cols : np.ndarray
-        (V,) int64, grid coordinates of each visual token on the grid the LLM sees
-        (LLaVA: 24x24 patch grid; Qwen2.5-VL: the grid after the 2x2 merge).
+        (V,) int64, coordinates of each visual token in its tile (LLaVA-1.5: the 24x24 patch grid;
+        Qwen2-VL / Qwen2.5-VL: the grid after the 2x2 merge; any-resolution models: the tile's own grid).
+        A separator token carries the row it ends and column ``-1``.
     grid : tuple of int
-        (rows, cols) of that grid; ``rows * cols == V`` for one image.
+        (rows, cols) of the first tile's grid; for one-tile layouts ``rows * cols == V``.
     position_ids : np.ndarray
         (V, P) int64 RoPE position ids of the visual tokens; P = 1 for 1-D RoPE, 3 for M-RoPE (t, h, w).
     seq_len : int
         Length of the whole prompt (text + visual tokens).
+    tile : np.ndarray or None
+        (V,) int64 tile (sub-image) index of each token, ascending in sequence order; None means one tile
+        (all zeros).
+    tiles : tuple of (int, int) or None
+        Grid (rows, cols) of each tile, index = tile; None means ``(grid,)``.
+    separator : np.ndarray or None
+        (V,) bool, True for tokens that belong to no grid cell (LLaVA-NeXT's ``image_newline``, InternVL's
+        tile boundary tokens when they share the image token id); None means no separators.
     """
 
     visual_index: np.ndarray
@@ -64,10 +74,26 @@ class VisualLayout:
     grid: tuple[int, int]
     position_ids: np.ndarray
     seq_len: int
+    tile: np.ndarray | None = None
+    tiles: tuple[tuple[int, int], ...] | None = None
+    separator: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        v = int(np.asarray(self.visual_index).shape[0])
+        if self.tile is None:
+            object.__setattr__(self, "tile", np.zeros(v, dtype=np.int64))
+        if self.tiles is None:
+            object.__setattr__(self, "tiles", (tuple(int(x) for x in self.grid),))
+        if self.separator is None:
+            object.__setattr__(self, "separator", np.zeros(v, dtype=bool))
 
     @property
     def n_visual(self) -> int:
         return int(self.visual_index.shape[0])
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
 
     @property
     def visual_start(self) -> int:
