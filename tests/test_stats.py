@@ -160,9 +160,9 @@ def test_small_store_degrades_and_explicit_requests_fail(tmp_path):
     assert res.statistics["pbc_degree"]["n_folds"] == 5
     with pytest.raises(PosbiasError, match=r"groups of 4 need 8 samples.*sizes <= 3"):
         fit_calibration(path, group_sizes=[2, 4])
-    with pytest.raises(PosbiasError, match="--cv-folds 7.*at least 7 samples"):
+    with pytest.raises(PosbiasError, match="cv_folds=7.*at least 7 samples"):
         fit_calibration(path, cv_folds=7)
-    with pytest.raises(PosbiasError, match="--degree"):
+    with pytest.raises(PosbiasError, match="degree="):
         fit_calibration(path, degree="six")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from posbias.errors import PosbiasError
 
-__all__ = ["main", "build_parser", "unknown_command", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "unknown_command", "flag_wording", "SUBCOMMANDS"]
 
 #: import names of the ``posbias[profile]`` extra (the runtime-only install has none of these)
 PROFILE_MODULES = ("numpy", "scipy", "statsmodels", "h5py", "highspy", "matplotlib", "PIL", "skimage", "sklearn",
@@ -58,6 +58,32 @@ def unknown_command(word: str) -> str:
     )
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= _option_strings(child)
+    return found
+
+
+def flag_wording(message: str, *parsers: argparse.ArgumentParser) -> str:
+    """A library message in the command line's words: a parameter that is also an option (``cv_folds=7``,
+    ``shallow_layer``) is named by its flag (``--cv-folds 7``, ``--shallow-layer``)."""
+    import re
+
+    options = set().union(*(_option_strings(p) for p in parsers))
+
+    def flag(match: re.Match[str]) -> str:
+        name, assign = match.group(1), match.group(2) or ""
+        option = "--" + name.replace("_", "-")
+        if option not in options or (not assign and "_" not in name):
+            return match.group(0)
+        return f"{option} " if assign else option
+
+    return re.sub(r"(?<![\w./'\"-])([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:(=)|(?![\w(=-]))", flag, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``profile-bias`` console script; returns the exit status."""
     import importlib.util
@@ -91,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exception(err, file=sys.stderr)
-        print(f"{PROG}: error: {' '.join(str(shown).split())}", file=sys.stderr)
+        print(f"{PROG}: error: {flag_wording(' '.join(str(shown).split()), top, stages)}", file=sys.stderr)
         return int(shown.exit_code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
