@@ -193,7 +193,7 @@ class ReportData:
 
 
 def _method_layers(cal_methods: dict[str, Any], n_layers: int) -> tuple[int, int, int, str | None]:
-    from posbias.pipeline import default_layers
+    from posbias.fitters.layers import default_layers
 
     d_shallow, d_deep = default_layers(n_layers) if n_layers >= 2 else (0, 0)
     pbc = cal_methods.get("posprune-pbc") or {}
