@@ -42,7 +42,7 @@ def cubic(x, u, v):
 def _write_store(path: Path, options: dict) -> Path:
     try:
         from posbias.testing import write_synthetic_store
-    except ImportError:  # posbias before the redesign (writes the baseline)
+    except ImportError:  # posbias before the redesign (wrote the baseline)
         from posbias.fitters.synthetic import write_synthetic_store
     return write_synthetic_store(path, n_layers=6, shallow_bias=cubic, **options)
 

@@ -12,7 +12,7 @@ layer i on, and the text tokens before the image are unchanged at every layer (c
 starts from the recorded input of layer i restricted to the text tokens after the image and runs
 layers i..L-1 on those only, attending to the prefix's cached keys/values and to each other, with
 their original RoPE positions (the recorded cos/sin gathered, which carries Qwen2.5-VL's 3-D M-RoPE
-unchanged). All L runs go through each layer as one batch. Naive path (:func:`info_loss_naive`): L ordinary full forwards, each with the text
+unchanged). All L runs go through each layer as one batch. Naive path (:func:`posbias.testing.info_loss_naive`, the tests' reference): L ordinary full forwards, each with the text
 queries' attention to visual keys masked from layer i on.
 """
 
@@ -27,15 +27,13 @@ from posbias.errors import PosbiasError
 from posbias._hf_compat import (
     _CACHE_NAMES,
     PrefixCache,
-    attention_implementation,
     cache_layer_kv,
     layer_cache_kwarg,
     output_cache,
-    set_attention_implementation,
 )
 
 __all__ = [
-    "fill_utr_loss","feature_angle", "info_loss", "info_loss_naive", "profile_info_loss"]
+    "fill_utr_loss","feature_angle", "info_loss", "profile_info_loss"]
 
 
 def feature_angle(f: Any, g: Any) -> np.ndarray:
@@ -204,75 +202,6 @@ def info_loss(adapter: Any, inputs: dict[str, Any], *, return_features: bool = F
     g_np = g.double().cpu().numpy()  # (D,) float64
     ell = feature_angle(f, g_np)  # (L,)
     return (ell, f, g_np) if return_features else ell
-
-
-def info_loss_naive(adapter: Any, inputs: dict[str, Any], *, return_features: bool = False) -> Any:
-    """Information loss ``ell`` (L,) by L full forwards (reference for :func:`info_loss`).
-
-    Forward i runs the unmodified model except that, from layer i on, text queries cannot attend to
-    visual keys (the causal mask of those layers is edited): the text tokens then compute exactly what
-    they would with the visual tokens removed from layer i on. Needs a tensor mask, so it runs the model
-    with eager attention for the duration of the call.
-    """
-    import torch
-
-    text, vis = _check_inputs(adapter, inputs)
-    lm = adapter.language_model()
-    layers = list(lm.layers)
-    model = adapter.model
-    _, _, g, _ = _record_full(adapter, inputs)
-    s = int(inputs["input_ids"].shape[1])
-    dtype = adapter.model.get_input_embeddings().weight.dtype
-    dev = g.device
-    neg = torch.finfo(dtype).min
-    base = torch.full((s, s), neg, dtype=dtype, device=dev).triu(1)  # (S, S) additive causal
-    blocked = base.clone()
-    ti = torch.as_tensor(text, device=dev)
-    vi = torch.as_tensor(vis, device=dev)
-    blocked[ti.unsqueeze(1), vi.unsqueeze(0)] = neg  # text queries cannot see visual keys
-    base4 = base[None, None]  # (1, 1, S, S)
-    blocked4 = blocked[None, None]  # (1, 1, S, S)
-
-    feats = []
-    for start in range(len(layers)):
-
-        def pre_hook(idx: int):
-            def hook(module: Any, args: tuple, kwargs: dict) -> tuple:
-                kwargs = dict(kwargs)
-                kwargs["attention_mask"] = blocked4 if idx >= start else base4
-                return args, kwargs
-
-            return hook
-
-        handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        final: list[Any] = [None]
-        handles.append(lm.norm.register_forward_hook(lambda m, a, o: final.__setitem__(0, o.detach())))
-        old = _set_eager(model)
-        try:
-            with torch.inference_mode():
-                model(**inputs, use_cache=False, logits_to_keep=1)
-        finally:
-            _restore_attn(model, old)
-            for h in handles:
-                h.remove()
-        feats.append(final[0][0, -1].double().cpu().numpy())
-    f = np.stack(feats)  # (L, D) float64
-    g_np = g.double().cpu().numpy()  # (D,)
-    ell = feature_angle(f, g_np)
-    return (ell, f, g_np) if return_features else ell
-
-
-def _set_eager(model: Any) -> Any:
-    """Switch the decoder to eager attention; returns the previous implementation name."""
-    lm = model.model.language_model
-    old = attention_implementation(lm)
-    set_attention_implementation(lm, "eager")
-    return old
-
-
-def _restore_attn(model: Any, old: Any) -> None:
-    if old is not None:
-        set_attention_implementation(model.model.language_model, old)
 
 
 def profile_info_loss(

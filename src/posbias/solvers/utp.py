@@ -54,7 +54,6 @@ __all__ = [
     "ranking_metric",
     "simulate_loss",
     "iter_schedules",
-    "brute_force",
     "compact_tables",
     "summed_tables",
     "keep_levels",
@@ -212,21 +211,6 @@ def iter_schedules(n_visual: int, n_layers: int, budget: int, *, min_keep: int =
 
     for sched in rec([n_visual], budget, n_layers - 1):
         yield np.asarray(sched, dtype=np.int64)
-
-
-def brute_force(
-    metrics: Sequence[np.ndarray], losses: np.ndarray, budget: int, *, min_keep: int = 1
-) -> tuple[np.ndarray, float]:
-    """(best schedule, its summed progressive loss) by enumerating :func:`iter_schedules` (tests only)."""
-    v, n_layers = np.asarray(metrics[0]).shape
-    best, best_val = None, np.inf
-    for sched in iter_schedules(v, n_layers, budget, min_keep=min_keep):
-        val = sum(simulate_loss(m, ell, sched) for m, ell in zip(metrics, losses, strict=True))
-        if val < best_val - 1e-12:
-            best, best_val = sched, val
-    if best is None:
-        raise PosbiasError("no admissible schedule; check the budget")
-    return best, float(best_val)
 
 
 def compact_tables(metric: np.ndarray, info_loss: np.ndarray) -> tuple[np.ndarray, float]:
