@@ -140,6 +140,56 @@ def test_cli_names_flags_where_the_library_names_parameters(tmp_path, capsys):
     assert not (tmp_path / "c.json").exists()
 
 
+def test_posbias_error_is_a_value_error():
+    from posbias.errors import EnvironmentFault, FingerprintMismatchError, ModelUnavailableError, PosbiasError, SchemaError
+
+    for cls in (PosbiasError, EnvironmentFault, ModelUnavailableError, SchemaError, FingerprintMismatchError):
+        assert issubclass(cls, ValueError)
+    with pytest.raises(ValueError, match="degree="):
+        from posbias.pipeline import FitConfig
+
+        FitConfig(degree="six")
+
+
+#: modules whose messages still name flags, owned by another change this session (remove once it lands)
+FLAG_MESSAGES_PENDING = {
+    "posbias/profiler/store.py",  # the store becomes a package (helper `store`, issue 16)
+}
+
+
+def _raised_texts(path: Path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            parts = [n.value for n in ast.walk(node.exc) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            yield node.lineno, "".join(parts)
+
+
+def test_library_messages_name_parameters_not_command_line_flags():
+    """Raised messages outside cli/ name no flag of the command line (a command to run, 'profile-bias utr --store S',
+    may; the CLI rewords parameters as its flags, see posbias.cli.flag_wording)."""
+    import re
+
+    import posbias
+    from posbias.cli import _option_strings, build_parser
+
+    flags = set().union(*(_option_strings(p) for p in build_parser())) - {"-h", "--help"}
+    assert {"--cv-folds", "--data", "--overwrite", "--signals"} <= flags
+    root = Path(posbias.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).as_posix()
+        if rel.startswith("posbias/cli/") or rel in FLAG_MESSAGES_PENDING:
+            continue
+        for line, text in _raised_texts(path):
+            text = re.sub(r"profile-bias [^)'\"]*", "", text)  # a command to run names its flags
+            named = {f for f in re.findall(r"(?<![\w-])--[a-z][a-z-]*", text) if f in flags}
+            if named:
+                found.append(f"{rel}:{line}: {sorted(named)} in {text[:100]!r}")
+    assert found == []
+
+
 if __name__ == "__main__":  # write the baseline (run once, with the fit stage before the redesign)
     import tempfile
 

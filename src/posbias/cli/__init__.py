@@ -67,21 +67,27 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return found
 
 
+#: library parameters whose command-line flag is spelled otherwise
+_PARAMETER_FLAGS = {"keeps": "keep"}
+
+
 def flag_wording(message: str, *parsers: argparse.ArgumentParser) -> str:
-    """A library message in the command line's words: a parameter that is also an option (``cv_folds=7``,
-    ``shallow_layer``) is named by its flag (``--cv-folds 7``, ``--shallow-layer``)."""
+    """A library message in the command line's words: a parameter that is also an option of ``parsers`` is named
+    by its flag (``cv_folds=7`` -> ``--cv-folds 7``, ``overwrite=True`` -> ``--overwrite``, ``shallow_layer``
+    -> ``--shallow-layer``); plain words stay (``keep`` alone is not rewritten, ``keep=5`` is)."""
     import re
 
     options = set().union(*(_option_strings(p) for p in parsers))
 
     def flag(match: re.Match[str]) -> str:
-        name, assign = match.group(1), match.group(2) or ""
-        option = "--" + name.replace("_", "-")
-        if option not in options or (not assign and "_" not in name):
+        name = match["name"]
+        option = "--" + _PARAMETER_FLAGS.get(name, name.replace("_", "-"))
+        if option not in options or not (match["true"] or match["assign"] or "_" in name):
             return match.group(0)
-        return f"{option} " if assign else option
+        return f"{option} " if match["assign"] else option
 
-    return re.sub(r"(?<![\w./'\"-])([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:(=)|(?![\w(=-]))", flag, message)
+    pattern = r"(?<![\w./'\"-])(?P<name>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:(?P<true>=True\b)|(?P<assign>=)|(?![\w(=-]))"
+    return re.sub(pattern, flag, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -259,7 +259,7 @@ def _find_samples(wanted: list[str], specs: list[str]) -> list[Any]:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise PosbiasError(
             f"{len(missing)} store sample(s) are in none of the sources {', '.join(specs)} ({shown}); "
-            "pass the --data the store was profiled with"
+            "pass the data sources the store was profiled with"
         )
     return [where[s] for s in wanted]
 
@@ -310,7 +310,7 @@ def fill_utr_loss(
         return 0, int(have.sum())
     specs = list(data) if data else [s for s in str(attrs.get("data", "")).split(",") if s]
     if not specs:
-        raise PosbiasError(f"store {store_path} records no --data; pass --data with the sources it was profiled from")
+        raise PosbiasError(f"store {store_path} records no data sources; pass the sources it was profiled from")
     located = _find_samples(todo, specs)
     if adapter is None:
         from posbias.models import load_adapter
@@ -320,7 +320,7 @@ def fill_utr_loss(
     if fp and adapter.fingerprint() != fp:
         raise PosbiasError(
             f"model {adapter.model_id!r} has fingerprint {adapter.fingerprint()} but store {store_path} was profiled "
-            f"with {fp}; pass the store's model (--model {attrs.get('model_id')})"
+            f"with {fp}; pass the store's model (model={attrs.get('model_id')})"
         )
     if adapter.n_layers != n_layers:
         raise PosbiasError(f"model has {adapter.n_layers} decoder layers, the store {n_layers}; pass the store's model")

@@ -78,7 +78,7 @@ MODES: tuple[str, ...] = ("joint", "per_sample")
 
 
 def retention_budget(n_visual: int, n_layers: int, ratio: float, *, min_keep: int = 1) -> int:
-    """Tokens to keep over layers 1..L-1, ``B = round(V * L / ratio) - V`` (seed Eq. 3).
+    """Tokens to keep over layers 1..L-1, ``B = round(V * L / ratio) - V`` (UTP Eq. 3).
 
     Parameters
     ----------
@@ -97,7 +97,7 @@ def retention_budget(n_visual: int, n_layers: int, ratio: float, *, min_keep: in
         For c < 1, or a budget below ``min_keep`` tokens per layer (c too high for this V and L).
     """
     if not np.isfinite(ratio) or ratio < 1:
-        raise PosbiasError(f"compression ratio {ratio!r} is below 1; pass ratios >= 1 (e.g. --ratios 2,4,8)")
+        raise PosbiasError(f"compression ratio {ratio!r} is below 1; pass ratios >= 1 (e.g. ratios 2, 4, 8)")
     if n_layers < 2:
         raise PosbiasError(f"a schedule needs at least 2 decoder layers, the model has {n_layers}")
     if n_visual < 1:
@@ -123,7 +123,7 @@ def ranking_metric(attn: np.ndarray, attn_pa: np.ndarray | None = None, *, pa_la
     attn : np.ndarray
         (V, L) float last-token attention (head mean) of one sample.
     attn_pa : np.ndarray or None
-        (V, L) or (V, k) float position-agnostic attention of the first layers (seed Eq. 2), or None.
+        (V, L) or (V, k) float position-agnostic attention of the first layers (UTP Eq. 2), or None.
     pa_layers : int
         How many leading layers use ``attn_pa`` (seed default 3).
     """
@@ -167,7 +167,7 @@ def check_schedule(schedule: Sequence[int], n_visual: int, budget: int, *, min_k
 
 
 def simulate_loss(metric: np.ndarray, info_loss: np.ndarray, schedule: Sequence[int]) -> float:
-    """Objective of one sample under progressive top-k pruning (the exact model, seed Eqs. 3-4).
+    """Objective of one sample under progressive top-k pruning (the exact model, UTP Eqs. 3-4).
 
     Parameters
     ----------
