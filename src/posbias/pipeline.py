@@ -7,7 +7,7 @@
 - :func:`report` (:class:`ReportConfig`): the HTML (and PDF) report of a store and its calibration;
 - :func:`run_pipeline`: the three in a row, into one folder (what ``profile-bias`` with no subcommand runs).
 
-Exporting a calibration next to a model's weights is :meth:`posbias.artifacts.Calibration.save_pretrained`.
+Exporting a calibration next to a model's weights is :func:`posbias.artifacts.export_to` (``profile-bias export``).
 The CLI is a thin shell over these functions: it parses its options into the configs and prints.
 Layer indices are 0-based decoder layer indices everywhere in posbias.
 """
