@@ -140,6 +140,43 @@ def test_cli_names_flags_where_the_library_names_parameters(tmp_path, capsys):
     assert not (tmp_path / "c.json").exists()
 
 
+def test_run_pipeline_profiles_fits_and_reports_into_one_folder(tmp_path):
+    from posbias.artifacts import CALIBRATION_FILENAME, Calibration
+    from posbias.pipeline import FitConfig, ProfileConfig, ReportConfig, run_pipeline
+    from posbias.profiler.store import ProfileStore
+
+    lines: list[str] = []
+    seen = []
+    out = tmp_path / "new" / "run"  # created by the profile stage
+    result = run_pipeline(out, ProfileConfig(model="tiny-llava", n=3, progress=False, signals="attn"),
+                          FitConfig(n_boot=5, n_repeats=5, methods=["fastv", "pore"]), ReportConfig(pdf=None),
+                          echo=lambda *a, **k: lines.append(" ".join(map(str, a))),
+                          on_fit=lambda res, path: seen.append((res, path.is_file())))
+    assert result.store == out / "profile.h5" and result.calibration == out / CALIBRATION_FILENAME
+    assert result.html == out / "report.html" and result.html.is_file() and result.pdf is None
+    assert seen and seen[0][1] and seen[0][0] is result.fit
+    assert any(line.startswith("profiled 3 samples") for line in lines)
+    with ProfileStore(result.store) as store:
+        assert store.n_samples == 3
+    cal = Calibration.load(result.calibration)
+    assert set(cal.methods) == {"fastv", "pore"} and cal.to_dict()["defaults"]["method"] == "pore"
+
+
+def test_profile_config_refuses_contradictions_before_any_model_loads(tmp_path, capsys):
+    from posbias.cli import main
+    from posbias.errors import PosbiasError
+    from posbias.pipeline import ProfileConfig
+
+    with pytest.raises(PosbiasError, match="resume=True and overwrite=True"):
+        ProfileConfig(resume=True, overwrite=True)
+    with pytest.raises(PosbiasError, match="n=0"):
+        ProfileConfig(n=0)
+    assert ProfileConfig(data=[]).data == ("embedded",)
+    code = main(["profile", "--model", "no-such-model", "--resume", "--overwrite", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume and --overwrite contradict" in err and not (tmp_path / "r").exists()
+
+
 def test_posbias_error_is_a_value_error():
     from posbias.errors import EnvironmentFault, FingerprintMismatchError, ModelUnavailableError, PosbiasError, SchemaError
 

@@ -742,7 +742,7 @@ class ProfileConfig:
         if self.n is not None and int(self.n) < 1:
             raise PosbiasError(f"n={self.n}: the number of samples must be at least 1")
         if self.resume and self.overwrite:
-            raise PosbiasError("resume and overwrite contradict each other; choose one of them")
+            raise PosbiasError("resume=True and overwrite=True contradict each other; choose one of them")
 
 
 def _sample_stream(config: ProfileConfig) -> Any:
@@ -805,10 +805,10 @@ def profile(config: ProfileConfig, out_dir: str | Path, *, echo: Callable[..., N
     if (out_dir / SHARDS_DIRNAME).is_dir() and not config.overwrite:
         raise PosbiasError(
             f"{out_dir} holds the shards of an unfinished torchrun run; resume it under torchrun, merge them "
-            f"('profile-bias merge {out_dir}/{SHARDS_DIRNAME} --out {out_dir}') or start again (overwrite)"
+            f"('profile-bias merge {out_dir}/{SHARDS_DIRNAME} --out {out_dir}') or start again (overwrite=True)"
         )
     if store_exists(store_path) and not config.resume and not config.overwrite:
-        raise PosbiasError(f"{out_dir} holds an interrupted or finished run; continue it (resume) or start again (overwrite)")
+        raise PosbiasError(f"{out_dir} holds an interrupted or finished run; continue it (resume=True) or start again (overwrite=True)")
     if config.overwrite and (out_dir / SHARDS_DIRNAME).is_dir():
         shutil.rmtree(out_dir / SHARDS_DIRNAME)
     if out_dir.is_dir():
@@ -849,7 +849,7 @@ def _profile_sharded(config: ProfileConfig, out_dir: Path, stream: Any, info: An
     existing = store_exists(store_path) or any(store_exists(p) for p in shard_paths)
     # every rank checks the same files, so every rank fails the same way (nobody waits at a barrier)
     if existing and not config.resume and not config.overwrite:
-        raise PosbiasError(f"{out_dir} holds an interrupted or finished run; continue it (resume) or start again (overwrite)")
+        raise PosbiasError(f"{out_dir} holds an interrupted or finished run; continue it (resume=True) or start again (overwrite=True)")
     plan_ids = stream.ids
     device = f"cuda:{info.local_rank}" if str(config.device) == "cuda" else str(config.device)
     with distributed_context(info) as barrier:
