@@ -36,7 +36,7 @@ def main() -> int:
     args = ap.parse_args()
     store = Path(args.store)
     if not store.is_file():
-        from posbias.fitters.synthetic import write_synthetic_store
+        from posbias.testing import write_synthetic_store
 
         t0 = time.perf_counter()
         write_synthetic_store(store, n_samples=S, grid=GRID, n_layers=LAYERS, shallow_bias=_bias,

@@ -1,6 +1,6 @@
 """Benchmark: HTML + PDF report of an 800-sample store (576 tokens, 32 layers) — target under 30 s.
 
-Writes a synthetic store with a known bias (posbias.fitters.synthetic) and region log-dets, fits it
+Writes a synthetic store with a known bias (posbias.testing) and region log-dets, fits it
 (statistics included; not timed), then times ``render_report`` (HTML and PDF) in a fresh process, imports
 included, and in-process stage by stage.
 
@@ -30,7 +30,7 @@ def _add_region(f) -> None:  # extra= hook of write_synthetic_store: (S, 6, 6) l
 
 
 def build(folder: Path, n: int) -> tuple[Path, Path]:
-    from posbias.fitters.synthetic import write_synthetic_store
+    from posbias.testing import write_synthetic_store
     from posbias.pipeline import fit_calibration
 
     store = folder / "profile.h5"

@@ -18,7 +18,7 @@ from posbias.artifacts import export_to
 from posbias.artifacts.quality import quality_of
 from posbias.data.registry import iter_samples
 from posbias.models import demo_model_dir, load_adapter
-from posbias.pipeline import fit_calibration
+from posbias.pipeline import FitConfig, fit
 from posbias.profiler.run import profile_samples
 from posbias.runtime import Calibration
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"profiled {summary.n_profiled} samples in {summary.seconds:.0f} s -> {work / 'profile.h5'}")
 
     # 2. fit: the bias curves, each with its quality verdict
-    result = fit_calibration(work / "profile.h5")
+    result = fit(work / "profile.h5", FitConfig(seed=0))  # every option of `profile-bias fit`, as fields
     cal_path = result.calibration.save(work / "posbias_calibration.json")
     for name, entry in result.calibration.methods.items():
         if entry.get("quality"):

@@ -158,7 +158,7 @@ def test_plan_over_several_sources_and_quotas() -> None:
     q_rev = plan_samples([b, a], None, seed=4, quotas=[7, 3])
     assert {s.sample_id(i) for s, i in q} == {s.sample_id(i) for s, i in q_rev}
     assert len(plan_samples([a, b], 4, seed=4, quotas=[3, None])) == 4
-    with pytest.raises(PosbiasError, match="one quota per --data"):
+    with pytest.raises(PosbiasError, match="one quota per data source"):
         plan_samples([a, b], None, seed=0, quotas=[1])
     with pytest.raises(PosbiasError, match="more than once"):
         plan_samples([a, ListSource("a", 2)], None, seed=0)

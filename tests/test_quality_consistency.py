@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from posbias.fitters.consistency import settle_size
-from posbias.fitters.synthetic import write_synthetic_store
+from posbias.testing import write_synthetic_store
 from posbias.pipeline import fit_calibration
 
 GRID = (12, 12)

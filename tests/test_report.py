@@ -204,7 +204,7 @@ def test_missing_inputs_say_what_to_run(tmp_path):
 
 
 def test_dynamic_resolution_store(tmp_path):
-    from posbias.fitters.synthetic import write_synthetic_store
+    from posbias.testing import write_synthetic_store
     from posbias.pipeline import fit_calibration
     from posbias.reports.html import render_report
 

@@ -93,7 +93,7 @@ def test_block_edges_and_index():
     block = region_block_index(rows, cols, (24, 24), 6)
     assert np.all(np.bincount(block, minlength=36) == 16)
     assert block[0] == 0 and block[575] == 35 and block[4] == 1 and block[24 * 4] == 6
-    with pytest.raises(PosbiasError, match="region-grid"):
+    with pytest.raises(PosbiasError, match="region.grid"):
         block_edges(24, 0)
 
 
@@ -432,7 +432,7 @@ def test_restored_after_exception(adapter):
 
 
 def test_bad_options(tiny_llava_adapter):
-    with pytest.raises(PosbiasError, match="region-grid"):
+    with pytest.raises(PosbiasError, match="region.grid"):
         SignalCapture(tiny_llava_adapter, region_grid=0)
     with pytest.raises(PosbiasError, match="unknown"):
         SignalCapture(tiny_llava_adapter, signals="attn,vision")

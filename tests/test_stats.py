@@ -1,6 +1,6 @@
 """Bias statistics recover known, injected structure from synthetic stores (issue 4).
 
-Stores are real HDF5 files written with ProfileStoreWriter (posbias.fitters.synthetic); every sample has
+Stores are real HDF5 files written with ProfileStoreWriter (posbias.testing); every sample has
 its own random offset/slope (correlated tokens, like image semantics) plus iid per-token noise.
 """
 
@@ -17,7 +17,7 @@ from posbias.errors import PosbiasError
 from posbias.fitters import GaussianCentreFitter, SurfaceBiasFitter, fitter_from_dict
 from posbias.fitters.density import NOT_PROFILED, default_edge_mask, density_test
 from posbias.fitters.gaussian import gaussian_mask
-from posbias.fitters.synthetic import write_synthetic_store
+from posbias.testing import write_synthetic_store
 from posbias.pipeline import fit_calibration
 
 GRID = (12, 12)
@@ -160,9 +160,9 @@ def test_small_store_degrades_and_explicit_requests_fail(tmp_path):
     assert res.statistics["pbc_degree"]["n_folds"] == 5
     with pytest.raises(PosbiasError, match=r"groups of 4 need 8 samples.*sizes <= 3"):
         fit_calibration(path, group_sizes=[2, 4])
-    with pytest.raises(PosbiasError, match="--cv-folds 7.*at least 7 samples"):
+    with pytest.raises(PosbiasError, match="cv_folds=7.*at least 7 samples"):
         fit_calibration(path, cv_folds=7)
-    with pytest.raises(PosbiasError, match="--degree"):
+    with pytest.raises(PosbiasError, match="degree="):
         fit_calibration(path, degree="six")
 
 

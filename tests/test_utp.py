@@ -9,11 +9,11 @@ import torch
 from posbias.errors import PosbiasError
 from posbias.solvers.utp import (
     UTPSolver,
-    brute_force,
     iter_schedules,
     retention_budget,
     simulate_loss,
 )
+from posbias.testing import brute_force
 
 
 def _instance(seed: int, s: int = 2, v: int = 8, n_layers: int = 5, consistent: bool = False):
@@ -91,7 +91,7 @@ def test_time_limited_solve_reports_and_respects_budget():
 
 
 def test_runtime_masks_nested_and_match_simulation():
-    from posbias.runtime.schedule import schedule_masks
+    from posbias.testing import schedule_masks
 
     mets, ells = _instance(8, s=1)
     sched = [8, 6, 6, 3, 1]
@@ -106,7 +106,8 @@ def test_runtime_masks_nested_and_match_simulation():
 
 @pytest.mark.parametrize("which", ["tiny_llava_adapter", "tiny_qwen_adapter"])
 def test_info_loss_fast_equals_naive(which, request, noise_image):
-    from posbias.profiler.utr import info_loss, info_loss_naive
+    from posbias.profiler.utr import info_loss
+    from posbias.testing import info_loss_naive
 
     adapter = request.getfixturevalue(which)
     inputs = adapter.prepare(noise_image, "what is in the picture")

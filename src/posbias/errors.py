@@ -1,8 +1,8 @@
 """User-facing errors.
 
 Every error a user can fix by changing what they passed (a model name, a path, an option, a file of the
-wrong schema) is a :class:`PosbiasError` whose message is one line naming the input and the fix. The CLI
-prints it as ``profile-bias: error: <message>`` and exits with status 2.
+wrong schema) is a :class:`PosbiasError` (a :class:`ValueError`) whose message is one line naming the input and
+the fix. The CLI prints it as ``profile-bias: error: <message>`` and exits with status 2.
 
 Failures of the machine rather than of the input (a full disk, an exceeded quota, no permission, a
 read-only file system, a folder removed while running, a file where a folder should be) are an
@@ -22,8 +22,12 @@ EXIT_INPUT = 2
 EXIT_ENVIRONMENT = 74
 
 
-class PosbiasError(Exception):
-    """An error caused by user input; the message names the input and the fix."""
+class PosbiasError(ValueError):
+    """An error caused by user input; the message names the input and the fix.
+
+    A :class:`ValueError` (a bad value passed in), so library callers can catch it as one. Library messages
+    name parameters (``cv_folds=7``); the command line names its flags instead (``--cv-folds 7``).
+    """
 
     exit_code = EXIT_INPUT
 

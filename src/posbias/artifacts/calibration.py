@@ -418,5 +418,5 @@ def export_to(
         cal.check_fingerprint(fingerprint, model_id=str(md))
     dest = md / CALIBRATION_FILENAME
     if dest.exists() and not overwrite:
-        raise PosbiasError(f"{dest} exists; pass --overwrite to replace it")
+        raise PosbiasError(f"{dest} exists; pass overwrite=True to replace it")
     return cal.save(dest)

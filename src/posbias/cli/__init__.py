@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from posbias.errors import PosbiasError
 
-__all__ = ["main", "build_parser", "unknown_command", "SUBCOMMANDS"]
+__all__ = ["main", "build_parser", "unknown_command", "flag_wording", "SUBCOMMANDS"]
 
 #: import names of the ``posbias[profile]`` extra (the runtime-only install has none of these)
 PROFILE_MODULES = ("numpy", "scipy", "statsmodels", "h5py", "highspy", "matplotlib", "PIL", "skimage", "sklearn",
@@ -58,6 +58,38 @@ def unknown_command(word: str) -> str:
     )
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= _option_strings(child)
+    return found
+
+
+#: library parameters whose command-line flag is spelled otherwise
+_PARAMETER_FLAGS = {"keeps": "keep"}
+
+
+def flag_wording(message: str, *parsers: argparse.ArgumentParser) -> str:
+    """A library message in the command line's words: a parameter that is also an option of ``parsers`` is named
+    by its flag (``cv_folds=7`` -> ``--cv-folds 7``, ``overwrite=True`` -> ``--overwrite``, ``shallow_layer``
+    -> ``--shallow-layer``); plain words stay (``keep`` alone is not rewritten, ``keep=5`` is)."""
+    import re
+
+    options = set().union(*(_option_strings(p) for p in parsers))
+
+    def flag(match: re.Match[str]) -> str:
+        name = match["name"]
+        option = "--" + _PARAMETER_FLAGS.get(name, name.replace("_", "-"))
+        if option not in options or not (match["true"] or match["assign"] or "_" in name):
+            return match.group(0)
+        return f"{option} " if match["assign"] else option
+
+    pattern = r"(?<![\w./'\"-])(?P<name>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:(?P<true>=True\b)|(?P<assign>=)|(?![\w(=-]))"
+    return re.sub(pattern, flag, message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``profile-bias`` console script; returns the exit status."""
     import importlib.util
@@ -91,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exception(err, file=sys.stderr)
-        print(f"{PROG}: error: {' '.join(str(shown).split())}", file=sys.stderr)
+        print(f"{PROG}: error: {flag_wording(' '.join(str(shown).split()), top, stages)}", file=sys.stderr)
         return int(shown.exit_code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

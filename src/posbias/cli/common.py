@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 from posbias.atomic import check_writable
 from posbias.errors import PosbiasError
+from posbias.pipeline import removing_empty_dir  # noqa: F401  (re-exported: the CLI's commands use it)
 
 __all__ = [
     "HelpFormatter",
@@ -196,29 +195,6 @@ def refuse_existing(outputs: list[tuple[str, str | Path | None]], overwrite: boo
         if not p.parent.is_dir():
             raise PosbiasError(f"{flag} {p}: folder {p.parent} does not exist; create it or choose another path")
         check_writable(p.parent)
-
-
-@contextlib.contextmanager
-def removing_empty_dir(path: Path) -> Iterator[None]:
-    """Remove ``path`` (and the parents created with it) if the block fails and leaves them empty.
-
-    A failed run then leaves no empty output folder behind; a folder that existed before, or that holds
-    anything (a partial store to ``--resume``), is kept.
-    """
-    created: list[Path] = []
-    p = path.absolute()
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    try:
-        yield
-    except BaseException:
-        for q in created:  # innermost first
-            try:
-                q.rmdir()  # only succeeds when empty
-            except OSError:
-                break
-        raise
 
 
 def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:

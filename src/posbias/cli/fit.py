@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from posbias.cli.common import HelpFormatter, add_fit_options, print_table, refuse_existing
+from posbias.pipeline import FitConfig, FitResult, fit
 
-__all__ = ["add_parser", "run", "run_fit"]
+__all__ = ["add_parser", "run", "run_fit", "fit_config", "print_fit"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,40 +29,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-DEFAULT_KEEP = 64
-
-
-def check_keep(keep: int | None, store: Path) -> int:
-    """The ``--keep`` to record (default 64, at most the visual tokens of the store's samples); refuses a
-    value the store's samples cannot have, before anything is fitted or written."""
-    from posbias.errors import PosbiasError
-    from posbias.profiler.store import ProfileStore
-
-    with ProfileStore(store) as st:
-        most = int(st.n_visual.max()) if st.n_samples else None
-    if keep is None:
-        return DEFAULT_KEEP if most is None else min(DEFAULT_KEEP, most)
-    if keep < 1 or (most is not None and keep > most):
-        limit = f"1..{most}" if most is not None else "a positive number"
-        raise PosbiasError(f"--keep {keep}: the samples of {store} have at most {most} visual tokens; choose {limit}")
-    return int(keep)
-
-
-def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
-    from posbias.pipeline import fit_calibration
-
-    keep = check_keep(args.keep, store)
-    result = fit_calibration(
-        store,
+def fit_config(args: argparse.Namespace) -> FitConfig:
+    """The fit stage's options parsed from the command line."""
+    pure = args.pure_exponential or args.pore_form == "pure"
+    return FitConfig(
+        methods=args.methods,
         shallow_layer=args.shallow_layer,
         deep_layer=args.deep_layer,
         pore_layer=args.pore_layer,
         degree=args.degree,
         domain=args.domain,
-        pore_offset="auto" if args.pore_form == "auto" and not args.pure_exponential
-        else (args.pore_form == "offset" and not args.pure_exponential),
-        keep=keep,
-        methods=args.methods,
+        pore_offset="auto" if args.pore_form == "auto" and not pure else args.pore_form == "offset" and not pure,
+        keep=args.keep,
         seed=getattr(args, "seed", 0),
         statistics=not args.no_stats,
         group_sizes=args.group_sizes,
@@ -72,11 +51,20 @@ def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
         gaussian_sigma=args.gaussian_sigma,
         level=args.level,
     )
-    result.calibration.save(out)
+
+
+def print_fit(result: FitResult, out: Path) -> None:
+    """The quality verdicts, the summary table and where the calibration went."""
     print_verdicts(result.calibration.methods)
     print()
     print_table(result.rows, ("method", "quantity", "value"))
     print(f"calibration -> {out}")
+
+
+def run_fit(args: argparse.Namespace, store: Path, out: Path) -> Path:
+    result = fit(store, fit_config(args))
+    result.calibration.save(out)
+    print_fit(result, out)
     return out
 
 

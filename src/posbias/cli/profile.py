@@ -8,19 +8,12 @@ the shards (docs/store.md).
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 from pathlib import Path
-from typing import Any
 
 from posbias.cli.common import HelpFormatter, add_model_options, add_sample_options, check_out_dir, default_out, removing_empty_dir
-from posbias.atomic import check_writable, ensure_folder
-from posbias.errors import PosbiasError
+from posbias.pipeline import DEFAULT_N, SHARDS_DIRNAME, STORE_FILENAME, ProfileConfig
 
-__all__ = ["add_parser", "add_arguments", "run", "run_profile", "SHARDS_DIRNAME", "DEFAULT_N"]
-
-SHARDS_DIRNAME = "shards"
-DEFAULT_N = 32
+__all__ = ["add_parser", "add_arguments", "run", "run_profile", "profile_config", "SHARDS_DIRNAME", "DEFAULT_N"]
 
 _DATA_HELP = (
     "sample source NAME[:PATH][@N]; repeat for several. NAME: embedded (photos shipped with installed packages), "
@@ -80,184 +73,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _plan(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    """(sample stream, the --data options) of ``args``; validates the sources before any model loads."""
-    from posbias.data.registry import iter_samples, resolve_with_quotas, split_quotas
-
-    options = list(args.data or ["embedded"])
-    specs, quotas = split_quotas(options)
-    n = args.n
-    if n is None:
-        n = None if quotas is not None and all(q is not None for q in quotas) else DEFAULT_N
-    elif n < 1:
-        raise PosbiasError(f"--n {n}: the number of samples must be at least 1")
-    sources, quotas = resolve_with_quotas(specs, quotas)
-    return iter_samples(sources, n=n, seed=args.seed, quotas=quotas), options
-
-
-def _capture(args: argparse.Namespace, adapter: Any) -> Any | None:
-    """The capture object for the requested signals (None: plain last-token attention)."""
-    signals = str(getattr(args, "signals", "attn") or "attn")
-    per_head = bool(getattr(args, "per_head", False))
-    if signals.strip() in ("", "attn") and not per_head:
-        return None
-    from posbias.profiler.signals import SignalCapture
-
-    return SignalCapture(adapter, signals=signals, per_head=per_head, region_grid=int(getattr(args, "region_grid", 6)))
-
-
-def _print_summary(summary: Any, store_path: Path) -> None:
-    print(
-        f"profiled {summary.n_profiled} samples in {summary.seconds:.1f} s "
-        f"({summary.samples_per_second:.2f} samples/s) -> {store_path}"
-        + (f" (resumed: {summary.n_resumed} already stored)" if summary.n_resumed else "")
+def profile_config(args: argparse.Namespace) -> ProfileConfig:
+    """The profile stage's options parsed from the command line."""
+    return ProfileConfig(
+        model=args.model, device=args.device, dtype=args.dtype, data=tuple(args.data or ("embedded",)), n=args.n,
+        seed=args.seed, signals=str(getattr(args, "signals", "attn") or "attn"),
+        per_head=bool(getattr(args, "per_head", False)), region_grid=int(getattr(args, "region_grid", 6)),
+        resume=bool(getattr(args, "resume", False)), overwrite=bool(getattr(args, "overwrite", False)),
+        progress=not args.no_progress, verbose=bool(getattr(args, "verbose", False)),
     )
-    if summary.skipped:
-        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(summary.skip_reasons().items()))
-        print(f"skipped {len(summary.skipped)} sample(s) ({kinds}):")
-        for sid, reason in summary.skipped:
-            print(f"  {sid}: {reason}")
-    if summary.non_finite_samples:
-        print(f"warning: {summary.non_finite_samples} sample(s) have NaN/inf attention (fp16 overflow?); fits exclude them")
-
-
-def _device(args: argparse.Namespace, local_rank: int, distributed: bool) -> str:
-    dev = str(args.device)
-    if distributed and dev == "cuda":
-        return f"cuda:{local_rank}"
-    return dev
 
 
 def run_profile(args: argparse.Namespace, out_dir: Path) -> Path:
-    """Load the model and samples named in ``args`` and profile them into ``out_dir``/profile.h5.
+    """Profile the model and samples named in ``args`` into ``out_dir``/profile.h5 (:func:`posbias.pipeline.profile`)."""
+    from posbias.pipeline import profile
 
-    With ``args.resume`` the run continues the store in ``out_dir``. Under torchrun (``WORLD_SIZE`` > 1)
-    each rank profiles its shard into ``out_dir/shards/rankR.h5`` and rank 0 merges them.
-    """
-    from posbias.models import load_adapter
-    from posbias.pipeline import STORE_FILENAME
-    from posbias.profiler.run import dist_info, profile_samples
-    from posbias.profiler.store import store_exists
-
-    resume = bool(getattr(args, "resume", False))
-    overwrite = bool(getattr(args, "overwrite", False))
-    if resume and overwrite:
-        raise PosbiasError("--resume and --overwrite contradict each other; pass one of them")
-    stream, options = _plan(args)
-    info = dist_info()
-    store_path = out_dir / STORE_FILENAME
-    if info.distributed:
-        return _run_sharded(args, out_dir, stream, options, info)
-    if (out_dir / SHARDS_DIRNAME).is_dir() and not overwrite:
-        raise PosbiasError(
-            f"--out {out_dir} holds the shards of an unfinished torchrun run; resume it under torchrun, "
-            f"merge them with 'profile-bias merge {out_dir}/{SHARDS_DIRNAME} --out {out_dir}', or pass --overwrite"
-        )
-    if store_exists(store_path) and not resume and not overwrite:
-        raise PosbiasError(
-            f"--out {out_dir} holds an interrupted or finished run; pass --resume to continue it or --overwrite to start again"
-        )
-    if overwrite and (out_dir / SHARDS_DIRNAME).is_dir():
-        shutil.rmtree(out_dir / SHARDS_DIRNAME)
-    if out_dir.is_dir():
-        check_writable(out_dir)  # a read-only or full folder is found before the model loads
-    adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
-    # created only now, so a bad option or model leaves no empty folder behind; machine faults are one line
-    check_writable(ensure_folder(out_dir, create=True))
-    verbose = bool(getattr(args, "verbose", False))
-    print(f"profiling {len(stream)} sample(s) of {args.model} into {store_path} (the bar shows the time per sample "
-          "and the time left; Ctrl-C stops, --resume continues)", flush=True)
-    summary = profile_samples(
-        adapter,
-        stream,
-        store_path,
-        seed=args.seed,
-        total=len(stream),
-        overwrite=True,
-        resume=resume,
-        progress=not args.no_progress,
-        extra_attrs={"n_requested": int(len(stream)), "data": ",".join(options)},
-        capture=_capture(args, adapter),
-        on_sample=(lambda sid: print(f"committed {sid}", flush=True)) if verbose else None,
-    )
-    _print_summary(summary, store_path)
-    return store_path
-
-
-def _run_sharded(args: argparse.Namespace, out_dir: Path, stream: Any, options: list[str], info: Any) -> Path:
-    from posbias.data.registry import SampleStream
-    from posbias.models import load_adapter
-    from posbias.pipeline import STORE_FILENAME
-    from posbias.profiler.run import distributed_context, profile_samples, shard_items
-    from posbias.profiler.store import ProfileStore, merge_stores, remove_store, store_exists
-
-    resume = bool(getattr(args, "resume", False))
-    overwrite = bool(getattr(args, "overwrite", False))
-    store_path = out_dir / STORE_FILENAME
-    shard_dir = out_dir / SHARDS_DIRNAME
-    shard_paths = sorted(shard_dir.glob("rank*.h5")) if shard_dir.is_dir() else []
-    existing = store_exists(store_path) or any(store_exists(p) for p in shard_paths)
-    # every rank checks the same files, so every rank fails the same way (nobody waits at a barrier)
-    if existing and not resume and not overwrite:
-        raise PosbiasError(
-            f"--out {out_dir} holds an interrupted or finished run; pass --resume to continue it or --overwrite to start again"
-        )
-    plan_ids = stream.ids
-    with distributed_context(info) as barrier:
-        done: set[str] = set()
-        if resume:
-            for p in [store_path, *shard_paths]:
-                if store_exists(p):
-                    with ProfileStore(p) as st:
-                        done |= set(st.sample_ids) | {row[0] for row in st.skipped()}
-        barrier()  # everyone has read the old state before anyone writes or deletes
-        if overwrite and info.rank == 0:
-            remove_store(store_path)
-            if shard_dir.is_dir():
-                shutil.rmtree(shard_dir)
-        barrier()
-        remaining = [(src, i) for src, i in stream.plan if src.sample_id(i) not in done]
-        mine = SampleStream(shard_items(remaining, info.rank, info.world_size))
-        my_store = shard_dir / f"rank{info.rank:03d}.h5"
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        adapter = load_adapter(args.model, device=_device(args, info.local_rank, True), dtype=args.dtype)
-        summary = profile_samples(
-            adapter,
-            mine,
-            my_store,
-            seed=args.seed,
-            total=len(mine),
-            overwrite=not resume,
-            resume=resume,
-            progress=not args.no_progress and info.rank == 0,
-            extra_attrs={
-                "n_requested": int(len(plan_ids)),
-                "data": ",".join(options),
-                "shard_rank": info.rank,
-                "shard_world_size": info.world_size,
-            },
-            capture=_capture(args, adapter),
-        )
-        print(f"[rank {info.rank}/{info.world_size}] ", end="", file=sys.stdout)
-        _print_summary(summary, my_store)
-        barrier()  # every shard is compacted
-        if info.rank == 0:
-            inputs = sorted(shard_dir.glob("rank*.h5"))
-            if store_exists(store_path):
-                inputs = [store_path, *inputs]
-            merge_stores(inputs, store_path, order=plan_ids, dedupe=True, overwrite=True)
-            for p in sorted(shard_dir.glob("rank*.h5")):
-                remove_store(p)
-            shutil.rmtree(shard_dir, ignore_errors=True)
-            with ProfileStore(store_path) as st:
-                print(f"merged {len(inputs)} store(s): {st.n_samples} samples, {len(st.skipped())} skipped -> {store_path}")
-        barrier()
-    return store_path
+    return profile(profile_config(args), out_dir)
 
 
 def run(args: argparse.Namespace) -> int:
-    from posbias.pipeline import STORE_FILENAME
-
     if args.out is None:
         args.out = default_out(args.model)
     out_dir = check_out_dir(args.out, [STORE_FILENAME], args.overwrite or args.resume)

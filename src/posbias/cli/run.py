@@ -1,11 +1,11 @@
-"""``profile-bias`` with no subcommand: the whole pipeline, profile -> fit -> report."""
+"""``profile-bias`` with no subcommand: the whole pipeline, profile -> fit -> report (:func:`posbias.pipeline.run_pipeline`)."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from posbias.cli.common import add_fit_options, check_out_dir, default_out, removing_empty_dir
+from posbias.cli.common import add_fit_options, check_out_dir, default_out
 
 __all__ = ["add_arguments", "run"]
 
@@ -23,23 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from posbias.artifacts import CALIBRATION_FILENAME
-    from posbias.cli.fit import run_fit
-    from posbias.cli.profile import run_profile
-    from posbias.pipeline import REPORT_FILENAME, STORE_FILENAME
-    from posbias.reports.html import render_report
+    from posbias.cli.fit import fit_config, print_fit
+    from posbias.cli.profile import profile_config
+    from posbias.pipeline import PDF_FILENAME, REPORT_FILENAME, STORE_FILENAME, ReportConfig, run_pipeline
 
     start = time.perf_counter()
-    pdf_name = "report.pdf"
     if args.out is None:
         args.out = default_out(args.model)
     out_dir = check_out_dir(
-        args.out, [STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, pdf_name], args.overwrite or args.resume
+        args.out, [STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, PDF_FILENAME], args.overwrite or args.resume
     )
-    with removing_empty_dir(out_dir):
-        store = run_profile(args, out_dir)
-    calibration = run_fit(args, store, out_dir / CALIBRATION_FILENAME)
-    report = render_report(store, calibration, out_dir / REPORT_FILENAME, pdf=out_dir / pdf_name)
-    print(f"report -> {report} and {out_dir / pdf_name}")
-    names = ", ".join([STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, pdf_name])
-    print(f"done in {time.perf_counter() - start:.1f} s; everything is in {out_dir}/: {names} (open {report} in a browser)")
+    result = run_pipeline(out_dir, profile_config(args), fit_config(args), ReportConfig(), on_fit=print_fit)
+    print(f"report -> {result.html} and {result.pdf}")
+    names = ", ".join([STORE_FILENAME, CALIBRATION_FILENAME, REPORT_FILENAME, PDF_FILENAME])
+    print(f"done in {time.perf_counter() - start:.1f} s; everything is in {out_dir}/: {names} (open {result.html} in a browser)")
     return 0

@@ -60,9 +60,9 @@ def _load_json(path: Path, name: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             doc = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PosbiasError(f"--data {name}: annotation file {path} is not readable JSON ({one_line(str(exc), 100)}); re-download it") from exc
+        raise PosbiasError(f"data source {name}: annotation file {path} is not readable JSON ({one_line(str(exc), 100)}); re-download it") from exc
     if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
-        raise PosbiasError(f"--data {name}: {path} is not a COCO annotation file (needs 'images' and 'annotations')")
+        raise PosbiasError(f"data source {name}: {path} is not a COCO annotation file (needs 'images' and 'annotations')")
     return doc
 
 
@@ -83,18 +83,18 @@ class COCOSource(RecordSource):
         self.name = name
         self.images = Path(images).expanduser()
         if not self.images.is_dir():
-            raise PosbiasError(f"--data {name}:{images}: not an image folder; accepted layouts: {'; '.join(COCO_LAYOUTS)}")
+            raise PosbiasError(f"data source {name}:{images}: not an image folder; accepted layouts: {'; '.join(COCO_LAYOUTS)}")
         on_disk = {p.name: p for p in self.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
         ann_files = self._annotation_files(annotations)
         if not on_disk and not ann_files:
-            raise PosbiasError(f"--data {name}:{images}: the folder holds no images; accepted layouts: {'; '.join(COCO_LAYOUTS)}")
+            raise PosbiasError(f"data source {name}:{images}: the folder holds no images; accepted layouts: {'; '.join(COCO_LAYOUTS)}")
         self._records = self._build(on_disk, ann_files)
 
     @classmethod
     def from_spec(cls, arg: str | None) -> COCOSource:
         """Factory for ``--data coco:IMAGES[:ANNOTATIONS]``."""
         if not arg:
-            raise PosbiasError(f"--data coco needs a path; accepted layouts: {'; '.join(COCO_LAYOUTS)}")
+            raise PosbiasError(f"data source coco needs a path; accepted layouts: {'; '.join(COCO_LAYOUTS)}")
         return cls(*split_spec(arg))
 
     def _annotation_files(self, annotations: str | Path | None) -> dict[str, Path]:
@@ -116,7 +116,7 @@ class COCOSource(RecordSource):
             if out:
                 return out
         raise PosbiasError(
-            f"--data {self.name}: annotations {annotations} are not an instances_*.json / captions_*.json file or a "
+            f"data source {self.name}: annotations {annotations} are not an instances_*.json / captions_*.json file or a "
             f"folder holding them; accepted layouts: {'; '.join(COCO_LAYOUTS)}"
         )
 

@@ -331,7 +331,7 @@ class EmbeddedSource(SampleSource):
     def from_spec(cls, arg: str | None) -> EmbeddedSource:
         """Registry factory: ``--data embedded`` (no path part)."""
         if arg:
-            raise PosbiasError(f"source 'embedded' takes no path (got 'embedded:{arg}'); use --data embedded")
+            raise PosbiasError(f"source 'embedded' takes no path (got 'embedded:{arg}'); use the source 'embedded'")
         return cls()
 
     def __len__(self) -> int:

@@ -302,7 +302,7 @@ class RecordSource(SampleSource):
         self.path = Path(path).expanduser()
         if not self.path.exists():
             raise PosbiasError(
-                f"--data {name}:{path}: no such file or folder; pass a local copy of {benchmark} ({'; or '.join(layouts)})"
+                f"data source {name}:{path}: no such file or folder; pass a local copy of {benchmark} ({'; or '.join(layouts)})"
             )
         self._rows = None
         return find_parquet_files(self.path)

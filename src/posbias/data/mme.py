@@ -68,7 +68,7 @@ class MMESource(RecordSource):
             cats = self._category_dirs(self.path)
             if not cats:
                 raise PosbiasError(
-                    f"--data {name}:{path} matches no MME layout; accepted layouts: {'; '.join(MME_LAYOUTS)}"
+                    f"data source {name}:{path} matches no MME layout; accepted layouts: {'; '.join(MME_LAYOUTS)}"
                 )
             self.layout = "folder"
             self._records = self._index_folder(cats)
@@ -77,7 +77,7 @@ class MMESource(RecordSource):
     def from_spec(cls, arg: str | None) -> MMESource:
         """Factory for ``--data mme:PATH``."""
         if not arg:
-            raise PosbiasError(f"--data mme needs a path: mme:PATH ({'; or '.join(MME_LAYOUTS)})")
+            raise PosbiasError(f"data source mme needs a path: mme:PATH ({'; or '.join(MME_LAYOUTS)})")
         return cls(arg)
 
     # -- indexing

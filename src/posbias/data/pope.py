@@ -100,7 +100,7 @@ class POPESource(RecordSource):
             return
         qfiles = self._question_files(self.path)
         if not qfiles:
-            raise PosbiasError(f"--data {name}:{path} matches no POPE layout; accepted layouts: {'; '.join(POPE_LAYOUTS)}")
+            raise PosbiasError(f"data source {name}:{path} matches no POPE layout; accepted layouts: {'; '.join(POPE_LAYOUTS)}")
         self.layout = "jsonl"
         self.images = self._image_dir(images, qfiles[0].parent)
         self._records = self._index_jsonl(qfiles)
@@ -109,7 +109,7 @@ class POPESource(RecordSource):
     def from_spec(cls, arg: str | None) -> POPESource:
         """Factory for ``--data pope:QUESTIONS[:IMAGES]``."""
         if not arg:
-            raise PosbiasError(f"--data pope needs a path: pope:PATH ({'; or '.join(POPE_LAYOUTS)})")
+            raise PosbiasError(f"data source pope needs a path: pope:PATH ({'; or '.join(POPE_LAYOUTS)})")
         return cls(*split_spec(arg))
 
     # -- indexing
@@ -138,7 +138,7 @@ class POPESource(RecordSource):
             key = f"{variant}/{qid}" if qid is not None and str(qid).strip() else f"{variant}/row{i}"
             out.append(_Record(key, variant, q and str(q).strip(), _label(a), row=i, bad=bad,
                                origin=self._folder_of(files[rows.file_of(i)])))
-        return drop_repeats(out, [r.origin for r in out], _same, f"--data {self.name}:{self.path}")
+        return drop_repeats(out, [r.origin for r in out], _same, f"data source {self.name}:{self.path}")
 
     def _folder_of(self, f: Path) -> str:
         """Folder of ``f`` relative to the source path, for messages (``data/``, ``Full/``)."""
@@ -164,7 +164,7 @@ class POPESource(RecordSource):
             elif _looks_like_questions(p):
                 out.append(p)
             else:
-                note(f"--data pope:{path}: ignoring {p.name}: not a POPE question file (lines with question_id, "
+                note(f"data source pope:{path}: ignoring {p.name}: not a POPE question file (lines with question_id, "
                      "image, text, label)")
         return out
 
@@ -172,13 +172,13 @@ class POPESource(RecordSource):
         if images is not None:
             d = Path(images).expanduser()
             if not d.is_dir():
-                raise PosbiasError(f"--data {self.name}: image folder {images} does not exist; pass the COCO val2014 folder after ':'")
+                raise PosbiasError(f"data source {self.name}: image folder {images} does not exist; pass the COCO val2014 folder after ':'")
             return d
         for d in (qdir / "val2014", qdir / "images", qdir, qdir.parent / "val2014"):
             if d.is_dir() and any(p.suffix.lower() in (".jpg", ".jpeg", ".png") for p in d.iterdir()):
                 return d
         raise PosbiasError(
-            f"--data {self.name}:{self.path}: no COCO val2014 image folder found next to the question files; "
+            f"data source {self.name}:{self.path}: no COCO val2014 image folder found next to the question files; "
             f"pass it as {self.name}:QUESTIONS:IMAGES"
         )
 
@@ -214,7 +214,7 @@ class POPESource(RecordSource):
                 bad = None if label else f"line {li + 1} of {f}: label {one_line(str(obj['label']), 40)!r} is not yes/no"
                 out.append(_Record(key, variant, str(obj["text"]).strip(), label, image=self.images / str(obj["image"]), bad=bad,
                                    origin=f.name))
-        return drop_repeats(out, [r.origin for r in out], _same, f"--data {self.name}:{self.path}")
+        return drop_repeats(out, [r.origin for r in out], _same, f"data source {self.name}:{self.path}")
 
     # -- SampleSource
 

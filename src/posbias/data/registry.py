@@ -79,10 +79,10 @@ def known_sources() -> list[str]:
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """``"mme:/data/MME"`` -> ``("mme", "/data/MME")``; ``"embedded"`` -> ``("embedded", None)``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise PosbiasError(f"--data {spec!r}: give a source as NAME or NAME:PATH; known: {', '.join(known_sources())}")
+        raise PosbiasError(f"data source {spec!r}: give a source as NAME or NAME:PATH; known: {', '.join(known_sources())}")
     name, sep, arg = spec.strip().partition(":")
     if sep and not arg:
-        raise PosbiasError(f"--data {spec}: the path after ':' is empty; use {name} or {name}:PATH")
+        raise PosbiasError(f"data source {spec}: the path after ':' is empty; use {name} or {name}:PATH")
     return name, (arg if sep else None)
 
 
@@ -95,7 +95,7 @@ def parse_data_option(option: str) -> tuple[str, int | None]:
     The quota is the number of samples to draw from that source (``@all`` for every record).
     """
     if not isinstance(option, str) or not option.strip():
-        raise PosbiasError(f"--data {option!r}: give a source as NAME[:PATH][@N]; known: {', '.join(known_sources())}")
+        raise PosbiasError(f"data source {option!r}: give a source as NAME[:PATH][@N]; known: {', '.join(known_sources())}")
     m = _QUOTA_RE.match(option.strip())
     if not m:
         return option.strip(), None
@@ -103,7 +103,7 @@ def parse_data_option(option: str) -> tuple[str, int | None]:
     if quota == "all":
         return spec, None
     if not quota.isdigit():
-        raise PosbiasError(f"--data {option}: the quota after '@' must be a whole number or 'all', e.g. {spec}@200")
+        raise PosbiasError(f"data source {option}: the quota after '@' must be a whole number or 'all', e.g. {spec}@200")
     return spec, int(quota)
 
 
@@ -143,7 +143,7 @@ def get_source(spec: str) -> SampleSource:
     """
     name, arg = parse_spec(spec)
     if name not in _REGISTRY:
-        raise PosbiasError(f"--data {spec}: unknown sample source {name!r}; known sources: {', '.join(known_sources())}")
+        raise PosbiasError(f"data source {spec}: unknown sample source {name!r}; known sources: {', '.join(known_sources())}")
     source = _resolve_factory(name, _REGISTRY[name])(arg)
     if not isinstance(source, SampleSource):
         raise PosbiasError(f"source {name!r}: its factory returned {type(source).__name__}, not a SampleSource")
@@ -171,7 +171,7 @@ class UnionSource(SampleSource):
                 seen.add(key)
                 self._index.append((k, i))
         if repeated:
-            note(f"--data {' + '.join(specs)}: {repeated} record(s) have the ids of records of an earlier copy; "
+            note(f"data sources {' + '.join(specs)}: {repeated} record(s) have the ids of records of an earlier copy; "
                  "each id is read once")
 
     def __len__(self) -> int:
@@ -193,7 +193,7 @@ def resolve_with_quotas(
     become one :class:`UnionSource` whose quota is the sum of theirs (``None`` if any is ``None``)."""
     dup = sorted({s for s in specs if list(specs).count(s) > 1})
     if dup:
-        raise PosbiasError(f"--data names source(s) {dup} more than once; give each source once")
+        raise PosbiasError(f"data sources name source(s) {dup} more than once; give each source once")
     order: list[str] = []
     groups: dict[str, list[int]] = {}
     for k, spec in enumerate(specs):
@@ -245,11 +245,11 @@ def resolve_sources(specs: Iterable[str | SampleSource | Sequence[str]]) -> list
             sources.append(UnionSource(parse_spec(group[0])[0], [get_source(g) for g in group], group)
                            if len(group) > 1 else get_source(group[0]))
     if not sources:
-        raise PosbiasError("no sample source given; pass --data NAME[:PATH] (e.g. --data embedded)")
+        raise PosbiasError("no sample source given; pass a data source NAME[:PATH] (e.g. embedded)")
     names = [s.name for s in sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise PosbiasError(f"--data names source(s) {dup} more than once; give each source once")
+        raise PosbiasError(f"data sources name source(s) {dup} more than once; give each source once")
     return sources
 
 
@@ -288,7 +288,7 @@ def plan_samples(
     srcs = [sources] if isinstance(sources, SampleSource) else list(sources)
     srcs = resolve_sources(srcs)
     if n is not None and (isinstance(n, bool) or int(n) < 0):
-        raise PosbiasError(f"--n {n}: the number of samples must be >= 0")
+        raise PosbiasError(f"n={n}: the number of samples must be >= 0")
     sizes = np.array([len(s) for s in srcs], dtype=np.int64)  # (K,)
     if quotas is None:
         starts = np.concatenate([[0], np.cumsum(sizes)])  # (K+1,)
@@ -296,7 +296,7 @@ def plan_samples(
         which = np.searchsorted(starts, chosen, side="right") - 1  # (N,) source of each pick
         return [(srcs[int(k)], int(g - starts[k])) for g, k in zip(chosen, which, strict=True)]
     if len(quotas) != len(srcs):
-        raise PosbiasError(f"{len(quotas)} quotas for {len(srcs)} sources; give one quota per --data")
+        raise PosbiasError(f"{len(quotas)} quotas for {len(srcs)} sources; give one quota per data source")
     picks: list[tuple[SampleSource, int]] = []
     for src, size, quota in zip(srcs, sizes, quotas, strict=True):
         if quota is not None and (isinstance(quota, bool) or int(quota) < 0):

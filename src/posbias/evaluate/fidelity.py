@@ -108,7 +108,7 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
 
 
 def layer_flops(n: int, d: int, m: int) -> float:
-    """Seed 000 Eq. 8: attention + MLP FLOPs of one decoder layer over ``n`` tokens."""
+    """PosPrune Eq. 8: attention + MLP FLOPs of one decoder layer over ``n`` tokens."""
     return 4.0 * n * d * d + 2.0 * n * n * d + 2.0 * n * d * m
 
 
@@ -130,12 +130,12 @@ def calibration_sample_ids(calibration: Calibration, calibration_path: str | Pat
     elif calibration_path is not None:
         path = Path(calibration_path).parent / name
     else:
-        raise PosbiasError("cannot find the calibration's profile store; pass --store PATH to exclude its samples")
+        raise PosbiasError("cannot find the calibration's profile store; pass store=PATH to exclude its samples")
     from posbias.profiler.store import ProfileStore, store_exists
 
     if not (path.exists() or store_exists(path)):
         raise PosbiasError(
-            f"the calibration's profile store {path} does not exist; pass --store PATH (the {name} the "
+            f"the calibration's profile store {path} does not exist; pass store=PATH (the {name} the "
             "calibration was fitted on) so that its samples can be excluded"
         )
     with ProfileStore(path) as st:
@@ -312,11 +312,11 @@ def evaluate(
     calibration.check_fingerprint(fingerprint, model_id=adapter.model_id)
     bad = [m for m in config.methods if m not in PRUNE_METHODS]
     if bad:
-        raise PosbiasError(f"unknown method(s) {bad} in --methods; use any of {', '.join(PRUNE_METHODS)}")
+        raise PosbiasError(f"unknown method(s) {bad} in methods; use any of {', '.join(PRUNE_METHODS)}")
     if not config.keeps or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in config.keeps):
-        raise PosbiasError(f"--keep {config.keeps}: give positive integers, e.g. 64,128,192")
+        raise PosbiasError(f"keeps={config.keeps}: give positive integers, e.g. 64,128,192")
     if isinstance(config.n, bool) or not isinstance(config.n, int) or config.n < 1:
-        raise PosbiasError(f"--n {config.n!r} must be a positive integer")
+        raise PosbiasError(f"n={config.n!r} must be a positive integer")
     # every (method, keep) is resolved before any compute: missing parameters, budgets, layers fail here
     for m in config.methods:
         for k in config.keeps:
@@ -359,7 +359,7 @@ def evaluate(
         for m in config.methods:
             for k in config.keeps:
                 if k > n_visual:
-                    raise PosbiasError(f"--keep {k} exceeds the {n_visual} visual tokens of sample {sample.id}")
+                    raise PosbiasError(f"keep {k} exceeds the {n_visual} visual tokens of sample {sample.id}")
                 # force: the evaluation measures every method, unusable fits included (the report shows verdicts)
                 with enable_pruning(model, calibration, method=m, keep=k, params=config.params.get(m), force=True) as pruner:
                     res = _run(model, inputs, config.max_new_tokens, eos)
@@ -386,7 +386,7 @@ def evaluate(
         if progress:
             print(f"[{len(sample_ids)}/{config.n}] {sample.id}", flush=True)
     if not sample_ids:
-        raise PosbiasError("no evaluation samples left after excluding the calibration's samples; add --data sources")
+        raise PosbiasError("no evaluation samples left after excluding the calibration's samples; add data sources")
 
     results = []
     for m in config.methods:

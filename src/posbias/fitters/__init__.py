@@ -61,6 +61,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def fitter_from_dict(d: dict[str, Any]) -> "BaseFitter":
     """Rebuild any fitter from its ``to_dict()`` payload (dispatches on ``d["class"]``)."""
+    import posbias.fitters.exponential  # noqa: F401  (the shipped subclasses, for the dispatch)
+    import posbias.fitters.gaussian  # noqa: F401
+    import posbias.fitters.polynomial  # noqa: F401
+    import posbias.fitters.surface  # noqa: F401
     from posbias.fitters.base import BaseFitter
 
     return BaseFitter.from_dict(d)

@@ -284,18 +284,14 @@ class BaseFitter:
     def from_dict(cls, d: dict[str, Any]) -> "BaseFitter":
         """Rebuild a fitted estimator from :meth:`to_dict` output.
 
-        Called on :class:`BaseFitter` it dispatches on ``d["class"]``; called on a subclass the class
-        name must match.
+        Called on :class:`BaseFitter` it dispatches on ``d["class"]`` among the subclasses imported so far
+        (:func:`posbias.fitters.fitter_from_dict` imports every shipped one first); called on a subclass the
+        class name must match.
         """
         if not isinstance(d, dict) or not {"class", "params", "learned"} <= set(d):
             raise PosbiasError("fitter dict must have keys 'class', 'params' and 'learned'; pass to_dict() output")
         target: type[BaseFitter] = cls
         if cls is BaseFitter:
-            import posbias.fitters.exponential  # noqa: F401  (register the subclasses)
-            import posbias.fitters.gaussian  # noqa: F401
-            import posbias.fitters.polynomial  # noqa: F401
-            import posbias.fitters.surface  # noqa: F401
-
             registry = {sub.__name__: sub for sub in _all_subclasses(BaseFitter)}
             if d["class"] not in registry:
                 raise PosbiasError(f"unknown fitter class {d['class']!r}; known: {sorted(registry)}")

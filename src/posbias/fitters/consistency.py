@@ -367,11 +367,11 @@ def bias_consistency(
     if explicit:
         sizes = sorted({int(n) for n in group_sizes})  # type: ignore[union-attr]
         if not sizes or sizes[0] < 2:
-            raise PosbiasError(f"--group-sizes {list(group_sizes)}: every group size must be >= 2")  # type: ignore[arg-type]
+            raise PosbiasError(f"group_sizes={list(group_sizes)}: every group size must be >= 2")  # type: ignore[arg-type]
         for n in sizes:
             if not any(feasible_within(n, s) for s in pools) and not any(feasible_cross(n, a, b) for a, b in pairs):
                 raise PosbiasError(
-                    f"--group-sizes: two disjoint groups of {n} need {2 * n} samples in one source "
+                    f"group_sizes: two disjoint groups of {n} need {2 * n} samples in one source "
                     f"(largest source {largest_name!r} has {largest}); pass sizes <= {max(largest // 2, 1)} "
                     "or profile more samples"
                 )

@@ -247,7 +247,7 @@ def build_sample_curves(
     sample_keep = np.asarray(sample_keep, dtype=bool)  # (S_store,)
     kept = np.flatnonzero(sample_keep)  # (S,)
     if kept.size == 0:
-        raise PosbiasError("no samples left after excluding NaN/inf rows; re-profile with --dtype float32")
+        raise PosbiasError("no samples left after excluding NaN/inf rows; re-profile in float32")
     new_id = -np.ones(sample_keep.size, dtype=np.int64)  # (S_store,)
     new_id[kept] = np.arange(kept.size)
     tok_new = new_id[np.asarray(token_sample, dtype=np.int64)]  # (T,)

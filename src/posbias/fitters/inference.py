@@ -268,7 +268,7 @@ def exponential_inference(
     """
     fitter._check_fitted()
     if isinstance(n_boot, bool) or int(n_boot) < 0:
-        raise PosbiasError(f"--n-boot {n_boot} must be >= 0")
+        raise PosbiasError(f"n_boot={n_boot} must be >= 0")
     n_boot = int(n_boot)
     est = np.array([fitter.a_, fitter.b_, fitter.c_], dtype=np.float64)  # (3,)
     scale = float(fitter.x_scale_)

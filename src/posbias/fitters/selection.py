@@ -47,11 +47,11 @@ RULES: tuple[str, ...] = ("1se", "min")
 def make_folds(n_samples: int, n_folds: int, seed: int) -> np.ndarray:
     """(S,) int64 fold id 0..k-1 of each sample: a seeded permutation cut into near-equal parts."""
     if isinstance(n_folds, bool) or int(n_folds) < 2:
-        raise PosbiasError(f"--cv-folds {n_folds}: cross-validation needs at least 2 folds")
+        raise PosbiasError(f"cv_folds={n_folds}: cross-validation needs at least 2 folds")
     if int(n_samples) < int(n_folds):
         raise PosbiasError(
-            f"--cv-folds {n_folds}: {n_folds}-fold cross-validation needs at least {n_folds} samples, the store has "
-            f"{n_samples} usable; pass --cv-folds <= {n_samples} or profile more samples"
+            f"cv_folds={n_folds}: {n_folds}-fold cross-validation needs at least {n_folds} samples, the store has "
+            f"{n_samples} usable; pass cv_folds <= {n_samples} or profile more samples"
         )
     rng = np.random.default_rng([int(seed), 7919])
     order = rng.permutation(int(n_samples))  # (S,)

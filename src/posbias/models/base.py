@@ -237,7 +237,7 @@ class TransformersAdapter(ModelAdapter):
         if inv_freq is None:
             raise PosbiasError(
                 f"{type(self.language_model()).__name__} has no rotary_emb.inv_freq; position-agnostic "
-                "attention needs a RoPE decoder: drop attn_pa from --signals"
+                "attention needs a RoPE decoder: drop attn_pa from the signals"
             )
         sections = None
         if self.rope_dims == 3:
@@ -245,7 +245,7 @@ class TransformersAdapter(ModelAdapter):
             sec = rope.get("mrope_section") or getattr(rotary, "mrope_section", None)  # config: public in 5.x
             if sec is None:
                 raise PosbiasError(
-                    f"{type(rotary).__name__} has no mrope_section; drop attn_pa from --signals for this model"
+                    f"{type(rotary).__name__} has no mrope_section; drop attn_pa from the signals for this model"
                 )
             sections = [int(x) for x in sec]
         return inv_freq, sections
@@ -255,7 +255,7 @@ class TransformersAdapter(ModelAdapter):
         from posbias.errors import PosbiasError
 
         raise PosbiasError(
-            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
+            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from the signals"
         )
 
     def vision_importance_modules(self) -> list[Any]:
@@ -263,7 +263,7 @@ class TransformersAdapter(ModelAdapter):
         from posbias.errors import PosbiasError
 
         raise PosbiasError(
-            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
+            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from the signals"
         )
 
     #: "cls": record the [CLS] query row; "colmean": record the mean attention each key receives
@@ -274,7 +274,7 @@ class TransformersAdapter(ModelAdapter):
         from posbias.errors import PosbiasError
 
         raise PosbiasError(
-            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
+            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from the signals"
         )
 
     def vision_feature_module(self) -> Any:

@@ -160,7 +160,7 @@ class LlavaAdapter(TransformersAdapter):
             if idx == 0:
                 raise PosbiasError(
                     f"vision_feature_layer {h} selects the patch embeddings (no attention map); "
-                    "vision_importance needs an encoder layer: drop vision_importance from --signals"
+                    "vision_importance needs an encoder layer: drop vision_importance from the signals"
                 )
             layers.append(idx - 1)
         return layers
@@ -188,7 +188,7 @@ class LlavaAdapter(TransformersAdapter):
         if strategy != "default":
             raise PosbiasError(
                 f"vision_feature_select_strategy {strategy!r}: the LLM sees the [CLS] token too; "
-                "vision_importance supports 'default' only (drop it from --signals)"
+                "vision_importance supports 'default' only (drop it from the signals)"
             )
         rows = torch.stack([r.float() for r in records], dim=0)  # (F, N)
         return rows.mean(dim=0)[1:]  # (V,) = (N - 1,)

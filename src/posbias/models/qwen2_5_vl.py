@@ -50,7 +50,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         if not full:
             raise PosbiasError(
                 "this Qwen2.5-VL vision tower has no full-attention block (fullatt_block_indexes is empty); "
-                "drop vision_importance from --signals"
+                "drop vision_importance from the signals"
             )
         return [visual.blocks[i].attn for i in full]
 

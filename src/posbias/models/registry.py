@@ -226,7 +226,7 @@ def load_adapter(
             raise ModelUnavailableError(
                 f"{label} is only partly in the Hugging Face cache ({str(snapshot)!r}: "
                 f"{(str(err).splitlines() or [type(err).__name__])[0]}); re-download it "
-                "on a machine with access and pass --model /path/to/checkpoint"
+                "on a machine with access and pass model=/path/to/checkpoint"
             ) from err
     try:
         revision = _hub_revision(repo_id)
@@ -236,11 +236,11 @@ def load_adapter(
         if isinstance(err, HfHubHTTPError):
             raise ModelUnavailableError(
                 f"{label} is not in the Hugging Face cache and the hub did not serve it ({type(err).__name__}); "
-                "check the model id and your hub login, or pass --model /path/to/checkpoint"
+                "check the model id and your hub login, or pass model=/path/to/checkpoint"
             ) from err
         raise ModelUnavailableError(
             f"{label} is not available offline: not in the Hugging Face cache and the hub cannot be reached "
-            f"({type(err).__name__}); download it on a machine with access and pass --model /path/to/checkpoint"
+            f"({type(err).__name__}); download it on a machine with access and pass model=/path/to/checkpoint"
         ) from err
     from transformers import AutoConfig
 

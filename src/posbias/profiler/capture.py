@@ -315,7 +315,7 @@ class LastTokenAttentionCapture(_AttentionSwap):
             if 2 * int(inv_freq.shape[0]) != int(key.shape[-1]):
                 raise PosbiasError(
                     f"RoPE rotates {2 * int(inv_freq.shape[0])} of {int(key.shape[-1])} head dims (partial rotary); "
-                    "position-agnostic attention supports full rotary only: drop attn_pa from --signals"
+                    "position-agnostic attention supports full rotary only: drop attn_pa from the signals"
                 )
             self._pa_rotation = rope_rotation(self._uniform_delta.to(key.device), inv_freq, sections)  # (V, D) x2
         cos, sin = self._pa_rotation
@@ -429,7 +429,7 @@ class VisionAttentionCapture(_AttentionSwap):
         self.kind = str(adapter.vision_importance_kind)
         if self.kind not in ("cls", "colmean"):
             raise PosbiasError(
-                f"adapter {adapter.name!r} has no vision-importance support; drop vision_importance from --signals"
+                f"adapter {adapter.name!r} has no vision-importance support; drop vision_importance from the signals"
             )
         self.tower = adapter.vision_tower()
         modules = adapter.vision_importance_modules()

@@ -93,7 +93,7 @@ def parse_signals(spec: str | Iterable[str]) -> tuple[str, ...]:
     bad = [x for x in items if x not in SIGNALS]
     if bad:
         raise PosbiasError(
-            f"--signals {','.join(items)}: unknown {bad}; use 'all' or a comma list of {','.join(SIGNALS)}"
+            f"signals={','.join(items)}: unknown {bad}; use 'all' or a comma list of {','.join(SIGNALS)}"
         )
     chosen = set(items) | {"attn"}
     return tuple(x for x in SIGNALS if x in chosen)
@@ -258,7 +258,7 @@ def block_edges(size: int, n: int) -> np.ndarray:
     ``size < n`` some blocks are empty.
     """
     if n < 1:
-        raise PosbiasError(f"region grid {n}: pass --region-grid of at least 1")
+        raise PosbiasError(f"region grid {n}: pass region_grid of at least 1")
     return (np.arange(n + 1, dtype=np.int64) * int(size)) // int(n)  # (n + 1,)
 
 
@@ -427,7 +427,7 @@ class SignalCapture:
         self.signals = parse_signals(signals)
         self.per_head = bool(per_head)
         if isinstance(region_grid, bool) or not isinstance(region_grid, (int, np.integer)) or region_grid < 1:
-            raise PosbiasError(f"--region-grid {region_grid!r}: pass a positive integer (6 gives a 6x6 grid)")
+            raise PosbiasError(f"region_grid={region_grid!r}: pass a positive integer (6 gives a 6x6 grid)")
         if not (isinstance(region_eps, (int, float)) and region_eps > 0):
             raise PosbiasError(f"region eps {region_eps!r}: pass a positive number")
         self.region_grid = int(region_grid)

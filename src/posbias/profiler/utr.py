@@ -12,7 +12,7 @@ layer i on, and the text tokens before the image are unchanged at every layer (c
 starts from the recorded input of layer i restricted to the text tokens after the image and runs
 layers i..L-1 on those only, attending to the prefix's cached keys/values and to each other, with
 their original RoPE positions (the recorded cos/sin gathered, which carries Qwen2.5-VL's 3-D M-RoPE
-unchanged). All L runs go through each layer as one batch. Naive path (:func:`info_loss_naive`): L ordinary full forwards, each with the text
+unchanged). All L runs go through each layer as one batch. Naive path (:func:`posbias.testing.info_loss_naive`, the tests' reference): L ordinary full forwards, each with the text
 queries' attention to visual keys masked from layer i on.
 """
 
@@ -27,15 +27,13 @@ from posbias.errors import PosbiasError
 from posbias._hf_compat import (
     _CACHE_NAMES,
     PrefixCache,
-    attention_implementation,
     cache_layer_kv,
     layer_cache_kwarg,
     output_cache,
-    set_attention_implementation,
 )
 
 __all__ = [
-    "fill_utr_loss","feature_angle", "info_loss", "info_loss_naive", "profile_info_loss"]
+    "fill_utr_loss","feature_angle", "info_loss", "profile_info_loss"]
 
 
 def feature_angle(f: Any, g: Any) -> np.ndarray:
@@ -206,75 +204,6 @@ def info_loss(adapter: Any, inputs: dict[str, Any], *, return_features: bool = F
     return (ell, f, g_np) if return_features else ell
 
 
-def info_loss_naive(adapter: Any, inputs: dict[str, Any], *, return_features: bool = False) -> Any:
-    """Information loss ``ell`` (L,) by L full forwards (reference for :func:`info_loss`).
-
-    Forward i runs the unmodified model except that, from layer i on, text queries cannot attend to
-    visual keys (the causal mask of those layers is edited): the text tokens then compute exactly what
-    they would with the visual tokens removed from layer i on. Needs a tensor mask, so it runs the model
-    with eager attention for the duration of the call.
-    """
-    import torch
-
-    text, vis = _check_inputs(adapter, inputs)
-    lm = adapter.language_model()
-    layers = list(lm.layers)
-    model = adapter.model
-    _, _, g, _ = _record_full(adapter, inputs)
-    s = int(inputs["input_ids"].shape[1])
-    dtype = adapter.model.get_input_embeddings().weight.dtype
-    dev = g.device
-    neg = torch.finfo(dtype).min
-    base = torch.full((s, s), neg, dtype=dtype, device=dev).triu(1)  # (S, S) additive causal
-    blocked = base.clone()
-    ti = torch.as_tensor(text, device=dev)
-    vi = torch.as_tensor(vis, device=dev)
-    blocked[ti.unsqueeze(1), vi.unsqueeze(0)] = neg  # text queries cannot see visual keys
-    base4 = base[None, None]  # (1, 1, S, S)
-    blocked4 = blocked[None, None]  # (1, 1, S, S)
-
-    feats = []
-    for start in range(len(layers)):
-
-        def pre_hook(idx: int):
-            def hook(module: Any, args: tuple, kwargs: dict) -> tuple:
-                kwargs = dict(kwargs)
-                kwargs["attention_mask"] = blocked4 if idx >= start else base4
-                return args, kwargs
-
-            return hook
-
-        handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        final: list[Any] = [None]
-        handles.append(lm.norm.register_forward_hook(lambda m, a, o: final.__setitem__(0, o.detach())))
-        old = _set_eager(model)
-        try:
-            with torch.inference_mode():
-                model(**inputs, use_cache=False, logits_to_keep=1)
-        finally:
-            _restore_attn(model, old)
-            for h in handles:
-                h.remove()
-        feats.append(final[0][0, -1].double().cpu().numpy())
-    f = np.stack(feats)  # (L, D) float64
-    g_np = g.double().cpu().numpy()  # (D,)
-    ell = feature_angle(f, g_np)
-    return (ell, f, g_np) if return_features else ell
-
-
-def _set_eager(model: Any) -> Any:
-    """Switch the decoder to eager attention; returns the previous implementation name."""
-    lm = model.model.language_model
-    old = attention_implementation(lm)
-    set_attention_implementation(lm, "eager")
-    return old
-
-
-def _restore_attn(model: Any, old: Any) -> None:
-    if old is not None:
-        set_attention_implementation(model.model.language_model, old)
-
-
 def profile_info_loss(
     adapter: Any, samples: Iterable[Any], *, progress: bool = False
 ) -> tuple[list[str], np.ndarray]:
@@ -330,7 +259,7 @@ def _find_samples(wanted: list[str], specs: list[str]) -> list[Any]:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise PosbiasError(
             f"{len(missing)} store sample(s) are in none of the sources {', '.join(specs)} ({shown}); "
-            "pass the --data the store was profiled with"
+            "pass the data sources the store was profiled with"
         )
     return [where[s] for s in wanted]
 
@@ -381,7 +310,7 @@ def fill_utr_loss(
         return 0, int(have.sum())
     specs = list(data) if data else [s for s in str(attrs.get("data", "")).split(",") if s]
     if not specs:
-        raise PosbiasError(f"store {store_path} records no --data; pass --data with the sources it was profiled from")
+        raise PosbiasError(f"store {store_path} records no data sources; pass the sources it was profiled from")
     located = _find_samples(todo, specs)
     if adapter is None:
         from posbias.models import load_adapter
@@ -391,7 +320,7 @@ def fill_utr_loss(
     if fp and adapter.fingerprint() != fp:
         raise PosbiasError(
             f"model {adapter.model_id!r} has fingerprint {adapter.fingerprint()} but store {store_path} was profiled "
-            f"with {fp}; pass the store's model (--model {attrs.get('model_id')})"
+            f"with {fp}; pass the store's model (model={attrs.get('model_id')})"
         )
     if adapter.n_layers != n_layers:
         raise PosbiasError(f"model has {adapter.n_layers} decoder layers, the store {n_layers}; pass the store's model")

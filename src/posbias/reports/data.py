@@ -59,27 +59,27 @@ def load_evaluation(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.is_file():
-        raise PosbiasError(f"--evaluation {p} does not exist; run 'profile-bias evaluate' first or drop --evaluation")
+        raise PosbiasError(f"evaluation file {p} does not exist; run 'profile-bias evaluate' first or leave it out")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise PosbiasError(f"--evaluation {p} is not valid JSON ({str(exc).splitlines()[0]}); regenerate it with profile-bias evaluate") from exc
+        raise PosbiasError(f"evaluation file {p} is not valid JSON ({str(exc).splitlines()[0]}); regenerate it with profile-bias evaluate") from exc
     if not isinstance(doc, dict) or doc.get("schema") != EVALUATION_SCHEMA:
         got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-        raise PosbiasError(f"--evaluation {p} is not a posbias evaluation (schema={got!r}); pass the JSON written by profile-bias evaluate")
+        raise PosbiasError(f"evaluation file {p} is not a posbias evaluation (schema={got!r}); pass the JSON written by profile-bias evaluate")
     version = doc.get("schema_version")
     if version != 1:
-        raise PosbiasError(f"--evaluation {p} has schema_version {version!r}; this posbias reads version 1: upgrade posbias or re-run the evaluation")
+        raise PosbiasError(f"evaluation file {p} has schema_version {version!r}; this posbias reads version 1: upgrade posbias or re-run the evaluation")
     results = doc.get("results", [])
     if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-        raise PosbiasError(f"--evaluation {p}: 'results' must be a list of objects; regenerate it with profile-bias evaluate")
+        raise PosbiasError(f"evaluation file {p}: 'results' must be a list of objects; regenerate it with profile-bias evaluate")
     for i, r in enumerate(results):
         lacking = [k for k in _RESULT_KEYS if k not in r]
         if lacking:
-            raise PosbiasError(f"--evaluation {p}: results[{i}] lacks {lacking}; regenerate it with profile-bias evaluate")
+            raise PosbiasError(f"evaluation file {p}: results[{i}] lacks {lacking}; regenerate it with profile-bias evaluate")
     per_sample = doc.get("per_sample", [])
     if not isinstance(per_sample, list):
-        raise PosbiasError(f"--evaluation {p}: 'per_sample' must be a list; regenerate it with profile-bias evaluate")
+        raise PosbiasError(f"evaluation file {p}: 'per_sample' must be a list; regenerate it with profile-bias evaluate")
     doc["results"] = results
     doc["per_sample"] = [r for r in per_sample if isinstance(r, dict)]
     return doc
@@ -183,7 +183,7 @@ class ReportData:
 
 
 def _method_layers(cal_methods: dict[str, Any], n_layers: int) -> tuple[int, int, int, str | None]:
-    from posbias.pipeline import default_layers
+    from posbias.fitters.layers import default_layers
 
     d_shallow, d_deep = default_layers(n_layers) if n_layers >= 2 else (0, 0)
     pbc = cal_methods.get("posprune-pbc") or {}

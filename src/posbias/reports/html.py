@@ -178,7 +178,7 @@ def _join_pdf_process(child: Any, pdf: str | Path) -> None:
     if isinstance(msg, tuple):
         raise EnvironmentFault(msg[1])
     if msg or proc.exitcode != 0 or not Path(pdf).is_file():
-        raise PosbiasError(f"--pdf {pdf}: writing the PDF failed ({msg or f'exit code {proc.exitcode}'}); "
+        raise PosbiasError(f"PDF file {pdf}: writing the PDF failed ({msg or f'exit code {proc.exitcode}'}); "
                            "re-run with the HTML only to see the rest of the report")
 
 
@@ -225,8 +225,8 @@ def render_report(
     from posbias.reports.sections import build_sections
 
     if out_path is None and pdf is None:
-        raise PosbiasError("nothing to write: pass --html PATH and/or --pdf PATH")
-    for flag, p in (("--html", out_path), ("--pdf", pdf)):
+        raise PosbiasError("nothing to write: pass out_path and/or pdf")
+    for flag, p in (("HTML file", out_path), ("PDF file", pdf)):
         if p is not None and not Path(p).parent.is_dir():
             raise PosbiasError(f"{flag} {p}: folder {Path(p).parent} does not exist; create it or choose another path")
     start = time.perf_counter()

@@ -317,7 +317,7 @@ def _curves(d: ReportData) -> Section:
     if ap:
         learned = ap["fit"]["learned"]
         rows.append(["AdaptPrune Gaussian", "sigma (centred units; seed = 1)", f"{_fmt(learned['sigma_'])} ({ap['fit']['params']['sigma']})"])
-        rows.append(["AdaptPrune Gaussian", "R² fitted sigma / seed sigma", f"{_fmt(learned.get('r2_'))} / {_fmt(learned.get('r2_default_'))}"])
+        rows.append(["AdaptPrune Gaussian", "R² fitted sigma / AdaptPrune's sigma", f"{_fmt(learned.get('r2_'))} / {_fmt(learned.get('r2_default_'))}"])
         rows.append(["AdaptPrune Gaussian", "centre peak in the data", _fmt(bool(learned.get("centre_peak_")))])
     if rows:
         cap = f"Fitted parameters; intervals are {int(level * 100)}% (PBC: cluster-robust OLS by sample; PoRe: cluster bootstrap)." if stats else "Fitted parameters."

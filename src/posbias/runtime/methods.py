@@ -1,4 +1,4 @@
-"""Token-selection algorithms of the seeds, vectorised in torch (no numpy, no transformers).
+"""Token-selection algorithms of the papers, vectorised in torch (no numpy, no transformers).
 
 Every function takes per-token tensors of one image (or one prompt) and returns int64 indices into them:
 

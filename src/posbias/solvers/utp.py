@@ -54,7 +54,6 @@ __all__ = [
     "ranking_metric",
     "simulate_loss",
     "iter_schedules",
-    "brute_force",
     "compact_tables",
     "summed_tables",
     "keep_levels",
@@ -79,7 +78,7 @@ MODES: tuple[str, ...] = ("joint", "per_sample")
 
 
 def retention_budget(n_visual: int, n_layers: int, ratio: float, *, min_keep: int = 1) -> int:
-    """Tokens to keep over layers 1..L-1, ``B = round(V * L / ratio) - V`` (seed Eq. 3).
+    """Tokens to keep over layers 1..L-1, ``B = round(V * L / ratio) - V`` (UTP Eq. 3).
 
     Parameters
     ----------
@@ -98,7 +97,7 @@ def retention_budget(n_visual: int, n_layers: int, ratio: float, *, min_keep: in
         For c < 1, or a budget below ``min_keep`` tokens per layer (c too high for this V and L).
     """
     if not np.isfinite(ratio) or ratio < 1:
-        raise PosbiasError(f"compression ratio {ratio!r} is below 1; pass ratios >= 1 (e.g. --ratios 2,4,8)")
+        raise PosbiasError(f"compression ratio {ratio!r} is below 1; pass ratios >= 1 (e.g. ratios 2, 4, 8)")
     if n_layers < 2:
         raise PosbiasError(f"a schedule needs at least 2 decoder layers, the model has {n_layers}")
     if n_visual < 1:
@@ -124,7 +123,7 @@ def ranking_metric(attn: np.ndarray, attn_pa: np.ndarray | None = None, *, pa_la
     attn : np.ndarray
         (V, L) float last-token attention (head mean) of one sample.
     attn_pa : np.ndarray or None
-        (V, L) or (V, k) float position-agnostic attention of the first layers (seed Eq. 2), or None.
+        (V, L) or (V, k) float position-agnostic attention of the first layers (UTP Eq. 2), or None.
     pa_layers : int
         How many leading layers use ``attn_pa`` (seed default 3).
     """
@@ -168,7 +167,7 @@ def check_schedule(schedule: Sequence[int], n_visual: int, budget: int, *, min_k
 
 
 def simulate_loss(metric: np.ndarray, info_loss: np.ndarray, schedule: Sequence[int]) -> float:
-    """Objective of one sample under progressive top-k pruning (the exact model, seed Eqs. 3-4).
+    """Objective of one sample under progressive top-k pruning (the exact model, UTP Eqs. 3-4).
 
     Parameters
     ----------
@@ -212,21 +211,6 @@ def iter_schedules(n_visual: int, n_layers: int, budget: int, *, min_keep: int =
 
     for sched in rec([n_visual], budget, n_layers - 1):
         yield np.asarray(sched, dtype=np.int64)
-
-
-def brute_force(
-    metrics: Sequence[np.ndarray], losses: np.ndarray, budget: int, *, min_keep: int = 1
-) -> tuple[np.ndarray, float]:
-    """(best schedule, its summed progressive loss) by enumerating :func:`iter_schedules` (tests only)."""
-    v, n_layers = np.asarray(metrics[0]).shape
-    best, best_val = None, np.inf
-    for sched in iter_schedules(v, n_layers, budget, min_keep=min_keep):
-        val = sum(simulate_loss(m, ell, sched) for m, ell in zip(metrics, losses, strict=True))
-        if val < best_val - 1e-12:
-            best, best_val = sched, val
-    if best is None:
-        raise PosbiasError("no admissible schedule; check the budget")
-    return best, float(best_val)
 
 
 def compact_tables(metric: np.ndarray, info_loss: np.ndarray) -> tuple[np.ndarray, float]:
