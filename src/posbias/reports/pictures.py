@@ -194,7 +194,9 @@ def picture_rows(data: Any, keep: int) -> tuple[list[dict[str, Any]], list[str],
             notes.append(f"{p.id}: image not shown ({why}); the grid is drawn on grey.")
         where = "store" if p.index >= 0 else "evaluation"
         rows.append({"image": arr, "grid": p.grid, "title": f"{p.id} ({where})", "kept": kept, "question": p.question})
-    order = [m for m in ("fastv", "pore", "posprune-pbc", "posprune", "adaptprune-gaussian", "adaptprune", "pa-att", "utp")]
+    from posbias.reports.palette import method_names
+
+    order = method_names()
     present = {m for r in rows for m in r["kept"]}
     methods = [m for m in order if m in present] + sorted(present - set(order))
     return rows, methods, notes

@@ -104,6 +104,7 @@ def _say(verdict: str, text: str) -> str:
 
 def _verdicts(d: ReportData) -> list[Any]:
     """The report's first block: the verdict on every fitted curve and every test, each with its reason."""
+    from posbias.artifacts.entries import find_entry
     from posbias.artifacts.quality import quality_of
 
     cal = d.cal_doc
@@ -111,8 +112,9 @@ def _verdicts(d: ReportData) -> list[Any]:
     rows: list[list[str]] = []
     worst = "good"
     for name, entry in cal["methods"].items():
-        if name == "fastv":
-            continue
+        kind = find_entry(name)
+        if kind is not None and not kind.fitted:
+            continue  # nothing fitted (fastv): no verdict to give
         verdict, reason = quality_of(entry)
         rows.append([method_label(name), verdict, reason])
         if verdict == "unusable" or (verdict == "weak" and worst == "good"):
