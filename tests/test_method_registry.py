@@ -129,6 +129,14 @@ def test_toy_method_through_evaluate_and_report(toy, tmp_path, tiny_llava_adapte
     assert TOY in format_table(doc)
     ev = write_evaluation(doc, run / "evaluation.json")
 
+    from posbias.profiler.store import ProfileStore
+    from posbias.reports.pictures import kept_from_store
+
+    with ProfileStore(run / "profile.h5") as st:
+        attn = st.sample_attn(0)  # (V, L)
+    kept = kept_from_store(attn, cal, 4, grid=(4, 4))  # the pictures replay single-row methods on stored rows
+    assert kept[TOY].tolist() == expected_middle(16, 4, 0) and "fastv" in kept and "posprune" not in kept
+
     html = render_report(run / "profile.h5", cal_path, run / "report.html", evaluation=ev, parallel=False)
     text = html.read_text(encoding="utf-8")
     assert TOY_LABEL.split(" (")[0] in text and "toy: the tokens around the middle" in text  # its label in the tables

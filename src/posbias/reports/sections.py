@@ -473,8 +473,9 @@ def _pictures(d: ReportData) -> Section:
     blocks: list[Any] = [Para(
         f"The visual tokens each method keeps (outlined in the method's colour; pruned tokens darkened) on real images "
         f"(AdaptPrune Fig. 6), at the calibration's default budget of {keep} kept tokens (fewer when an image has fewer). "
-        "Kept sets of fastv, pore, posprune-pbc, the Gaussian centre weight and PA-Att are computed here from the stored "
-        "attention rows and the calibration; other methods' come from the evaluation's kept lists."
+        "Kept sets of the methods that score one attention row (fastv, pore, posprune-pbc and any such method "
+        "registered), the Gaussian centre weight and PA-Att are computed here from the stored attention rows and the "
+        "calibration; other methods' come from the evaluation's kept lists."
     )]
     if not rows:
         blocks.append(_missing("samples to draw", "profile-bias profile (the store has no usable sample)"))
