@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from posbias.artifacts.entries import ENTRY_NAMES, find_entry
 from posbias.artifacts.validate import json_path, validate
 from posbias.errors import FingerprintMismatchError, PosbiasError, SchemaError
 
@@ -39,8 +40,9 @@ SCHEMA_VERSION = 2
 #: versions this posbias reads (1: before per-entry ``quality``; the rest of the format is unchanged)
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 CALIBRATION_FILENAME = "posbias_calibration.json"
-#: methods whose payload the schema defines; other names MAY appear and are passed through
-KNOWN_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc", "adaptprune-gaussian", "posprune-pbc-2d")
+#: registered calibration entries (a live view of :mod:`posbias.artifacts.entries`); other names MAY appear and
+#: are passed through
+KNOWN_METHODS = ENTRY_NAMES
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -98,14 +100,18 @@ def _reject_constant(name: str) -> Any:
 def check_semantics(d: dict[str, Any], *, what: str = "calibration") -> None:
     """Cross-field rules the schema cannot express; raise :class:`SchemaError` naming the JSON path.
 
+    For every entry registered in :mod:`posbias.artifacts.entries` (other names pass through):
+
     - every layer index is < ``model.n_layers``;
-    - ``posprune-pbc``: ``shallow_layer < deep_layer``;
     - a method's ``domain`` equals its ``fit.params.domain``;
-    - ``posprune-pbc``: ``fit.learned.coef_`` has ``degree + 1`` entries; ``posprune-pbc-2d``: as many as
-      its surface has terms;
-    - ``adaptprune-gaussian`` / ``posprune-pbc-2d``: ``grid`` equals ``model.grid`` when both are set, and a
-      Gaussian ``mask`` has ``rows * cols`` values;
-    - ``statistics``: per-candidate lists have one entry per candidate, an ``auto`` degree equals the fitted one;
+    - the entry's own ``check`` (built-ins: ``posprune-pbc`` / ``posprune-pbc-2d``: ``shallow_layer <
+      deep_layer`` and as many ``fit.learned.coef_`` as the curve or surface has terms, an ``auto`` degree of
+      ``statistics.pbc_degree`` equal to the fitted one; ``adaptprune-gaussian`` / ``posprune-pbc-2d``:
+      ``grid`` equals ``model.grid`` when both are set, and a Gaussian ``mask`` has ``rows * cols`` values).
+
+    Then, for the whole document:
+
+    - ``statistics``: per-candidate lists have one entry per candidate;
     - ``defaults.layer`` is < ``model.n_layers`` and ``defaults.method`` names a method present in ``methods``.
     """
 
@@ -115,7 +121,8 @@ def check_semantics(d: dict[str, Any], *, what: str = "calibration") -> None:
     n_layers = d["model"]["n_layers"]
     methods = d["methods"]
     for name, entry in methods.items():
-        if name not in KNOWN_METHODS:
+        kind = find_entry(name)
+        if kind is None:
             continue
         for key in ("layer", "shallow_layer", "deep_layer"):
             if key in entry and entry[key] >= n_layers:
@@ -123,23 +130,8 @@ def check_semantics(d: dict[str, Any], *, what: str = "calibration") -> None:
         if "fit" in entry and "domain" in entry:
             if entry["fit"]["params"]["domain"] != entry["domain"]:
                 fail(("methods", name, "domain"), f"{entry['domain']!r} differs from the fit's domain {entry['fit']['params']['domain']!r}")
-        if name in ("posprune-pbc", "posprune-pbc-2d") and entry["shallow_layer"] >= entry["deep_layer"]:
-            fail(("methods", name, "deep_layer"), f"deep_layer {entry['deep_layer']} must be > shallow_layer {entry['shallow_layer']}")
-        if name == "posprune-pbc":
-            degree = entry["fit"]["params"]["degree"]
-            if len(entry["fit"]["learned"]["coef_"]) != degree + 1:
-                fail(("methods", name, "fit", "learned", "coef_"), f"needs {degree + 1} coefficients for degree {degree}")
-        if name == "posprune-pbc-2d":
-            kind, degree = entry["fit"]["params"]["kind"], entry["fit"]["params"]["degree"]
-            n_terms = 2 * degree + 1 if kind == "separable" else (degree + 1) * (degree + 2) // 2
-            if len(entry["fit"]["learned"]["coef_"]) != n_terms:
-                fail(("methods", name, "fit", "learned", "coef_"), f"needs {n_terms} coefficients for a {kind} surface of degree {degree}")
-        if name in ("adaptprune-gaussian", "posprune-pbc-2d") and entry["grid"] is not None and d["model"]["grid"] is not None:
-            if list(entry["grid"]) != list(d["model"]["grid"]):
-                fail(("methods", name, "grid"), f"{entry['grid']} differs from model.grid {d['model']['grid']}")
-        if name == "adaptprune-gaussian" and "mask" in entry:
-            if entry["grid"] is None or len(entry["mask"]) != entry["grid"][0] * entry["grid"][1]:
-                fail(("methods", name, "mask"), "needs rows * cols values of a fixed grid (raster order)")
+        if kind.check is not None:
+            kind.check(name, entry, d, fail)
     stats = d.get("statistics", {})
     deg = stats.get("pbc_degree")
     if deg is not None:
@@ -149,9 +141,6 @@ def check_semantics(d: dict[str, Any], *, what: str = "calibration") -> None:
                 fail(("statistics", "pbc_degree", key), f"has {len(deg[key])} entries for {n} degrees")
         if deg["chosen"] not in deg["degrees"] or deg["best"] not in deg["degrees"]:
             fail(("statistics", "pbc_degree", "chosen"), "chosen and best must be among the candidate degrees")
-        pbc = methods.get("posprune-pbc")
-        if deg["mode"] == "auto" and pbc is not None and pbc["fit"]["params"]["degree"] != deg["chosen"]:
-            fail(("statistics", "pbc_degree", "chosen"), f"degree {deg['chosen']} differs from the fitted degree {pbc['fit']['params']['degree']}")
     for i, curve in enumerate(stats.get("consistency", {}).get("curves", [])):
         n = len(curve["group_sizes"])
         for key in ("r_median", "r_mean", "r_low", "r_high", "n_repeats"):

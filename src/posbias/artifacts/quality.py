@@ -11,15 +11,32 @@ docs/calibration.md ("quality"); the thresholds are :data:`R2_UNUSABLE`, :data:`
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Any
+
+from posbias.artifacts.entries import ENTRY_NAMES, find_entry, get_entry
 
 __all__ = ["VERDICTS", "FITTED_METHODS", "R2_UNUSABLE", "R2_WEAK", "MIN_SAMPLES", "assess_entry", "assess_methods", "quality_of"]
 
 #: verdicts, best first
 VERDICTS: tuple[str, ...] = ("good", "weak", "unusable")
+
+
+class _FittedNames(Sequence):
+    """Live view of the registered entries that hold a fitted curve (``fastv`` has nothing fitted)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple(n for n in ENTRY_NAMES if get_entry(n).fitted)[index]
+
+    def __len__(self) -> int:
+        return len(self[:])
+
+    def __repr__(self) -> str:
+        return repr(self[:])
+
+
 #: method entries that hold a fitted curve (``fastv`` has nothing fitted)
-FITTED_METHODS: tuple[str, ...] = ("posprune-pbc", "posprune-pbc-2d", "pore", "adaptprune-gaussian")
+FITTED_METHODS = _FittedNames()
 #: at or below: the fit explains nothing of the mean curve (no better than a constant)
 R2_UNUSABLE = 0.0
 #: below: the fit follows the mean curve only loosely
@@ -28,37 +45,13 @@ R2_WEAK = 0.5
 MIN_SAMPLES = 16
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _g(v: float) -> str:
-    return f"{v:.3g}"
-
-
 def _interval(name: str, entry: dict[str, Any], stats: dict[str, Any]) -> tuple[bool | None, str]:
     """(sane, description) of the entry's interval: None when no interval was computed."""
+    kind = find_entry(name)
+    if kind is None or kind.interval is None:
+        return None, "no interval for this fit"
     level = stats.get("level", 0.95)
-    pct = f"{int(round(float(level) * 100))}%"
-    if name == "pore":
-        b = ((stats.get("pore_inference") or {}).get("params") or {}).get("b")
-        if not b or not (_finite(b.get("low")) and _finite(b.get("high"))):
-            return None, "no interval computed (fit without statistics)"
-        lo, hi = float(b["low"]), float(b["high"])
-        if lo <= 0.0 <= hi:
-            return False, f"b's {pct} CI [{_g(lo)}, {_g(hi)}] spans 0: the direction of the decay is not settled"
-        return True, f"b's {pct} CI [{_g(lo)}, {_g(hi)}] excludes 0"
-    if name == "posprune-pbc":
-        band = (stats.get("pbc_inference") or {}).get("band")
-        if not band or not band.get("fit"):
-            return None, "no interval computed (fit without statistics)"
-        fit = [float(v) for v in band["fit"]]
-        width = max(float(h) - float(lo_) for lo_, h in zip(band["low"], band["high"]))
-        span = max(fit) - min(fit)
-        if not (span > 0 and width < span):
-            return False, f"the {pct} band of the curve (up to {_g(width)} wide) is wider than the curve's range {_g(span)}"
-        return True, f"the {pct} band (up to {_g(width)} wide) is narrower than the curve's range {_g(span)}"
-    return None, "no interval for this fit"
+    return kind.interval(entry, stats, f"{int(round(float(level) * 100))}%")
 
 
 def assess_entry(name: str, entry: dict[str, Any], statistics: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -67,7 +60,7 @@ def assess_entry(name: str, entry: dict[str, Any], statistics: dict[str, Any] | 
     Parameters
     ----------
     name : str
-        Method name (``"pore"``, ``"posprune-pbc"``, ``"posprune-pbc-2d"``, ``"adaptprune-gaussian"``).
+        Entry name (one registered in :mod:`posbias.artifacts.entries` with ``fitted=True``; others get None).
     entry : dict
         The method entry (with ``fit`` and ``goodness``).
     statistics : dict, optional
@@ -78,7 +71,8 @@ def assess_entry(name: str, entry: dict[str, Any], statistics: dict[str, Any] | 
     dict or None
         ``{"verdict", "reason", "r2", "n_samples", "interval_ok", "interval"}``.
     """
-    if name not in FITTED_METHODS or "goodness" not in entry:
+    kind = find_entry(name)
+    if kind is None or not kind.fitted or "goodness" not in entry:
         return None
     stats = statistics or {}
     goodness = entry["goodness"]
@@ -87,8 +81,10 @@ def assess_entry(name: str, entry: dict[str, Any], statistics: dict[str, Any] | 
     ok, interval = _interval(name, entry, stats)
     learned = (entry.get("fit") or {}).get("learned") or {}
     verdict, reason = "good", f"R^2 {r2:.2f} against the mean curve on {n} samples"
-    if name == "adaptprune-gaussian" and not float(learned.get("amplitude_", 1.0)) > 0.0:
-        verdict, reason = "unusable", "Gaussian amplitude 0: the mean attention has no centre peak, so the weight is flat"
+    unusable = kind.unusable(learned) if kind.unusable is not None else None
+    weak = kind.weak(learned) if kind.weak is not None else None
+    if unusable:
+        verdict, reason = "unusable", unusable
     elif r2 <= R2_UNUSABLE:
         verdict, reason = "unusable", f"R^2 {r2:.2f}: the fit explains none of the mean curve"
     elif ok is False:
@@ -97,8 +93,8 @@ def assess_entry(name: str, entry: dict[str, Any], statistics: dict[str, Any] | 
         verdict, reason = "weak", f"R^2 {r2:.2f} < {R2_WEAK}: the fit follows the mean curve only loosely"
     elif n < MIN_SAMPLES:
         verdict, reason = "weak", f"fitted on {n} samples (< {MIN_SAMPLES}): profile more samples"
-    elif name == "adaptprune-gaussian" and learned.get("centre_peak_") is False:
-        verdict, reason = "weak", "the mean attention map has no centre peak; the weight is imposed, not measured"
+    elif weak:
+        verdict, reason = "weak", weak
     return {"verdict": verdict, "reason": reason, "r2": r2, "n_samples": n, "interval_ok": ok, "interval": interval}
 
 

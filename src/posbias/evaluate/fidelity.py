@@ -72,7 +72,8 @@ class EvaluationConfig:
     Attributes
     ----------
     methods : list of str
-        Pruning methods (:data:`posbias.runtime.PRUNE_METHODS`).
+        Pruning methods: any registered in :mod:`posbias.runtime.registry` (the built-ins and those registered
+        later with :func:`~posbias.runtime.registry.register_method`).
     keeps : list of int
         Kept visual tokens per budget.
     n : int
@@ -305,14 +306,16 @@ def evaluate(
     from posbias.data.base import BadSample
     from posbias.data.registry import plan_samples, resolve_sources
     from posbias.runtime.prune import enable_pruning
-    from posbias.runtime.spec import PRUNE_METHODS, resolve_method
+    from posbias.runtime.registry import known_methods
+    from posbias.runtime.spec import resolve_method
 
     model = adapter.model
     fingerprint = model_fingerprint(model.config.to_dict())
     calibration.check_fingerprint(fingerprint, model_id=adapter.model_id)
-    bad = [m for m in config.methods if m not in PRUNE_METHODS]
+    known = known_methods()
+    bad = [m for m in config.methods if m not in known]
     if bad:
-        raise PosbiasError(f"unknown method(s) {bad} in methods; use any of {', '.join(PRUNE_METHODS)}")
+        raise PosbiasError(f"unknown method(s) {bad} in methods; use any of {', '.join(known)}")
     if not config.keeps or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in config.keeps):
         raise PosbiasError(f"keeps={config.keeps}: give positive integers, e.g. 64,128,192")
     if isinstance(config.n, bool) or not isinstance(config.n, int) or config.n < 1:

@@ -2,10 +2,10 @@
 
 Images are reloaded through :mod:`posbias.data.registry` from the store's ``"source:key"`` ids (the
 sources named in the store's ``data`` attribute, e.g. the embedded photos). The kept sets are computed
-here from the stored attention rows and the calibration with :func:`posbias.runtime.select_tokens`
-(``fastv``, ``pore``, ``posprune-pbc``), the AdaptPrune centre weight (``adaptprune-gaussian``) and the
-position-agnostic rows (``pa-att``) when profiled; an evaluation JSON adds the ``kept`` lists of every
-method it ran.
+here from the stored attention rows and the calibration by every registered method that scores one attention
+row (:func:`posbias.runtime.select.select_stored`: built-ins ``fastv``, ``pore``, ``posprune-pbc``), the
+AdaptPrune centre weight (``adaptprune-gaussian``) and the position-agnostic rows (``pa-att``) when profiled;
+an evaluation JSON adds the ``kept`` lists of every method it ran.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 __all__ = ["STORE_METHODS", "load_sample_image", "crop_for_adapter", "kept_from_store", "kept_from_evaluation", "picture_rows"]
 
-#: methods whose kept set the report computes itself from the stored attention rows
-STORE_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc", "adaptprune-gaussian", "pa-att")
+#: report columns computed from the stored attention rows besides the registered single-row methods
+STORE_METHODS: tuple[str, ...] = ("adaptprune-gaussian", "pa-att")
 
 
 def _specs(attrs: dict[str, Any]) -> list[str]:
@@ -111,22 +111,18 @@ def kept_from_store(attn: np.ndarray, calibration: Any, keep: int, *, grid: tupl
     """
     import torch
 
-    from posbias.runtime import select_tokens
-    from posbias.runtime import scoring as _scoring
+    from posbias.runtime.registry import known_methods
+    from posbias.runtime.select import select_stored
 
     methods = calibration.methods
     v = attn.shape[0]
     k = int(min(max(1, keep), v))
     out: dict[str, np.ndarray] = {}
-    for m in ("fastv", "pore", "posprune-pbc"):
-        if m not in methods:
-            continue
-        try:
-            layer = int(_scoring.method_layer(m, calibration))
-        except TypeError:  # pragma: no cover - older argument order
-            layer = int(_scoring.method_layer(calibration, m))  # type: ignore[arg-type]
-        row = torch.from_numpy(np.ascontiguousarray(attn[:, layer], dtype=np.float32))  # (V,)
-        out[m] = select_tokens(m, row, calibration, keep=k, n_visual=v).numpy()
+    rows = torch.from_numpy(np.ascontiguousarray(attn, dtype=np.float32))  # (V, L)
+    for m in known_methods():  # every registered method that scores one stored attention row
+        kept = select_stored(m, rows, calibration, keep=k, grid=grid)
+        if kept is not None:
+            out[m] = kept.numpy()
     g = methods.get("adaptprune-gaussian")
     if g is not None:
         sigma = float(g["fit"]["learned"]["sigma_"])
@@ -194,7 +190,9 @@ def picture_rows(data: Any, keep: int) -> tuple[list[dict[str, Any]], list[str],
             notes.append(f"{p.id}: image not shown ({why}); the grid is drawn on grey.")
         where = "store" if p.index >= 0 else "evaluation"
         rows.append({"image": arr, "grid": p.grid, "title": f"{p.id} ({where})", "kept": kept, "question": p.question})
-    order = [m for m in ("fastv", "pore", "posprune-pbc", "posprune", "adaptprune-gaussian", "adaptprune", "pa-att", "utp")]
+    from posbias.reports.palette import method_names
+
+    order = method_names()
     present = {m for r in rows for m in r["kept"]}
     methods = [m for m in order if m in present] + sorted(present - set(order))
     return rows, methods, notes

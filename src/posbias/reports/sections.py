@@ -104,6 +104,7 @@ def _say(verdict: str, text: str) -> str:
 
 def _verdicts(d: ReportData) -> list[Any]:
     """The report's first block: the verdict on every fitted curve and every test, each with its reason."""
+    from posbias.artifacts.entries import find_entry
     from posbias.artifacts.quality import quality_of
 
     cal = d.cal_doc
@@ -111,8 +112,9 @@ def _verdicts(d: ReportData) -> list[Any]:
     rows: list[list[str]] = []
     worst = "good"
     for name, entry in cal["methods"].items():
-        if name == "fastv":
-            continue
+        kind = find_entry(name)
+        if kind is not None and not kind.fitted:
+            continue  # nothing fitted (fastv): no verdict to give
         verdict, reason = quality_of(entry)
         rows.append([method_label(name), verdict, reason])
         if verdict == "unusable" or (verdict == "weak" and worst == "good"):
@@ -471,8 +473,9 @@ def _pictures(d: ReportData) -> Section:
     blocks: list[Any] = [Para(
         f"The visual tokens each method keeps (outlined in the method's colour; pruned tokens darkened) on real images "
         f"(AdaptPrune Fig. 6), at the calibration's default budget of {keep} kept tokens (fewer when an image has fewer). "
-        "Kept sets of fastv, pore, posprune-pbc, the Gaussian centre weight and PA-Att are computed here from the stored "
-        "attention rows and the calibration; other methods' come from the evaluation's kept lists."
+        "Kept sets of the methods that score one attention row (fastv, pore, posprune-pbc and any such method "
+        "registered), the Gaussian centre weight and PA-Att are computed here from the stored attention rows and the "
+        "calibration; other methods' come from the evaluation's kept lists."
     )]
     if not rows:
         blocks.append(_missing("samples to draw", "profile-bias profile (the store has no usable sample)"))

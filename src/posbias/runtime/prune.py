@@ -35,15 +35,9 @@ import torch
 from posbias.artifacts.calibration import Calibration
 from posbias.errors import PosbiasError
 from posbias._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
-from posbias.runtime.methods import (
-    arp_select,
-    gaussian_centre_weight,
-    mmr_select,
-    soft_nms_select,
-    topk_select,
-)
+from posbias.runtime.methods import arp_select
 from posbias.runtime.quality import check_entry_quality
-from posbias.runtime.scoring import predict_bias, token_positions
+from posbias.runtime.registry import Selection, get_method
 from posbias.runtime.spec import MethodSpec, resolve_method
 
 __all__ = ["Pruner", "PruneRecord", "enable_pruning", "model_kind", "unwrap_model"]
@@ -426,51 +420,12 @@ class Pruner:
         """Indices into the alive visual tokens to keep after layer i, or None when nothing is pruned."""
         st = self._state
         assert st is not None
-        spec = self.spec
-        n_cur = int(st.vis_ids.shape[0])
-        m = spec.method
-        if m == "utp":
-            target = spec.schedule[i + 1] if i + 1 < len(spec.schedule) else n_cur
-            target = min(int(target), n_cur)
-            if target >= n_cur:
-                return None
-            scores = self._attention_row(i, agnostic=i < int(spec.params["pa_layers"]))
-            return topk_select(scores, target) if target > 0 else torch.zeros(0, dtype=torch.int64)
-        keep = spec.keep_for(st.n_visual)
-        keep = min(keep, n_cur)
-        attn = self._attention_row(i)  # (V_cur,)
-        rows, cols = st.vis_ids // st.grid[1], st.vis_ids % st.grid[1]
-        if m == "fastv":
-            return topk_select(attn, keep)
-        if m in ("pore", "posprune-pbc", "posprune"):
-            entry = spec.entry
-            x = token_positions(n_cur, entry["domain"], n_visual=st.n_visual, positions=st.vis_ids)
-            bias = predict_bias(entry["fit"], x)  # (V_cur,) float64
-            score = attn.double() / bias if m == "pore" else attn.double() - bias
-            if m != "posprune":
-                return topk_select(score, keep)
-            feats = hidden[0].index_select(0, st.vis_local.to(hidden.device)).cpu()  # (V_cur, D)
-            picks = mmr_select(score, feats, keep, lam=float(spec.params["mmr_lambda"]))
-            return torch.sort(picks).values
-        if m == "adaptprune":
-            score = attn.float()
-            if spec.params["gaussian"]:
-                score = score * self._gaussian(rows, cols, st.grid)
-            keys = st.k[i][0].index_select(0, st.vis_local.to(st.k[i].device)).cpu()  # (V_cur, Hkv*D)
-            picks = soft_nms_select(score, rows, cols, keys, keep, sigma_d=float(spec.params["sigma_d"]),
-                                    sigma_s=float(spec.params["sigma_s"]), window=int(spec.params["window"]),
-                                    radius=spec.params["radius"])
-            return torch.sort(picks).values
-        raise PosbiasError(f"unknown pruning method {m!r}")  # pragma: no cover - resolve_method guards
-
-    def _gaussian(self, rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        entry = self.spec.entry
-        mask = entry.get("mask")
-        if mask is not None and entry.get("grid") is not None and list(entry["grid"]) == list(grid) \
-                and self.spec.params.get("gaussian_sigma") is None:
-            full = torch.tensor(mask, dtype=torch.float32)  # (R*C,) raster
-            return full[rows * grid[1] + cols]
-        return gaussian_centre_weight(rows, cols, grid, float(self.spec.params["gaussian_sigma_value"]))
+        vis = st.vis_local
+        sel = Selection(layer=i, spec=self.spec, n_visual=st.n_visual, ids=st.vis_ids, grid=st.grid,
+                        attention=lambda agnostic=False: self._attention_row(i, agnostic=agnostic),
+                        features=lambda: hidden[0].index_select(0, vis.to(hidden.device)).cpu(),  # (V_cur, D)
+                        keys=lambda: st.k[i][0].index_select(0, vis.to(st.k[i].device)).cpu())  # (V_cur, Hkv*D)
+        return get_method(self.spec.method).run(sel)
 
 
 def enable_pruning(
@@ -495,7 +450,9 @@ def enable_pruning(
         ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` (sdpa or eager).
     calibration : Calibration, optional
         Needed by every method but ``fastv``; its fingerprint must equal the model's.
-    method : {"fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp"}, optional
+    method : str, optional
+        A registered method (:func:`posbias.runtime.registry.known_methods`: fastv, pore, posprune-pbc,
+        posprune, adaptprune, utp and any registered later).
         Default: the calibration's ``defaults.method`` (``fastv`` without a calibration).
     keep : int, optional
         Visual tokens kept after the pruning layer (1..V). Exactly one of ``keep`` and ``ratio``

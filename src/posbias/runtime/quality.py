@@ -31,7 +31,8 @@ def check_entry_quality(calibration: Any, method: str | None, *, params: dict[st
     method : str or None
         Pruning method (None: the calibration's default).
     params : dict, optional
-        The method's parameter overrides (AdaptPrune without its Gaussian uses no entry).
+        The method's resolved parameters or overrides (the method's ``uses_entry`` decides whether they read
+        the entry: AdaptPrune without its Gaussian uses none).
     force : bool
         Use an ``unusable`` entry anyway (with a warning) instead of refusing it.
 
@@ -40,17 +41,18 @@ def check_entry_quality(calibration: Any, method: str | None, *, params: dict[st
     PosbiasError
         The entry is ``unusable`` and ``force`` is False.
     """
-    from posbias.runtime.spec import CALIBRATION_ENTRY
+    from posbias.runtime.registry import find_method
 
     if calibration is None:
         return None
     if method is None:
         method = str(calibration.defaults.get("method", ""))
-    name = CALIBRATION_ENTRY.get(method)
-    if method == "adaptprune" and params and params.get("gaussian") is False:
-        return None
+    spec = find_method(method)
+    if spec is None or not spec.reads_entry(params or {}):
+        return None  # no entry read (e.g. AdaptPrune without its Gaussian: params={"gaussian": False})
+    name = spec.entry
     methods = calibration.methods
-    if name is None or name not in methods:
+    if name not in methods:
         return None
     q = methods[name].get("quality")
     if not q:

@@ -8,6 +8,7 @@ from typing import Any
 from posbias.artifacts.calibration import Calibration
 from posbias.artifacts.fingerprint import model_fingerprint
 from posbias.errors import PosbiasError
+from posbias.runtime.registry import METHOD_NAMES, EntryView, ParamsView, Resolving, get_method
 
 __all__ = ["PRUNE_METHODS", "PARAMS", "CALIBRATION_ENTRY", "DEFAULT_K", "MethodSpec", "resolve_method", "n_decoder_layers",
            "layer_from_k"]
@@ -27,31 +28,14 @@ def layer_from_k(k: int) -> int:
         raise PosbiasError(f"k={k!r} must be an int >= 1 (the paper's pruning layer K: scored at layer K-1, pruned from K)")
     return k - 1
 
-#: selection methods of the pruner
-PRUNE_METHODS: tuple[str, ...] = ("fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp")
+#: selection methods of the pruner (a live view of :mod:`posbias.runtime.registry`)
+PRUNE_METHODS = METHOD_NAMES
 
-#: method -> tunable parameters and their defaults (the seeds' / anchors' constants)
-PARAMS: dict[str, dict[str, Any]] = {
-    "fastv": {},
-    "pore": {},
-    "posprune-pbc": {},
-    "posprune": {"mmr_lambda": 0.9, "arp": True, "arp_centre_ratio": 0.25, "arp_edge_ratio": 0.5, "arp_blocks": 6},
-    # released adapt_nms_2d: every token within Euclidean distance <= 5 (distance_limit=5); window=5, radius=None
-    # gives the 5 x 5 square of earlier posbias versions
-    "adaptprune": {"sigma_d": 1.5, "sigma_s": 0.05, "window": 11, "radius": 5.0, "gaussian": True,
-                   "gaussian_sigma": None},
-    "utp": {"pa_layers": 3, "ratio": None},
-}
+#: method -> tunable parameters and their defaults (the papers' released constants), from the registry
+PARAMS = ParamsView()
 
-#: method -> calibration entry that holds its fitted parameters (None: needs none)
-CALIBRATION_ENTRY: dict[str, str | None] = {
-    "fastv": None,
-    "pore": "pore",
-    "posprune-pbc": "posprune-pbc",
-    "posprune": "posprune-pbc",
-    "adaptprune": "adaptprune-gaussian",
-    "utp": None,
-}
+#: method -> calibration entry that holds its fitted parameters (None: needs none), from the registry
+CALIBRATION_ENTRY = EntryView()
 
 
 def n_decoder_layers(model: Any) -> int:
@@ -111,7 +95,7 @@ class MethodSpec:
 
     def check_budget(self, n_visual: int, *, after: str = "") -> None:
         """PosbiasError unless the budget fits ``n_visual`` tokens (called before any compute)."""
-        if self.method == "utp":
+        if get_method(self.method).budget == "schedule":
             if self.schedule and int(self.schedule[0]) != n_visual:
                 raise PosbiasError(
                     f"the UTP schedule starts with {self.schedule[0]} visual tokens but the prompt has {n_visual}; "
@@ -132,25 +116,6 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
         rng = f"{low}..{high}" if high is not None else f">= {low}"
         raise PosbiasError(f"{name}={value!r} must be an int in {rng}")
     return value
-
-
-def _pick_schedule(cal: Calibration | None, keep: int | None, ratio_param: Any, n_visual: int | None) -> list[int]:
-    doc = cal.to_dict() if cal is not None else {}
-    table = doc.get("schedules") or {}
-    usable = {k: v for k, v in table.items() if isinstance(v, dict) and v.get("schedule")}
-    if not usable:
-        raise PosbiasError(
-            "method 'utp' needs a layer schedule; the calibration holds none: run `profile-bias solve` "
-            "or pass schedule=[...]"
-        )
-    if ratio_param is not None:
-        target = float(ratio_param)
-    elif keep is not None and n_visual:
-        target = n_visual / float(keep)
-    else:
-        target = 4.0
-    best = min(usable.values(), key=lambda e: (abs(float(e["ratio"]) - target), float(e["ratio"])))
-    return [int(x) for x in best["schedule"]]
 
 
 def resolve_method(
@@ -192,8 +157,9 @@ def resolve_method(
         if layer > n_layers - 2:
             raise PosbiasError(f"k={k} is outside the model: K can be 1..{n_layers - 1} (the model has {n_layers} layers)")
 
+    spec_of = get_method(method)
     # parameters: defaults <- artifact entry under the method's own name <- explicit overrides
-    values = dict(PARAMS[method])
+    values = dict(spec_of.params)
     own = calibration.methods.get(method, {}) if calibration is not None else {}
     for key in values:
         if key in own:
@@ -205,7 +171,7 @@ def resolve_method(
             raise PosbiasError(f"unknown parameter(s) {unknown} for method {method!r}; allowed: {allowed}")
         values.update(params)
 
-    entry_name = CALIBRATION_ENTRY[method]
+    entry_name = spec_of.entry
     entry: dict[str, Any] = {}
     if entry_name is not None:
         if calibration is None:
@@ -213,16 +179,17 @@ def resolve_method(
         entry = calibration.method(entry_name)  # one-line error listing what is available
 
     # budget
+    by_keep = spec_of.budget == "keep"
     if (keep is None) == (ratio is None):
-        if keep is None and ratio is None and calibration is not None and method != "utp":
+        if keep is None and ratio is None and calibration is not None and by_keep:
             keep = int(calibration.defaults["keep"])
         elif keep is not None:
             raise PosbiasError("pass either keep=K or ratio=r, not both")
-        elif method != "utp":
+        elif by_keep:
             raise PosbiasError("pass keep=K (visual tokens kept) or ratio=r (fraction kept)")
+    fixed = _fixed_visual_count(model)
     if keep is not None:
         _check_int("keep", keep, 1)
-        fixed = _fixed_visual_count(model)
         if fixed is not None and keep > fixed:
             raise PosbiasError(f"keep={keep} exceeds the {fixed} visual tokens of this model; pass keep <= {fixed}")
     if ratio is not None:
@@ -230,77 +197,24 @@ def resolve_method(
             raise PosbiasError(f"ratio={ratio!r} must be a number in (0, 1] (fraction of visual tokens kept)")
         ratio = float(ratio)
 
-    # layer
+    # layer: the method's rule unless given
     if layer is None:
-        if method in ("pore",):
-            layer = int(entry["layer"])
-        elif method in ("posprune-pbc", "posprune"):
-            layer = int(entry["shallow_layer"])
-        elif method == "adaptprune":
-            layer = int(calibration.defaults["layer"])  # the calibration's pruning layer (anchors: K=2)
-        elif method == "fastv":
-            fv = calibration.methods.get("fastv") if calibration is not None else None
-            layer = int(fv["layer"]) if fv else (int(calibration.defaults["layer"]) if calibration is not None
-                                                 else layer_from_k(DEFAULT_K))
-        else:
-            layer = 0
+        layer = spec_of.default_layer(calibration, entry)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers - 2:
         _layer_error(layer, n_layers)
 
+    # the method's own validation (may add derived values), then its multi-layer plan
+    state = Resolving(calibration=calibration, entry=entry, values=values, overrides=dict(params or {}), keep=keep,
+                      ratio=ratio, layer=int(layer), n_layers=n_layers, fixed_visual=fixed, schedule=schedule)
+    if spec_of.check is not None:
+        spec_of.check(state)
     sched: list[int] = []
-    score_layers: frozenset[int] = frozenset({layer})
-    if method == "utp":
-        _check_int("pa_layers", values["pa_layers"], 0)
-        if schedule is not None:
-            sched = [int(x) for x in schedule]
-        else:
-            sched = _pick_schedule(calibration, keep, values["ratio"], _fixed_visual_count(model))
-        if len(sched) != n_layers:
-            raise PosbiasError(f"the UTP schedule has {len(sched)} entries but the model has {n_layers} layers; pass one per layer")
-        if any(b > a for a, b in zip(sched, sched[1:])) or min(sched) < 0:
-            raise PosbiasError(f"the UTP schedule {sched} must be non-increasing and >= 0")
-        fixed = _fixed_visual_count(model)
-        if fixed is not None and sched[0] != fixed:
-            raise PosbiasError(f"the UTP schedule starts with {sched[0]} but the model has {fixed} visual tokens")
-        score_layers = frozenset(i for i in range(n_layers - 1) if sched[i + 1] < sched[i])
-        layer = min(score_layers) if score_layers else n_layers - 1
-    if method == "adaptprune":
-        for name in ("sigma_d", "sigma_s"):
-            if not isinstance(values[name], (int, float)) or isinstance(values[name], bool) or values[name] <= 0:
-                raise PosbiasError(f"{name}={values[name]!r} must be a number > 0")
-        w = values["window"]
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0:
-            raise PosbiasError(f"window={w!r} must be a positive odd int (released code: 11 with radius 5; 5 alone: a 5 x 5 square)")
-        if params and "window" in params and "radius" not in params:
-            values["radius"] = None  # an explicit window alone asks for the square (window=5: the former default)
-        r = values["radius"]
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0):
-            raise PosbiasError(f"radius={r!r} must be a number >= 0 or None (released code: 5)")
-        sig = values["gaussian_sigma"]
-        if sig is None:
-            sig = float(entry.get("fit", {}).get("learned", {}).get("sigma_", 1.0))
-        values["gaussian_sigma_value"] = float(sig)
-    if method == "posprune":
-        lam = values["mmr_lambda"]
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-            raise PosbiasError(f"mmr_lambda={lam!r} must be a number in [0, 1] (seed: 0.9)")
-        if values["arp"] and getattr(model.config, "model_type", None) == "llava":
-            # the vision side's quota is fixed for LLaVA's grid: check keep fits after ARP now
-            from posbias.runtime.methods import arp_quota
-            import torch
-
-            side = int(model.config.vision_config.image_size) // int(model.config.vision_config.patch_size)
-            ids = torch.arange(side * side)
-            _, quota = arp_quota(ids // side, ids % side, (side, side), blocks=int(values["arp_blocks"]),
-                                 centre_ratio=float(values["arp_centre_ratio"]), edge_ratio=float(values["arp_edge_ratio"]))
-            after = int(quota.sum())
-            if keep is not None and keep > after:
-                raise PosbiasError(
-                    f"keep={keep} exceeds the {after} visual tokens ARP leaves; pass keep <= {after} "
-                    "or disable ARP with params={'arp': False}"
-                )
+    score_layers: frozenset[int] = frozenset({int(layer)})
+    if spec_of.plan is not None:
+        sched, score_layers, layer = spec_of.plan(state)
+    arp = bool(spec_of.vision_side(values)) if spec_of.vision_side is not None else False
     return MethodSpec(method=method, layer=int(layer), keep=keep, ratio=ratio, params=values, entry=entry,
-                      schedule=sched, score_layers=score_layers, arp=bool(method == "posprune" and values["arp"]))
+                      schedule=sched, score_layers=score_layers, arp=arp)
 
 
 def _layer_error(layer: Any, n_layers: int) -> None:
