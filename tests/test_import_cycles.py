@@ -22,7 +22,7 @@ PACKAGE_ROOT = Path(posbias.__file__).parent
 KNOWN_CYCLES: set[frozenset[str]] = {
     # profiler/capture <-> profiler/signals: helper `arch` breaks it (shared kernels, issue 16); the lead removes
     # this entry when that branch lands
-    frozenset({"posbias.profiler.capture", "posbias.profiler.signals"}),
+
     # models/registry -> models/demo (builds a demo model) -> models/registry (DEMO_ALIASES, adapter_class): the
     # model registry's (`arch` owns models/registry.py, `next` edits models/demo.py this session)
     frozenset({"posbias.models.demo", "posbias.models.registry"}),
@@ -45,9 +45,16 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def _every_import(body: list[ast.stmt]):
-    for node in ast.walk(ast.Module(body=body, type_ignores=[])):
+    """Every import statement, in functions too; ``if TYPE_CHECKING:`` blocks import nothing at run time."""
+    todo: list[ast.AST] = list(body)
+    while todo:
+        node = todo.pop()
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+        else:
+            todo.extend(ast.iter_child_nodes(node))
 
 
 def _import_time_statements(body: list[ast.stmt]):

@@ -1,9 +1,13 @@
-"""Prune visual tokens inside a transformers LLaVA / Qwen2.5-VL model during prefill.
+"""Prune visual tokens inside a transformers VLM (LLaVA, Qwen2-VL, Qwen2.5-VL, ...) during prefill.
+
+Everything architecture-specific (where the visual tokens are, their grid, the vision importance) comes from
+the model's :class:`~posbias.models.base.Architecture` (:func:`posbias.models.registry.architecture_of`);
+the scoring row and the RoPE rotation are the shared kernels of :mod:`posbias.kernels` the profiler uses too.
 
 How it works (torch ``nn.Module`` hooks only; nothing in transformers is patched):
 
 1. A forward pre-hook on the VLM sees ``input_ids`` of every call. A call whose prompt holds image tokens
-   and more than one position is a *prefill*: the hook finds the visual positions, checks ``keep``
+   and more than one position is a *prefill*: the hook finds the visual positions and their grid, checks ``keep``
    against the visual count (before any compute) and opens a prefill state. Every other call (decoding
    steps of ``generate``) runs unpruned code paths.
 2. Pre-hooks on each decoder layer gather, for the tokens still alive, the layer's ``position_embeddings``
@@ -28,23 +32,30 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from posbias.artifacts.calibration import Calibration
 from posbias.errors import PosbiasError
 from posbias._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
+from posbias.kernels import apply_rope, last_token_attention, uniform_position
 from posbias.runtime.methods import arp_select
 from posbias.runtime.quality import check_entry_quality
 from posbias.runtime.registry import Selection, get_method
 from posbias.runtime.spec import MethodSpec, resolve_method
 
-__all__ = ["Pruner", "PruneRecord", "enable_pruning", "model_kind", "unwrap_model"]
+if TYPE_CHECKING:  # the architecture module loads with the first model (importing posbias.runtime stays light)
+    from posbias.models.base import Architecture, TokenGrid
 
-#: config.model_type -> what the pruner keys on: "llava" (one square patch grid, 1-D RoPE) or "mrope" (Qwen-VL:
-#: the merged grid from image_grid_thw, 3-D M-RoPE positions; the vision tower may or may not use windows)
-_ARCH = {"llava": "llava", "qwen2_5_vl": "mrope", "qwen2_vl": "mrope"}
+__all__ = ["Pruner", "PruneRecord", "enable_pruning", "unwrap_model"]
+
+
+def architecture_of(model: Any) -> "Architecture":
+    """:func:`posbias.models.registry.architecture_of` (imported on first use)."""
+    from posbias.models.registry import architecture_of as _of
+
+    return _of(model)
 
 
 def unwrap_model(model: Any) -> Any:
@@ -52,23 +63,6 @@ def unwrap_model(model: Any) -> Any:
     if hasattr(model, "prepare") and hasattr(model, "layout") and hasattr(model, "model"):
         return model.model
     return model
-
-
-def model_kind(model: Any) -> str:
-    """``"llava"`` or ``"mrope"`` from ``model.config.model_type`` (see ``_ARCH``); PosbiasError otherwise."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in _ARCH:
-        raise PosbiasError(
-            f"model of type {mt!r} ({type(model).__name__}) is not supported by the pruner; "
-            "pass a transformers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or "
-            "Qwen2VLForConditionalGeneration"
-        )
-    return _ARCH[mt]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @dataclass
@@ -87,6 +81,12 @@ class PruneRecord:
         Sequence length each decoder layer processed (for FLOPs).
     select_ms : float
         Wall time spent scoring and selecting (all stages).
+    scoring_rows : dict of int to torch.Tensor
+        Layer -> (V_cur,) float32 head-mean last-token attention over the visual tokens alive at that layer
+        (in the order of their raster ids), the row the method scored (:func:`posbias.kernels.last_token_attention`,
+        the quantity the profile store holds in ``/tokens/attn``).
+    vision_importance : torch.Tensor or None
+        (V,) float32 vision importance ARP used, in the LLM's visual-token order (``/tokens/vision_importance``).
     """
 
     n_visual: int
@@ -95,15 +95,18 @@ class PruneRecord:
     stages: list[tuple[int, int]] = field(default_factory=list)
     tokens_per_layer: list[int] = field(default_factory=list)
     select_ms: float = 0.0
+    scoring_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    vision_importance: torch.Tensor | None = None
 
 
 class _Prefill:
     """Mutable state of one prefill pass."""
 
-    def __init__(self, visual_pos: torch.Tensor, grid: tuple[int, int], seq_len: int, positions: Any) -> None:
+    def __init__(self, visual_pos: torch.Tensor, tokens: "TokenGrid", seq_len: int, positions: Any) -> None:
         self.seq_len = seq_len
         self.n_visual = int(visual_pos.shape[0])
-        self.grid = grid
+        self.tokens = tokens  # tile / row / col of every visual token (raster id = index)
+        self.grid = tokens.grid  # (rows, cols) of the first tile
         self.seq_index = torch.arange(seq_len)  # (S_cur,) original positions of the alive tokens
         self.vis_local = visual_pos.clone()  # (V_cur,) positions of alive visual tokens in the current sequence
         self.vis_ids = torch.arange(self.n_visual)  # (V_cur,) raster ids of alive visual tokens
@@ -115,6 +118,8 @@ class _Prefill:
         self.stages: list[tuple[int, int]] = []
         self.tokens_per_layer: list[int] = []
         self.select_s = 0.0
+        self.scoring_rows: dict[int, torch.Tensor] = {}
+        self.importance: torch.Tensor | None = None
 
 
 class Pruner:
@@ -130,11 +135,12 @@ class Pruner:
         Record of the latest prefill.
     """
 
-    def __init__(self, model: Any, spec: MethodSpec) -> None:
+    def __init__(self, model: Any, spec: MethodSpec, arch: "Architecture | None" = None) -> None:
         self.model = model
-        self.kind = model_kind(model)
+        self.arch = arch if arch is not None else architecture_of(model)
+        self.kind = self.arch.model_type
         self.spec = spec
-        self.lm = model.model.language_model
+        self.lm = self.arch.language_model()
         check_versions()
         check_decoder(self.lm)
         self.layers = list(self.lm.layers)
@@ -170,7 +176,7 @@ class Pruner:
         if self.spec.arp:
             from posbias.runtime.vision import VisionImportance
 
-            self._vision = VisionImportance(self.model, self.kind)
+            self._vision = VisionImportance(self.arch)
             self._vision.attach()
         self.model._posbias_pruner = self
         self._enabled = True
@@ -196,37 +202,12 @@ class Pruner:
         self.disable()
 
     # ------------------------------------------------------------------ model-level hooks
-    def _grid(self, kwargs: dict, n_visual: int, visual_pos: torch.Tensor | None = None) -> tuple[int, int]:
-        if self.kind == "llava":
-            side = int(round(n_visual ** 0.5))
-            if side * side != n_visual:
-                raise PosbiasError(f"the prompt holds {n_visual} image tokens, not one square image; pass one image")
-            return side, side
-        thw = kwargs.get("image_grid_thw")
-        merge = int(self.model.config.vision_config.spatial_merge_size)
-        pos = kwargs.get("position_ids")
-        if thw is None and isinstance(pos, torch.Tensor) and pos.ndim == 3 and visual_pos is not None:
-            # generate() passes precomputed vision outputs and M-RoPE positions instead of image_grid_thw
-            hw = pos[-2:, 0].index_select(-1, visual_pos.to(pos.device))  # (2, V) h and w components
-            rows = int(hw[0].max() - hw[0].min()) + 1
-            cols = int(hw[1].max() - hw[1].min()) + 1
-            if rows * cols != n_visual:
-                raise PosbiasError(f"the image tokens' M-RoPE positions span {rows}x{cols}, not {n_visual}; pass one image")
-            return rows, cols
-        if thw is None or thw.shape[0] != 1:
-            raise PosbiasError("the pruner needs image_grid_thw for exactly one image per prompt (batch 1)")
-        t, h, w = (int(x) for x in thw[0].tolist())
-        if t != 1 or (h // merge) * (w // merge) != n_visual:
-            raise PosbiasError(f"image_grid_thw {[t, h, w]} does not match {n_visual} image tokens; pass one still image")
-        return h // merge, w // merge
-
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._state = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] < 2:
             return
-        image_id = int(self.model.config.image_token_id)
-        is_img = input_ids == image_id  # (B, S)
+        is_img = input_ids == self.arch.image_token_id  # (B, S)
         if not bool(is_img.any()):
             return
         if input_ids.shape[0] != 1:
@@ -237,11 +218,10 @@ class Pruner:
         past = kwargs_cache(kwargs)
         if past is not None and hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0:
             raise PosbiasError("pruning needs the image prompt prefilled from an empty cache; pass a fresh cache")
-        visual_pos = torch.nonzero(is_img[0]).flatten().cpu()  # (V,)
-        n_visual = int(visual_pos.shape[0])
-        grid = self._grid(kwargs, n_visual, visual_pos)
-        self.spec.check_budget(n_visual)  # one-line error before the vision tower runs
-        self._state = _Prefill(visual_pos, grid, int(input_ids.shape[1]), None)
+        visual_index = self.arch.visual_index(input_ids)  # (V,) int64
+        tokens = self.arch.token_grid({**kwargs, "input_ids": input_ids}, visual_index)
+        self.spec.check_budget(int(visual_index.shape[0]))  # one-line error before the vision tower runs
+        self._state = _Prefill(torch.from_numpy(visual_index), tokens, int(input_ids.shape[1]), None)
 
     def _model_post(self, module: Any, args: tuple, output: Any) -> None:
         st = self._state
@@ -253,6 +233,8 @@ class Pruner:
                 stages=list(st.stages),
                 tokens_per_layer=list(st.tokens_per_layer),
                 select_ms=1000.0 * st.select_s,
+                scoring_rows=dict(st.scoring_rows),
+                vision_importance=st.importance,
             )
             if self._vision is not None:
                 self._vision.importance = None  # generate() may run the vision tower before this call
@@ -371,6 +353,7 @@ class Pruner:
         imp = self._vision.importance
         if imp is None or imp.shape[0] != st.n_visual:
             raise RuntimeError("ARP saw no vision importance for this prompt; the vision hooks did not fire")
+        st.importance = imp.detach().float().cpu()
         t0 = time.perf_counter()
         rows, cols = st.vis_ids // st.grid[1], st.vis_ids % st.grid[1]
         p = self.spec.params
@@ -382,7 +365,9 @@ class Pruner:
         return self._drop(hidden, kept)
 
     def _attention_row(self, i: int, *, agnostic: bool = False) -> torch.Tensor:
-        """(V_cur,) float32 head-mean attention of the last token over the alive visual tokens at layer i."""
+        """(V_cur,) float32 head-mean attention of the last token over the alive visual tokens at layer i
+        (:func:`posbias.kernels.last_token_attention` on the layer's own queries and keys, RoPE applied with
+        the layer's cos/sin; with ``agnostic`` the visual keys sit at UTP's uniform position)."""
         st = self._state
         assert st is not None
         attn = self.layers[i].self_attn
@@ -393,17 +378,17 @@ class Pruner:
         qh = q[:, -1:].float().view(1, 1, n_h, d).transpose(1, 2)  # (1, H, 1, D)
         kh = k.float().view(1, s, n_kv, d).transpose(1, 2)  # (1, Hkv, S, D)
         c, sn = cos.float().unsqueeze(1), sin.float().unsqueeze(1)  # (1, 1, S, D)
-        qh = qh * c[:, :, -1:] + _rotate_half(qh) * sn[:, :, -1:]
-        k_rot = kh * c + _rotate_half(kh) * sn
+        qh = apply_rope(qh, c[:, :, -1:], sn[:, :, -1:])
+        k_rot = apply_rope(kh, c, sn)
         if agnostic:
             pc, ps = self._uniform_rope(kh)  # (1, 1, 1, D)
             vis = st.vis_local.to(kh.device)
-            k_rot[:, :, vis] = kh[:, :, vis] * pc + _rotate_half(kh[:, :, vis]) * ps
-        if n_h != n_kv:
-            k_rot = k_rot.repeat_interleave(n_h // n_kv, dim=1)  # (1, H, S, D)
+            k_rot[:, :, vis] = apply_rope(kh[:, :, vis], pc, ps)
         scaling = float(getattr(attn, "scaling", d ** -0.5))
-        probs = torch.softmax((qh @ k_rot.transpose(-1, -2)) * scaling, dim=-1)[0, :, 0]  # (H, S)
-        return probs.mean(0).index_select(0, st.vis_local.to(probs.device)).cpu()  # (V_cur,)
+        probs = last_token_attention(qh, k_rot, None, scaling)[0]  # (H, S)
+        row = probs.mean(0).index_select(0, st.vis_local.to(probs.device)).cpu()  # (V_cur,)
+        st.scoring_rows[i] = row
+        return row
 
     def _uniform_rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin at UTP's uniform visual position p' = floor((p1 + p2) / 2 + 1/2), per M-RoPE component."""
@@ -412,7 +397,7 @@ class Pruner:
         pos = st.positions  # (1, S) or (3, 1, S) of the full prompt
         vis_full = st.seq_index[st.vis_local].to(pos.device)  # original positions of the alive visual tokens
         pv = pos.index_select(-1, vis_full)  # (..., V_cur)
-        p_mid = torch.floor((pv.amin(-1, keepdim=True) + pv.amax(-1, keepdim=True)).double() / 2 + 0.5).long()
+        p_mid = uniform_position(pv.amin(-1, keepdim=True), pv.amax(-1, keepdim=True))  # (..., 1) per axis
         cos, sin = self.lm.rotary_emb(like.new_zeros(1, 1, 1), p_mid)  # (1, 1, D)
         return cos.float()[:, None], sin.float()[:, None]
 
@@ -442,12 +427,14 @@ def enable_pruning(
     force: bool = False,
     k: int | None = None,
 ) -> Pruner:
-    """Make a LLaVA or Qwen2.5-VL model drop visual tokens during prefill.
+    """Make a VLM drop visual tokens during prefill.
 
     Parameters
     ----------
     model : transformers model or posbias adapter
-        ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` (sdpa or eager).
+        A model of a registered architecture (:func:`posbias.models.registry.supported_model_types`:
+        ``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+        ``Qwen2_5_VLForConditionalGeneration``, ...), sdpa or eager attention.
     calibration : Calibration, optional
         Needed by every method but ``fastv``; its fingerprint must equal the model's.
     method : str, optional
@@ -483,8 +470,8 @@ def enable_pruning(
         Already enabled; use it as a context manager or call ``disable()``.
     """
     model = unwrap_model(model)
-    model_kind(model)
+    arch = architecture_of(model)  # one-line error for an unsupported architecture, before anything else
     spec = resolve_method(model, calibration, method=method, keep=keep, ratio=ratio, layer=layer,
                           params=params, schedule=schedule, check_fingerprint=check_fingerprint, k=k)
     check_entry_quality(calibration, spec.method, params=spec.params, force=force)  # the resolved parameters
-    return Pruner(model, spec).enable()
+    return Pruner(model, spec, arch).enable()

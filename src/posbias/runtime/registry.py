@@ -243,10 +243,24 @@ class SelectionMethod:
         return self.colour or (kind.colour if kind is not None else None)
 
 
+#: the papers' pruning layer K (FastV, AdaptPrune, PosPrune, PoRe on FastV: K=2 in their released code)
+DEFAULT_K = 2
+
+
+def layer_from_k(k: int) -> int:
+    """posbias's ``layer`` for a paper's ``K``.
+
+    FastV's ``K`` (and AdaptPrune's, PosPrune's "second layer", PoRe's FastV base) counts the decoder layers that run
+    on all tokens: tokens are scored with the last token's attention in 0-based layer ``K - 1`` and are absent from
+    0-based layer ``K`` on. posbias's ``layer`` names the scoring layer itself, so ``layer = K - 1`` (K=2: layer 1).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise PosbiasError(f"k={k!r} must be an int >= 1 (the paper's pruning layer K: scored at layer K-1, pruned from K)")
+    return k - 1
+
+
 def default_layer(calibration: Calibration | None, entry: dict[str, Any]) -> int:
     """The calibration's pruning layer (``defaults.layer``), else the papers' K=2 (scoring layer 1)."""
-    from posbias.runtime.spec import DEFAULT_K, layer_from_k
-
     return int(calibration.defaults["layer"]) if calibration is not None else layer_from_k(DEFAULT_K)
 
 

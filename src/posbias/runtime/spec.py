@@ -8,25 +8,12 @@ from typing import Any
 from posbias.artifacts.calibration import Calibration
 from posbias.artifacts.fingerprint import model_fingerprint
 from posbias.errors import PosbiasError
+from posbias.runtime.registry import DEFAULT_K, layer_from_k  # noqa: F401 (public here too)
 from posbias.runtime.registry import METHOD_NAMES, EntryView, ParamsView, Resolving, get_method
 
 __all__ = ["PRUNE_METHODS", "PARAMS", "CALIBRATION_ENTRY", "DEFAULT_K", "MethodSpec", "resolve_method", "n_decoder_layers",
            "layer_from_k"]
 
-#: the papers' pruning layer K (FastV, AdaptPrune, PosPrune, PoRe on FastV: K=2 in their released code)
-DEFAULT_K = 2
-
-
-def layer_from_k(k: int) -> int:
-    """posbias's ``layer`` for a paper's ``K``.
-
-    FastV's ``K`` (and AdaptPrune's, PosPrune's "second layer", PoRe's FastV base) counts the decoder layers that run
-    on all tokens: tokens are scored with the last token's attention in 0-based layer ``K - 1`` and are absent from
-    0-based layer ``K`` on. posbias's ``layer`` names the scoring layer itself, so ``layer = K - 1`` (K=2: layer 1).
-    """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise PosbiasError(f"k={k!r} must be an int >= 1 (the paper's pruning layer K: scored at layer K-1, pruned from K)")
-    return k - 1
 
 #: selection methods of the pruner (a live view of :mod:`posbias.runtime.registry`)
 PRUNE_METHODS = METHOD_NAMES
@@ -39,17 +26,24 @@ CALIBRATION_ENTRY = EntryView()
 
 
 def n_decoder_layers(model: Any) -> int:
-    """Decoder layers of a LLaVA / Qwen2.5-VL transformers model."""
-    return len(model.model.language_model.layers)
+    """Decoder layers of a transformers VLM (its architecture's answer)."""
+    from posbias.models.registry import architecture_of
+
+    return architecture_of(model).n_layers
+
+
+def _fixed_grid(model: Any) -> tuple[int, int] | None:
+    """The token grid when the architecture fixes it (LLaVA: (image/patch) squared), else None."""
+    from posbias.models.registry import architecture_of
+
+    return architecture_of(model).fixed_grid()
 
 
 def _fixed_visual_count(model: Any) -> int | None:
     """Visual tokens per prompt when the architecture fixes it (LLaVA: (image/patch)^2), else None."""
-    if getattr(model.config, "model_type", None) != "llava":
-        return None
-    vc = model.config.vision_config
-    side = int(vc.image_size) // int(vc.patch_size)
-    return side * side
+    from posbias.models.registry import architecture_of
+
+    return architecture_of(model).fixed_visual_count()
 
 
 @dataclass
