@@ -235,7 +235,7 @@ def test_resume_refuses_another_model_or_seed(tmp_path: Path) -> None:
     w._closed = True
     with pytest.raises(PosbiasError, match="it was written with seed=1, this run has seed=2"):
         ProfileStoreWriter(p, n_layers=2, rope_dims=1, attrs={**attrs, "seed": 2}, resume=True)
-    with pytest.raises(PosbiasError, match="already exists; pass --overwrite"):
+    with pytest.raises(PosbiasError, match="already exists; pass overwrite=True"):
         ProfileStoreWriter(p, n_layers=2, rope_dims=1, attrs=attrs)
     with pytest.raises(PosbiasError, match="nothing to resume"):
         ProfileStoreWriter(tmp_path / "none.h5", n_layers=2, rope_dims=1, attrs=attrs, resume=True)

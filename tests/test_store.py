@@ -189,7 +189,7 @@ def test_missing_and_reserved_attrs(tmp_path: Path) -> None:
 
 def test_overwrite_refusal_and_overwrite(store_path: Path) -> None:
     before = store_path.read_bytes()
-    with pytest.raises(PosbiasError, match="already exists; pass --overwrite or choose another --out") as ei:
+    with pytest.raises(PosbiasError, match="already exists; pass overwrite=True or choose another output path") as ei:
         ProfileStoreWriter(store_path, n_layers=L, rope_dims=P, attrs=base_attrs())
     assert str(store_path) in str(ei.value)
     assert store_path.read_bytes() == before

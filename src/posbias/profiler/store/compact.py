@@ -61,7 +61,7 @@ class _FileBuilder:
                 raise fault from exc
             msg = " ".join(str(exc).split())
             raise PosbiasError(
-                f"cannot create store file {path} ({msg}); check the folder is writable or choose another --out"
+                f"cannot create store file {path} ({msg}); check the folder is writable or choose another output path"
             ) from exc
         f = self.file
         self.n_layers = n_layers

@@ -82,9 +82,9 @@ def merge_stores(
         raise PosbiasError("merge: no input stores given; pass the shard stores to merge")
     in_paths = [resolve_store_path(p) for p in inputs]
     if out_path.resolve() in [p.resolve() for p in in_paths] and not overwrite:
-        raise PosbiasError(f"merge: output {out_path} is also an input; pass --overwrite to merge into it or choose another output")
+        raise PosbiasError(f"merge: output {out_path} is also an input; pass overwrite=True to merge into it or choose another output")
     if store_exists(out_path) and not overwrite:
-        raise PosbiasError(f"merge: output store {out_path} already exists; pass --overwrite or choose another --out")
+        raise PosbiasError(f"merge: output store {out_path} already exists; pass overwrite=True or choose another output path")
     views: list[ProfileStore] = []
     try:
         for p in in_paths:
@@ -115,7 +115,7 @@ def merge_stores(
                         continue
                     raise PosbiasError(
                         f"merge: sample id {sid!r} is in both {seen[sid]} and {v.path}; merge disjoint shards "
-                        "(or pass --dedupe to keep the first copy)"
+                        "(or pass dedupe=True to keep the first copy)"
                     )
                 seen[sid] = v.path
                 selection.append((vi, s))

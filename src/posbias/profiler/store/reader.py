@@ -180,7 +180,7 @@ class _H5Part(_Part):
             if "truncated" in text:
                 raise SchemaError(
                     f"{where} is truncated (an incomplete copy, or written by a process that was stopped); "
-                    "copy it again or re-run 'profile-bias profile' (with --resume if its folder holds segments)"
+                    "copy it again or re-run 'profile-bias profile --resume' if its folder holds segments"
                 ) from exc
             # the word "lock", not "sblock" inside HDF5's superblock messages
             if re.search(r"\block", text):
@@ -374,7 +374,7 @@ class ProfileStore:
             if p.schema.describe() != ref.describe():
                 raise SchemaError(
                     f"{where}: {p.path.name} holds signal datasets {p.schema.describe()} but earlier parts hold "
-                    f"{ref.describe()}; the run mixed signal options: re-run with --overwrite"
+                    f"{ref.describe()}; the run mixed signal options: re-run with overwrite=True"
                 )
         self._schema: _Schema = ref
 

@@ -148,9 +148,9 @@ class ProfileStoreWriter:
             raise PosbiasError(f"{where} is a directory; choose a file path for the store")
         exists = store_exists(self.path)
         if exists and not (overwrite or resume):
-            raise PosbiasError(f"{where} already exists; pass --overwrite or choose another --out")
+            raise PosbiasError(f"{where} already exists; pass overwrite=True or choose another output path")
         if resume and not exists:
-            raise PosbiasError(f"{where} does not exist, so there is nothing to resume; run without --resume")
+            raise PosbiasError(f"{where} does not exist, so there is nothing to resume; run without resume=True")
 
         self._closed = True  # until fully opened
         self._lock_fd: int | None = None
@@ -244,7 +244,7 @@ class ProfileStoreWriter:
         except OSError:
             os.close(fd)
             raise PosbiasError(
-                f"store {self.path} is being written by another process; wait for it to finish or choose another --out"
+                f"store {self.path} is being written by another process; wait for it to finish or choose another output path"
             ) from None
         self._lock_fd = fd
 
@@ -276,7 +276,7 @@ class ProfileStoreWriter:
                 if a != b:
                     raise PosbiasError(
                         f"cannot resume {where}: it was written with {key}={a!r}, this run has {key}={b!r}; "
-                        "use the same model and options, or pass --overwrite to start again"
+                        "use the same model and options, or pass overwrite=True to start again"
                     )
             self._ids = set(old.sample_ids)
             self._skipped_ids = {sid for sid, _, _ in old.skipped()}
