@@ -201,7 +201,7 @@ def test_hub_model_fails_fast_offline(tmp_path):
     assert time.perf_counter() - t0 < 15.0
     msg = str(info.value)
     assert "\n" not in msg
-    assert "'qwen2.5-vl-7b' (Qwen/Qwen2.5-VL-7B-Instruct)" in msg and "--model /path/to/checkpoint" in msg
+    assert "'qwen2.5-vl-7b' (Qwen/Qwen2.5-VL-7B-Instruct)" in msg and "model=/path/to/checkpoint" in msg
 
 
 def test_hub_model_fails_fast_with_hf_offline(tmp_path, monkeypatch):

@@ -191,4 +191,4 @@ def test_qwen2_vl_hub_alias_fails_fast_offline(tmp_path, monkeypatch):
         with pytest.raises(ModelUnavailableError) as info:
             load_adapter(alias, cache_dir=tmp_path)
         msg = str(info.value)
-        assert "\n" not in msg and f"'{alias}' ({repo})" in msg and "--model /path/to/checkpoint" in msg
+        assert "\n" not in msg and f"'{alias}' ({repo})" in msg and "model=/path/to/checkpoint" in msg
