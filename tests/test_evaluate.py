@@ -118,7 +118,7 @@ def test_keep_all_gives_zero_kl(tiny_llava_adapter):
 
 def test_missing_store_is_an_error(tiny_llava_adapter, tmp_path):
     cal = make_calibration(tiny_llava_adapter, grid=(4, 4))
-    with pytest.raises(PosbiasError, match="--store"):
+    with pytest.raises(PosbiasError, match="store="):
         calibration_sample_ids(cal, tmp_path / "cal.json")
 
 
