@@ -413,6 +413,7 @@ class VisionAttentionCapture(_AttentionSwap):
     ``adapter.vision_importance_kind`` decides what is recorded per module and call:
 
     - ``"cls"`` (LLaVA/CLIP): the [CLS] query row (query 0), softmax over all keys, head mean: (N,).
+    - ``"cls_crops"`` (LLaVA-NeXT: the crops of one image are the tower's batch): the same per crop: (B, N).
     - ``"colmean"`` (Qwen2.5-VL): the mean attention each key receives over all queries and heads,
       computed in chunks of query rows (:func:`posbias.profiler.signals.attention_column_mean`): (N,).
 
@@ -427,7 +428,7 @@ class VisionAttentionCapture(_AttentionSwap):
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self.kind = str(adapter.vision_importance_kind)
-        if self.kind not in ("cls", "colmean"):
+        if self.kind not in ("cls", "cls_crops", "colmean"):
             raise PosbiasError(
                 f"adapter {adapter.name!r} has no vision-importance support; drop vision_importance from --signals"
             )
@@ -479,11 +480,14 @@ class VisionAttentionCapture(_AttentionSwap):
             with torch.no_grad():
                 if attention_mask is not None:
                     raise PosbiasError("vision_importance expects an unmasked vision tower (one image, no padding)")
-                if self.kind == "cls":
+                if self.kind in ("cls", "cls_crops"):
+                    crops = slice(None) if self.kind == "cls_crops" else slice(0, 1)
                     probs = torch.softmax(
-                        torch.matmul(query[0, :, :1].float(), key[0].float().transpose(-1, -2)) * scale, dim=-1
-                    )  # (H, 1, N)
-                    self._records[slot] = probs[:, 0, :].mean(dim=0)  # (N,)
+                        torch.matmul(query[crops, :, :1].float(), key[crops].float().transpose(-1, -2)) * scale,
+                        dim=-1,
+                    )  # (B, H, 1, N)
+                    rows = probs[:, :, 0, :].mean(dim=1)  # (B, N)
+                    self._records[slot] = rows if self.kind == "cls_crops" else rows[0]
                 else:
                     from posbias.profiler.signals import attention_column_mean
 
