@@ -194,3 +194,28 @@ def test_llava_next_hub_aliases_fail_fast_offline(tmp_path, monkeypatch):
             load_adapter(alias, cache_dir=tmp_path)
         msg = str(info.value)
         assert "\n" not in msg and f"'{alias}' ({repo})" in msg and "--model /path/to/checkpoint" in msg
+
+
+def test_demo_builder_wraps_the_decoder_exactly(tmp_path, make_noise_image):
+    """demo-llava-next around a tiny stand-in decoder: text logits equal, LLaVA-1.6's pinpoints at half scale."""
+    from tests.test_models import _tiny_decoder
+
+    from posbias.models import demo
+
+    causal, tok = _tiny_decoder()
+    ids = torch.tensor([[5, 20, 30, 40, 7]])  # (1, 5) words of the tiny vocabulary
+    with torch.no_grad():
+        want = causal(input_ids=ids).logits[0]  # (5, vocab)
+    folder = demo.build_demo("demo-llava-next", cache_dir=tmp_path, decoder=(causal, tok))
+    adapter = demo.load_demo("demo-llava-next", cache_dir=tmp_path)
+    assert type(adapter.model).__name__ == "LlavaNextForConditionalGeneration" and adapter.name == "llava_next"
+    with torch.no_grad():
+        got = adapter.model(input_ids=ids, use_cache=False).logits[0]
+    torch.testing.assert_close(got[:, : want.shape[1]], want, atol=1e-5, rtol=0)
+    config = adapter.model.config
+    assert config.vision_config.image_size == 168 and config.image_grid_pinpoints == [
+        [p // 2 for p in pair] for pair in ([336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008])]
+    layout = adapter.layout(adapter.prepare(make_noise_image(512, 512, seed=0), "what is in the image?"))
+    assert layout.tiles == ((12, 12), (24, 24)) and layout.n_visual == 144 + 24 * 25
+    assert "USER:" in adapter.prompt("hi") and "<image>" in adapter.prompt("hi")  # the saved chat template
+    assert demo.build_demo("demo-llava-next", cache_dir=tmp_path) == folder

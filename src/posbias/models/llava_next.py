@@ -175,21 +175,22 @@ class LlavaNextAdapter(LlavaAdapter):
                         hub_kwargs: dict[str, Any] | None = None, **options: Any) -> "LlavaNextAdapter":
         """Load model and processor from a local checkpoint folder (or a hub id the cache/hub can serve).
 
-        The processor is assembled from ``LlavaNextImageProcessorPil`` and the tokenizer (the fast image
-        processor ``AutoProcessor`` may pick needs torchvision). ``options`` that are not None are an error.
+        ``AutoProcessor`` gives ``LlavaNextProcessor`` with ``LlavaNextImageProcessorPil`` where torchvision is
+        missing (and the processor's chat template). ``options`` that are not None are an error.
         """
         given = sorted(k for k, v in options.items() if v is not None)
         if given:
             raise PosbiasError(f"options {given} do not apply to LLaVA-NeXT models; drop them")
         import transformers
+        from transformers import AutoProcessor
 
         torch_dtype = resolve_dtype(dtype)
         kwargs: dict[str, Any] = {"dtype": torch_dtype, **(hub_kwargs or {})}
         if str(device) != "cpu":
             kwargs["device_map"] = str(device)
         model = getattr(transformers, cls.hf_class).from_pretrained(str(path), **kwargs).eval()
-        return cls(model, load_llava_next_processor(path, model.config, hub_kwargs=hub_kwargs),
-                   model_id=model_id or str(path), revision=revision)
+        processor = AutoProcessor.from_pretrained(str(path), **(hub_kwargs or {}))
+        return cls(model, processor, model_id=model_id or str(path), revision=revision)
 
     def prepare(self, image: Any, question: str) -> dict[str, Any]:
         """Inputs for one image and question: input_ids, attention_mask (1, S), pixel_values
@@ -260,18 +261,3 @@ class LlavaNextAdapter(LlavaAdapter):
         if features.dim() != 3:
             raise PosbiasError(f"projector input of shape {tuple(features.shape)}: pass one image per prompt")
         return self.plan(inputs).gather(features, fill=0.0)  # (V, D_v)
-
-
-def load_llava_next_processor(path: str | os.PathLike, config: Any, *,
-                              hub_kwargs: dict[str, Any] | None = None) -> Any:
-    """``LlavaNextProcessor`` with the PIL image processor, from a checkpoint folder (or a hub id)."""
-    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    image_processor = LlavaNextImageProcessorPil.from_pretrained(str(path), **(hub_kwargs or {}))
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **(hub_kwargs or {}))
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    return LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=int(config.vision_config.patch_size),
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
-        chat_template=getattr(tokenizer, "chat_template", None),
-    )

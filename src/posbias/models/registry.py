@@ -8,7 +8,7 @@
   ``config.json`` metadata request with a short timeout decides whether the hub is reachable. If it is,
   ``from_pretrained`` downloads as usual; if not, :class:`~posbias.errors.ModelUnavailableError` comes
   within seconds (no long network hang);
-- ``demo-llava`` / ``demo-qwen2.5-vl`` / ``demo-qwen2-vl``: SmolLM2 decoder with a seeded random vision side
+- ``demo-llava`` / ``demo-llava-next`` / ``demo-qwen2.5-vl`` / ``demo-qwen2-vl``: SmolLM2 decoder with a seeded random vision side
   (:mod:`posbias.models.demo`), built once and cached on disk;
 - ``tiny-llava`` / ``tiny-llava-next`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen2-vl``: tiny random models for tests (:mod:`posbias.models.tiny`).
 
@@ -51,7 +51,9 @@ HUB_ALIASES: dict[str, str] = {
     "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
 }
 #: alias -> architecture of the demo models (SmolLM2 decoder, untrained vision side)
-DEMO_ALIASES: dict[str, str] = {"demo-llava": "llava", "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen2-vl": "qwen2_vl"}
+DEMO_ALIASES: dict[str, str] = {
+    "demo-llava": "llava", "demo-llava-next": "llava_next", "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen2-vl": "qwen2_vl",
+}
 #: alias -> architecture of the tiny random test models
 TINY_ALIASES: dict[str, str] = {
     "tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl",
