@@ -213,12 +213,12 @@ def test_open_errors(tmp_path: Path, store_path: Path) -> None:
     with pytest.raises(SchemaError, match="is not a posbias profile store"):
         ProfileStore(other)
     with h5py.File(store_path, "r+") as f:
-        f.attrs["schema_version"] = 2
+        f.attrs["schema_version"] = 3
     with pytest.raises(SchemaError) as ei:
         ProfileStore(store_path)
     msg = str(ei.value)
     assert msg == (
-        f"store {store_path} has schema_version 2; this posbias reads version 1: "
+        f"store {store_path} has schema_version 3; this posbias reads versions 1, 2: "
         "upgrade posbias or re-run profile-bias profile"
     )
     assert "\n" not in msg
@@ -406,3 +406,16 @@ def test_write_utr_loss_rewrites_atomically(store_path: Path) -> None:
         assert st.complete and st.n_samples == 3 and not st.has_attn_pa
     with pytest.raises(PosbiasError, match="not in the store"):
         write_utr_loss(store_path, ["zzz:1"], loss[:1])
+
+
+def test_token_data_is_read_once(store_path: Path) -> None:
+    """token_data caches what it read: the second call returns the same array, not a new read."""
+    with ProfileStoreWriter(store_path.with_name("sig.h5"), n_layers=L, rope_dims=P, attrs=base_attrs()) as w:
+        for i, grid in enumerate(GRIDS):
+            v = grid[0] * grid[1]
+            w.append(sample_id=f"embedded:{i}", source="embedded", question="q", answer=None,
+                     layout=make_layout(grid), attn=attn_for(v, i), token_data={"vi": np.full(v, i, np.float32)})
+    with ProfileStore(store_path.with_name("sig.h5")) as st:
+        first = st.token_data("vi")
+        np.testing.assert_array_equal(first, np.repeat([0, 1, 2], [24, 15, 64]))
+        assert st.token_data("vi") is first and st.token_data("tokens/vi") is first

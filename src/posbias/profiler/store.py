@@ -60,7 +60,9 @@ __all__ = [
 ]
 
 SCHEMA_NAME = "posbias.profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this reader opens (version 1: one grid per sample, read as one tile without separators)
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 
 #: root attributes every store carries (docs/store.md, "Root attributes")
 REQUIRED_ATTRS: tuple[str, ...] = (
@@ -120,12 +122,16 @@ _SAMPLE_SPEC: dict[str, tuple[Any, tuple[int, ...]]] = {
     "n_visual": (np.dtype(np.int32), ()),
     "offset": (np.dtype(np.int64), ()),
     "grid": (np.dtype(np.int32), (2,)),
+    "n_tiles": (np.dtype(np.int32), ()),
     "visual_start": (np.dtype(np.int32), ()),
     "seq_len": (np.dtype(np.int32), ()),
     "id": (_STR, ()),
 }
 _SAMPLE_FIELDS: tuple[str, ...] = tuple(_SAMPLE_SPEC)
-_TOKEN_FIELDS: tuple[str, ...] = ("attn", "row", "col", "position")
+_TOKEN_FIELDS: tuple[str, ...] = ("attn", "row", "col", "position", "tile", "separator")
+_TOKEN_DTYPES: dict[str, Any] = {"row": np.int32, "col": np.int32, "tile": np.int32, "separator": np.bool_}
+#: datasets added by version 2 (multi-tile layouts); a version-1 part reads them as one tile, no separator
+_V2_DATASETS: tuple[str, ...] = ("samples/n_tiles", "tokens/tile", "tokens/separator", "tiles/grid")
 _SKIP_FIELDS: tuple[str, ...] = ("source", "reason", "id")
 _STRING_SAMPLE_FIELDS = ("id", "source", "question", "answer")
 
@@ -295,6 +301,42 @@ def _check_extra_array(where: str, kind: str, name: str, value: Any) -> np.ndarr
     return arr
 
 
+def _check_tiles(
+    where: str, layout: VisualLayout, v: int, grid: tuple[int, ...], rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(tiles (n, 2) int32, tile (V,) int32, separator (V,) bool)`` of a layout, validated: tile indices
+    ascending from 0, tile 0's grid equal to ``grid``, every grid token inside its tile's grid, separator
+    tokens inside their tile's rows with a column in ``-1 .. cols - 1``."""
+    raw_tiles = layout.tiles if layout.tiles is not None else (grid,)
+    try:
+        tiles = np.array([[int(r), int(c)] for r, c in raw_tiles], dtype=np.int64).reshape(-1, 2)  # (n, 2)
+    except (TypeError, ValueError):
+        raise PosbiasError(f"{where}: layout tiles {raw_tiles!r} must be a sequence of (rows, cols) pairs") from None
+    if tiles.shape[0] < 1 or tiles.min() < 1:
+        raise PosbiasError(f"{where}: layout tiles {raw_tiles!r} must hold at least one (rows, cols) of positive ints")
+    if tuple(tiles[0]) != grid:
+        raise PosbiasError(f"{where}: layout grid {grid} differs from the first tile's grid {tuple(int(x) for x in tiles[0])}; check the adapter's layout")
+    tile = np.asarray(layout.tile if layout.tile is not None else np.zeros(v, np.int64))  # (V,)
+    sep = np.asarray(layout.separator if layout.separator is not None else np.zeros(v, bool))  # (V,)
+    if tile.shape != (v,) or not np.issubdtype(tile.dtype, np.integer):
+        raise PosbiasError(f"{where}: layout tile has shape {tile.shape} and dtype {tile.dtype}; expected ({v},) integers")
+    if sep.shape != (v,) or sep.dtype != np.bool_:
+        raise PosbiasError(f"{where}: layout separator has shape {sep.shape} and dtype {sep.dtype}; expected ({v},) bool")
+    if tile.min() < 0 or tile.max() >= len(tiles) or np.any(np.diff(tile) < 0):
+        raise PosbiasError(
+            f"{where}: layout tile indices must ascend from 0 to at most {len(tiles) - 1} (one per tile in layout.tiles)"
+        )
+    t_rows, t_cols = tiles[tile, 0], tiles[tile, 1]  # (V,) each
+    col_lo = np.where(sep, -1, 0)  # a separator ends a row: column -1 (or a column of that row)
+    if np.any(rows < 0) or np.any(rows >= t_rows) or np.any(cols < col_lo) or np.any(cols >= t_cols):
+        bad = int(np.flatnonzero((rows < 0) | (rows >= t_rows) | (cols < col_lo) | (cols >= t_cols))[0])
+        raise PosbiasError(
+            f"{where}: layout token {bad} at (row, col) = ({int(rows[bad])}, {int(cols[bad])}) falls outside its tile "
+            f"{int(tile[bad])} grid {tuple(int(x) for x in tiles[tile[bad]])}; check the adapter's layout"
+        )
+    return tiles.astype(np.int32), tile.astype(np.int32), sep.copy()
+
+
 # ------------------------------------------------------------------------------------- file builder
 
 
@@ -338,9 +380,12 @@ class _FileBuilder:
         self._make(tokens, "row", (), np.int32, rows=trows, compress=compress)
         self._make(tokens, "col", (), np.int32, rows=trows, compress=compress)
         self._make(tokens, "position", (rope_dims,), np.int64, rows=trows, compress=compress)
+        self._make(tokens, "tile", (), np.int32, rows=trows, compress=compress)
+        self._make(tokens, "separator", (), np.bool_, rows=trows, compress=compress)
         for name, (dt, trailing) in schema.tokens.items():
             cols = min(_LAYER_CHUNK, n_layers) if trailing == (n_layers,) else None
             self._make(tokens, name, trailing, dt, rows=trows, cols=cols, compress=compress)
+        self._make(f.create_group("tiles"), "grid", (2,), np.int32, rows=srows, compress=compress)
         skipped = f.create_group("skipped")
         for name in _SKIP_FIELDS:
             self._make(skipped, name, (), _STR, rows=srows, compress=False)
@@ -831,8 +876,7 @@ class ProfileStoreWriter:
         grid = tuple(int(g) for g in layout.grid)
         if len(grid) != 2 or min(grid) < 1:
             raise PosbiasError(f"{where}: layout grid {layout.grid!r} must be two positive ints (rows, cols)")
-        if rows.min() < 0 or rows.max() >= grid[0] or cols.min() < 0 or cols.max() >= grid[1]:
-            raise PosbiasError(f"{where}: layout rows/cols fall outside the grid {grid}; check the adapter's layout")
+        tiles, tile, sep = _check_tiles(where, layout, v, grid, rows, cols)
         vis = np.asarray(layout.visual_index)  # (V,)
         if vis.shape != (v,):
             raise PosbiasError(f"{where}: layout visual_index has shape {vis.shape}; expected ({v},)")
@@ -853,6 +897,8 @@ class ProfileStoreWriter:
                     "row": rows.astype(np.int32),  # (V,) int32
                     "col": cols.astype(np.int32),  # (V,) int32
                     "position": pos.astype(np.int64),  # (V, P) int64
+                    "tile": tile,  # (V,) int32
+                    "separator": sep,  # (V,) bool
                     **{k: np.array(a, copy=True) for k, a in tok.items()},
                 },
                 "samples": {
@@ -861,11 +907,13 @@ class ProfileStoreWriter:
                     "answer": "" if answer is None else answer,
                     "n_visual": v,
                     "grid": grid,
+                    "n_tiles": len(tiles),
                     "visual_start": int(layout.visual_start),
                     "seq_len": int(layout.seq_len),
                     "id": sample_id,
                     **{k: np.array(a, copy=True) for k, a in smp.items()},
                 },
+                "tiles": tiles,  # (n_tiles, 2) int32
             }
         )
         self._ids.add(sample_id)
@@ -960,11 +1008,13 @@ class ProfileStoreWriter:
                     )
             for name_ in self._schema.samples:
                 arrays[f"samples.{name_}"] = np.stack([s["samples"][name_] for s in pend.samples])
+            arrays["tiles.grid"] = np.concatenate([s["tiles"] for s in pend.samples])  # (n_tiles, 2) int32
         else:  # a segment without samples still holds every base dataset, empty
             arrays["tokens.attn"] = np.zeros((0, self.n_layers), np.float32)
-            arrays["tokens.row"] = np.zeros(0, np.int32)
-            arrays["tokens.col"] = np.zeros(0, np.int32)
             arrays["tokens.position"] = np.zeros((0, self.rope_dims), np.int64)
+            for name_, dt in _TOKEN_DTYPES.items():
+                arrays[f"tokens.{name_}"] = np.zeros(0, dt)
+            arrays["tiles.grid"] = np.zeros((0, 2), np.int32)
             for name_, (dt, trailing) in _SAMPLE_SPEC.items():
                 strings = name_ in _STRING_SAMPLE_FIELDS
                 arrays[f"samples.{name_}"] = np.zeros((0, *trailing), dtype=str if strings else dt)
@@ -1086,6 +1136,9 @@ def _write_compact(
                     buf.setdefault(f"tokens/{name}", []).append(part.read(f"tokens/{name}", slice(a, min(a + _COPY_ROWS, t_hi))))
             for name in copied:
                 buf.setdefault(f"samples/{name}", []).append(part.read(f"samples/{name}", slice(lo, hi)))
+            g_lo = int(part.tile_offsets[lo])
+            g_hi = g_lo + int(part.samples["n_tiles"][lo:hi].sum())
+            buf.setdefault("tiles/grid", []).append(part.tile_grid[g_lo:g_hi])
             for name in _SAMPLE_FIELDS:
                 if name == "offset":
                     values: Any = offset + np.concatenate([[0], np.cumsum(n_vis)[:-1]]).astype(np.int64)
@@ -1108,7 +1161,8 @@ def _write_compact(
         for v in views:
             for path in v.static_names():
                 builder.set_static(path, v.static(path))
-        builder.finish(attrs, durable=durable)
+        # whatever version the inputs had, the file is written in this version's layout
+        builder.finish({**attrs, "schema_version": np.int64(SCHEMA_VERSION)}, durable=durable)
     except BaseException:
         builder.abort()
         raise
@@ -1137,8 +1191,16 @@ class _Part:
 
     path: Path
     raw_attrs: dict[str, Any]
+    #: datasets a version-1 part lacks, synthesised: dataset path -> dtype of its (rows,) zeros
+    _virtual: dict[str, Any] = {}
 
-    def read(self, path: str, sel: Any = slice(None)) -> np.ndarray:  # pragma: no cover - abstract
+    def read(self, path: str, sel: Any = slice(None)) -> np.ndarray:
+        """Rows ``sel`` of the dataset at ``path`` (a version-1 part gives tile 0 / no separator)."""
+        if path in self._virtual:
+            return np.zeros(self.n_tokens, dtype=self._virtual[path])[sel]
+        return self._read(path, sel)
+
+    def _read(self, path: str, sel: Any) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def close(self) -> None:
@@ -1154,17 +1216,22 @@ class _Part:
                 "pass a profile.h5 written by 'profile-bias profile'"
             )
         version = _to_python(raw.get("schema_version", None))
-        if version != SCHEMA_VERSION:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            readable = ", ".join(str(v) for v in READABLE_VERSIONS)
             raise SchemaError(
-                f"{where} has schema_version {version}; this posbias reads version {SCHEMA_VERSION}: "
+                f"{where} has schema_version {version}; this posbias reads versions {readable}: "
                 "upgrade posbias or re-run profile-bias profile"
             )
+        self.version = int(version)
+        # version 1 stores lack the tile datasets: one tile (the sample's grid), no separator
+        absent = set(_V2_DATASETS) if self.version == 1 else set()
+        self._virtual = {p: _TOKEN_DTYPES[p.split("/")[1]] for p in absent if p.startswith("tokens/")}
         missing = [k for k in REQUIRED_ATTRS if k not in raw]
         missing += [
             f"/{g}/{n}"
-            for g, names in (("samples", _SAMPLE_FIELDS), ("skipped", _SKIP_FIELDS), ("tokens", _TOKEN_FIELDS))
+            for g, names in (("samples", _SAMPLE_FIELDS), ("skipped", _SKIP_FIELDS), ("tokens", _TOKEN_FIELDS), ("tiles", ("grid",)))
             for n in names
-            if f"{g}/{n}" not in shapes
+            if f"{g}/{n}" not in shapes and f"{g}/{n}" not in absent
         ]
         if missing:
             raise SchemaError(f"{where} lacks {missing}; it is damaged or not from posbias: re-run profile-bias profile")
@@ -1196,15 +1263,24 @@ class _Part:
         self.schema = _Schema(tokens=tokens_x, samples=samples_x)
         # a writer killed inside an in-place update may leave a torn last sample: count a sample only if
         # every row of it exists (cannot happen with segments, which are renamed into place whole)
-        sample_names = [f"samples/{n}" for n in (*_SAMPLE_FIELDS, *samples_x)]
-        token_names = [f"tokens/{n}" for n in (*_TOKEN_FIELDS, *tokens_x)]
+        sample_names = [f"samples/{n}" for n in (*_SAMPLE_FIELDS, *samples_x) if f"samples/{n}" not in absent]
+        token_names = [f"tokens/{n}" for n in (*_TOKEN_FIELDS, *tokens_x) if f"tokens/{n}" not in absent]
         s = min(shapes[n][0][0] for n in sample_names)
         t_avail = min(shapes[n][0][0] for n in token_names)
         n_visual = self.read("samples/n_visual", slice(0, s)).astype(np.int32)  # (S,)
         offsets = self.read("samples/offset", slice(0, s)).astype(np.int64)  # (S,)
-        while s > 0 and offsets[s - 1] + n_visual[s - 1] > t_avail:
+        if self.version == 1:
+            n_tiles = np.ones(s, dtype=np.int32)  # (S,)
+            g_avail = s
+        else:
+            n_tiles = self.read("samples/n_tiles", slice(0, s)).astype(np.int32)  # (S,)
+            g_avail = shapes["tiles/grid"][0][0]
+        tile_ends = np.cumsum(n_tiles, dtype=np.int64)  # (S,)
+        while s > 0 and (offsets[s - 1] + n_visual[s - 1] > t_avail or tile_ends[s - 1] > g_avail):
             s -= 1
-        n_visual, offsets = n_visual[:s], offsets[:s]
+        n_visual, offsets, n_tiles = n_visual[:s], offsets[:s], n_tiles[:s]
+        if s and n_tiles.min() < 1:
+            raise SchemaError(f"{where}: /samples/n_tiles holds a value below 1; the file is damaged")
         expected = np.concatenate([[0], np.cumsum(n_visual, dtype=np.int64)[:-1]]) if s else np.zeros(0, np.int64)
         if not np.array_equal(offsets, expected):
             raise SchemaError(f"{where}: /samples/offset is not the running sum of n_visual; the file is damaged")
@@ -1215,11 +1291,18 @@ class _Part:
             "n_visual": n_visual,  # (S,) int32
             "offset": offsets,  # (S,) int64
             "grid": self.read("samples/grid", slice(0, s)).astype(np.int32).reshape(-1, 2),  # (S, 2) int32
+            "n_tiles": n_tiles,  # (S,) int32
             "visual_start": self.read("samples/visual_start", slice(0, s)).astype(np.int32),  # (S,) int32
             "seq_len": self.read("samples/seq_len", slice(0, s)).astype(np.int32),  # (S,) int32
         }
         for name in _STRING_SAMPLE_FIELDS:
             self.samples[name] = self._strings(f"samples/{name}", s)
+        n_tile_rows = int(n_tiles.sum()) if s else 0
+        self.tile_offsets = (tile_ends[:s] - n_tiles).astype(np.int64)  # (S,) first row of each sample in tile_grid
+        if self.version == 1:
+            self.tile_grid = self.samples["grid"].copy()  # (S, 2) int32: one tile per sample
+        else:
+            self.tile_grid = self.read("tiles/grid", slice(0, n_tile_rows)).astype(np.int32).reshape(-1, 2)  # (n, 2)
         k = min(shapes[f"skipped/{n}"][0][0] for n in _SKIP_FIELDS)
         self.skipped = list(
             zip(self._strings("skipped/id", k), self._strings("skipped/source", k), self._strings("skipped/reason", k), strict=True)
@@ -1267,7 +1350,7 @@ class _H5Part(_Part):
             self.close()
             raise
 
-    def read(self, path: str, sel: Any = slice(None)) -> np.ndarray:
+    def _read(self, path: str, sel: Any) -> np.ndarray:
         assert self._file is not None
         return self._file[path][sel]
 
@@ -1314,7 +1397,7 @@ class _NpzPart(_Part):
     # the token arrays of the most recently read segment (reads and compaction visit segments in turn)
     _recent: tuple[Path, dict[str, np.ndarray]] | None = None
 
-    def read(self, path: str, sel: Any = slice(None)) -> np.ndarray:
+    def _read(self, path: str, sel: Any) -> np.ndarray:
         if path in self._small:
             return self._small[path][sel]
         recent = _NpzPart._recent
@@ -1449,6 +1532,11 @@ class ProfileStore:
             np.concatenate([[0], np.cumsum(self.n_visual, dtype=np.int64)[:-1]]) if self.n_samples else np.zeros(0, np.int64)
         )  # (S,) int64
         self.grids: np.ndarray = np.concatenate([p.samples["grid"] for p in parts]).reshape(-1, 2).astype(np.int32)  # (S, 2)
+        self.n_tiles: np.ndarray = np.concatenate([p.samples["n_tiles"] for p in parts]).astype(np.int32)  # (S,)
+        self.tile_offsets: np.ndarray = (
+            np.concatenate([[0], np.cumsum(self.n_tiles, dtype=np.int64)[:-1]]) if self.n_samples else np.zeros(0, np.int64)
+        )  # (S,) int64
+        self.tile_grids: np.ndarray = np.concatenate([p.tile_grid for p in parts]).reshape(-1, 2).astype(np.int32)  # (sum n_tiles, 2)
         self.visual_start: np.ndarray = np.concatenate([p.samples["visual_start"] for p in parts]).astype(np.int32)  # (S,)
         self.seq_len: np.ndarray = np.concatenate([p.samples["seq_len"] for p in parts]).astype(np.int32)  # (S,)
         self.sample_ids: list[str] = [x for p in parts for x in p.samples["id"]]
@@ -1585,9 +1673,7 @@ class ProfileStore:
                 f"store {self.path} has no /tokens/{leaf}; it holds {sorted(self._schema.tokens) or 'none'}: "
                 "re-profile with that signal enabled"
             )
-        if leaf not in self._cache:
-            self._cache[f"tokens/{leaf}"] = self._read_tokens(leaf)
-        return self._cache[f"tokens/{leaf}"]
+        return self._tokens(leaf)
 
     def sample_token_data(self, name: str, i: int) -> np.ndarray:
         """(V_i, ...) rows of ``/tokens/<name>`` of sample ``i``."""
@@ -1663,18 +1749,49 @@ class ProfileStore:
         """(T, P) int64 RoPE position ids of every token."""
         return self._tokens("position")
 
+    @property
+    def token_tile(self) -> np.ndarray:
+        """(T,) int32 tile (sub-image) index of every token within its sample (0 for one-tile layouts)."""
+        return self._tokens("tile")
+
+    @property
+    def token_separator(self) -> np.ndarray:
+        """(T,) bool, True for separator tokens (e.g. LLaVA-NeXT's image newline), which sit in no grid cell."""
+        return self._tokens("separator")
+
+    @property
+    def multi_tile(self) -> bool:
+        """True when some sample has more than one tile or a separator token."""
+        return bool(self.n_samples and (self.n_tiles.max() > 1 or self.token_separator.any()))
+
+    def sample_tiles(self, i: int) -> np.ndarray:
+        """(n_tiles_i, 2) int32 grid (rows, cols) of each tile of sample ``i``, index = tile."""
+        ii = self._sample_index(i)
+        lo = int(self.tile_offsets[ii])
+        return self.tile_grids[lo : lo + int(self.n_tiles[ii])]
+
+    def sample_token_tile(self, i: int) -> np.ndarray:
+        """(V_i,) int32 tile index of every token of sample ``i``."""
+        return self._sample_rows(i, "tile").astype(np.int32)
+
+    def sample_token_separator(self, i: int) -> np.ndarray:
+        """(V_i,) bool separator flag of every token of sample ``i``."""
+        return self._sample_rows(i, "separator").astype(bool)
+
     def token_sample(self) -> np.ndarray:
         """(T,) int64 index of the sample each token belongs to."""
         return np.repeat(np.arange(self.n_samples, dtype=np.int64), self.n_visual)  # (T,)
 
     def token_index(self) -> np.ndarray:
-        """(T,) int64 raster index ``row * grid_cols + col`` of each token within its sample's grid.
+        """(T,) int64 raster index ``row * tile_cols + col`` of each token within its tile's grid.
 
         For one image laid out in raster order (LLaVA's 24x24 grid, Qwen2.5-VL's merged grid) this is
-        0..V-1 per sample, PoRe's index ``i``.
+        0..V-1 per sample, PoRe's index ``i``. Separator tokens get -1.
         """
-        grid_cols = np.repeat(self.grids[:, 1].astype(np.int64), self.n_visual)  # (T,)
-        return self.rows.astype(np.int64) * grid_cols + self.cols.astype(np.int64)  # (T,)
+        tile_row = np.repeat(self.tile_offsets, self.n_visual) + self.token_tile  # (T,) row in tile_grids
+        tile_cols = self.tile_grids[tile_row, 1].astype(np.int64) if self.n_tokens else np.zeros(0, np.int64)  # (T,)
+        index = self.rows.astype(np.int64) * tile_cols + self.cols.astype(np.int64)  # (T,)
+        return np.where(self.token_separator, -1, index)  # (T,) int64
 
     # -- bookkeeping
 
