@@ -219,3 +219,48 @@ def test_demo_builder_wraps_the_decoder_exactly(tmp_path, make_noise_image):
     assert layout.tiles == ((12, 12), (24, 24)) and layout.n_visual == 144 + 24 * 25
     assert "USER:" in adapter.prompt("hi") and "<image>" in adapter.prompt("hi")  # the saved chat template
     assert demo.build_demo("demo-llava-next", cache_dir=tmp_path) == folder
+
+
+@pytest.mark.filterwarnings("ignore::posbias.runtime.quality.CalibrationQualityWarning")  # 3 samples: weak fits
+def test_profile_store_round_trip_and_fit(tiny_next, tmp_path, capsys):
+    """Every signal through the profiler into the store and back: per-token tile, separator, rows, cols equal the
+    adapter's layout; the fit places tokens along the visual run (i/N) and leaves the newlines out."""
+    from posbias.artifacts.calibration import Calibration
+    from posbias.data.base import Sample
+    from posbias.cli import main
+    from posbias.profiler.run import profile_samples
+    from posbias.profiler.store import ProfileStore
+
+    ad = tiny_next
+    rng = np.random.default_rng(5)
+    samples = [Sample(id=f"t:{i}", source="t", question="what is in the image",
+                      image=__import__("PIL.Image", fromlist=["Image"]).fromarray(
+                          rng.integers(0, 256, (*hw, 3), dtype=np.uint8)))
+               for i, hw in enumerate([(100, 150), (150, 100), (60, 200)])]
+    path = tmp_path / "profile.h5"
+    capture = SignalCapture(ad, signals="all")
+    assert profile_samples(ad, samples, path, seed=0, progress=False, capture=capture).n_profiled == 3
+    with ProfileStore(path) as store:
+        assert store.attrs["adapter"] == "llava_next" and store.multi_tile
+        for i, item in enumerate(samples):
+            inputs = ad.prepare(item.image, item.question)
+            layout = ad.layout(inputs)
+            assert [tuple(int(v) for v in g) for g in store.sample_tiles(i)] == list(layout.tiles)
+            np.testing.assert_array_equal(store.sample_token_tile(i), layout.tile)
+            np.testing.assert_array_equal(store.sample_token_separator(i), layout.separator)
+            sl = slice(int(np.sum(store.n_visual[:i])), int(np.sum(store.n_visual[: i + 1])))
+            np.testing.assert_array_equal(store.rows[sl], layout.rows)
+            np.testing.assert_array_equal(store.cols[sl], layout.cols)
+            np.testing.assert_array_equal(store.positions[sl][:, 0], layout.position_ids[:, 0])
+            sig = SignalCapture(ad, signals="all").run(inputs, layout)
+            np.testing.assert_allclose(store.sample_attn(i), sig.attn, atol=1e-6)
+            got_vi = store.sample_token_data("vision_importance", i)
+            np.testing.assert_array_equal(np.isnan(got_vi), layout.separator)
+        assert store.sample_data("region_logdet").shape == (3, 6, 6)
+    cal_path = tmp_path / "cal.json"
+    assert main(["fit", "--store", str(path), "--out", str(cal_path)]) == 0, capsys.readouterr().err
+    cal = Calibration.load(cal_path)
+    assert cal.model["adapter"] == "llava_next" and cal.model["fingerprint"] == ad.fingerprint()
+    methods = cal.to_dict()["methods"]
+    assert methods["posprune-pbc"]["domain"] == "normalized" and methods["pore"]["domain"] == "normalized"
+    assert methods["posprune-pbc"]["goodness"]["n_samples"] == 3

@@ -205,7 +205,8 @@ def fit_calibration(
                 f"store {store_path} holds {store.n_samples} sample(s); fitting needs at least 2: profile more samples (--n)"
             )
         grids = np.asarray(store.grids)  # (S, 2)
-        fixed_grid = bool(np.all(grids == grids[0]))
+        multi_tile = bool(store.multi_tile)  # any-resolution layouts (LLaVA-NeXT): no one raster grid
+        fixed_grid = bool(np.all(grids == grids[0])) and not multi_tile
         if domain == "auto":
             domain = "index" if fixed_grid else "normalized"
         if domain not in ("index", "normalized"):
@@ -220,6 +221,18 @@ def fit_calibration(
         token_sample = store.token_sample()  # (T,)
         token_index = store.token_index()  # (T,)
         n_visual = np.asarray(store.n_visual)  # (S,)
+        tok_rows, tok_cols = np.asarray(store.rows), np.asarray(store.cols)  # (T,) each
+        tok_grid = grids[token_sample]  # (T, 2)
+        if multi_tile:
+            # a token's position is its place along the sample's visual run (separators counted; i/N), its
+            # (row, col) is in its own tile; separators are never pruning candidates, so they are not fitted
+            starts = np.concatenate([[0], np.cumsum(n_visual)[:-1]]).astype(np.int64)  # (S,)
+            token_index = np.arange(token_sample.shape[0], dtype=np.int64) - starts[token_sample]  # (T,)
+            tile_row = np.repeat(np.asarray(store.tile_offsets), n_visual) + np.asarray(store.token_tile)  # (T,)
+            tok_grid = np.asarray(store.tile_grids)[tile_row]  # (T, 2)
+            cand = ~np.asarray(store.token_separator, dtype=bool)  # (T,)
+            attn, token_sample, token_index = attn[cand], token_sample[cand], token_index[cand]
+            tok_rows, tok_cols, tok_grid = tok_rows[cand], tok_cols[cand], tok_grid[cand]
         token_n = n_visual[token_sample]  # (T,)
         # a sample with any non-finite value in the layers used is excluded whole (fp16 overflow)
         bad_token = ~np.all(np.isfinite(attn), axis=1)  # (T,)
@@ -239,8 +252,7 @@ def fit_calibration(
         attn_all = attn[:, cols[pore]].astype(np.float64)  # (T,)
         delta = delta_all[ok]  # (T',)
         mean_attn = attn_all[ok]  # (T',)
-        tok_grid = grids[token_sample]  # (T, 2)
-        u_all, v_all = centred_coords(store.rows, store.cols, tok_grid[:, 0], tok_grid[:, 1])  # (T,) each
+        u_all, v_all = centred_coords(tok_rows, tok_cols, tok_grid[:, 0], tok_grid[:, 1])  # (T,) each
 
         sources = store.sources_count()
         source_list = list(store.sources)
