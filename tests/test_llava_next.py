@@ -264,3 +264,17 @@ def test_profile_store_round_trip_and_fit(tiny_next, tmp_path, capsys):
     methods = cal.to_dict()["methods"]
     assert methods["posprune-pbc"]["domain"] == "normalized" and methods["pore"]["domain"] == "normalized"
     assert methods["posprune-pbc"]["goodness"]["n_samples"] == 3
+    # the fit sees the candidates only, placed along the visual run: the separators' attention does not matter
+    with ProfileStore(path) as store:
+        from posbias.fitters.curves import token_geometry
+
+        index, grid, cand = token_geometry(store)
+        np.testing.assert_array_equal(cand, ~store.token_separator)
+        assert int(index[: store.n_visual[0]].max()) == int(store.n_visual[0]) - 1  # i over the whole run
+        hi = store.token_tile[: store.n_visual[0]] == 1
+        assert {tuple(g) for g in grid[: store.n_visual[0]][hi]} == {tuple(store.sample_tiles(0)[1])}
+    html = tmp_path / "report.html"
+    code = main(["report", "--store", str(path), "--calibration", str(cal_path), "--html", str(html)])
+    assert code == 0, capsys.readouterr().err
+    text = html.read_text()
+    assert "llava_next" in text and "multi-tile images (LLaVA-NeXT)" in text

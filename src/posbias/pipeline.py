@@ -172,7 +172,7 @@ def fit_calibration(
     from posbias.fitters import ExponentialBiasFitter, PolynomialBiasFitter
     from posbias.fitters.exponential import select_exponential_form
     from posbias.fitters.consistency import DEFAULT_THRESHOLD, bias_consistency
-    from posbias.fitters.curves import build_sample_curves, centred_coords
+    from posbias.fitters.curves import build_sample_curves, centred_coords, token_geometry
     from posbias.fitters.density import NOT_PROFILED, density_test, read_region_density
     from posbias.fitters.gaussian import GaussianCentreFitter
     from posbias.fitters.inference import exponential_inference, polynomial_inference
@@ -219,18 +219,10 @@ def fit_calibration(
         attn = store.layers(used_layers)  # (T, k) float32
         cols = {layer: j for j, layer in enumerate(used_layers)}
         token_sample = store.token_sample()  # (T,)
-        token_index = store.token_index()  # (T,)
         n_visual = np.asarray(store.n_visual)  # (S,)
+        token_index, tok_grid, cand = token_geometry(store)  # (T,), (T, 2), (T,)
         tok_rows, tok_cols = np.asarray(store.rows), np.asarray(store.cols)  # (T,) each
-        tok_grid = grids[token_sample]  # (T, 2)
-        if multi_tile:
-            # a token's position is its place along the sample's visual run (separators counted; i/N), its
-            # (row, col) is in its own tile; separators are never pruning candidates, so they are not fitted
-            starts = np.concatenate([[0], np.cumsum(n_visual)[:-1]]).astype(np.int64)  # (S,)
-            token_index = np.arange(token_sample.shape[0], dtype=np.int64) - starts[token_sample]  # (T,)
-            tile_row = np.repeat(np.asarray(store.tile_offsets), n_visual) + np.asarray(store.token_tile)  # (T,)
-            tok_grid = np.asarray(store.tile_grids)[tile_row]  # (T, 2)
-            cand = ~np.asarray(store.token_separator, dtype=bool)  # (T,)
+        if not cand.all():  # separators (any-resolution layouts) are never pruning candidates: not fitted
             attn, token_sample, token_index = attn[cand], token_sample[cand], token_index[cand]
             tok_rows, tok_cols, tok_grid = tok_rows[cand], tok_cols[cand], tok_grid[cand]
         token_n = n_visual[token_sample]  # (T,)
