@@ -20,7 +20,6 @@ When the store has no region data the result says so: ``"not profiled; run profi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -218,13 +217,16 @@ def density_test(logdet: Any, is_edge: Any = None, *, level: float = 0.95) -> De
     )
 
 
-def read_region_density(store_path: str | Path, sample_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None] | None:
+def read_region_density(store: Any, sample_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Region entropy data of a store, or ``None`` when the store has none.
+
+    Reads through :class:`~posbias.profiler.store.ProfileStore`, so the committed segments of an
+    interrupted run count like the compacted file.
 
     Parameters
     ----------
-    store_path : path
-        A profile store.
+    store : path or ProfileStore
+        A profile store (file, run folder, or an open ``ProfileStore``).
     sample_index : np.ndarray, optional
         (S',) rows of ``/samples/region_logdet`` to read (default: all).
 
@@ -233,21 +235,29 @@ def read_region_density(store_path: str | Path, sample_index: np.ndarray | None 
     (logdet, is_edge) or None
         ``logdet`` (S', n, n) float64; ``is_edge`` (n, n) bool or None when the store does not say.
     """
-    import h5py
+    from posbias.profiler.store import ProfileStore
 
-    with h5py.File(store_path, "r", locking=False) as f:
-        if LOGDET_DATASET not in f:
-            return None
-        ds = f[LOGDET_DATASET]
-        if ds.ndim != 3:
-            raise PosbiasError(f"store {store_path}: {LOGDET_DATASET} has shape {ds.shape}, expected (S, n, n); re-profile")
-        full = np.asarray(ds[...], dtype=np.float64)  # (S_all, n, n)
-        if sample_index is not None:
-            idx = np.asarray(sample_index, dtype=np.int64)
-            if idx.size and idx.max() >= full.shape[0]:
-                raise PosbiasError(
-                    f"store {store_path}: {LOGDET_DATASET} has {full.shape[0]} rows for more samples; re-profile with region density"
-                )
-            full = full[idx]
-        edge = np.asarray(f[EDGE_DATASET][...], dtype=bool) if EDGE_DATASET in f else None  # (n, n)
+    if not isinstance(store, ProfileStore):
+        with ProfileStore(store) as opened:
+            return read_region_density(opened, sample_index)
+    if not store.has(LOGDET_DATASET):
+        return None
+    full = np.asarray(_store_dataset(store, LOGDET_DATASET), dtype=np.float64)  # (S_all, n, n)
+    if full.ndim != 3:
+        raise PosbiasError(f"store {store.path}: {LOGDET_DATASET} has shape {full.shape}, expected (S, n, n); re-profile")
+    if sample_index is not None:
+        idx = np.asarray(sample_index, dtype=np.int64)
+        if idx.size and idx.max() >= full.shape[0]:
+            raise PosbiasError(
+                f"store {store.path}: {LOGDET_DATASET} has {full.shape[0]} rows for more samples; re-profile with region density"
+            )
+        full = full[idx]
+    edge = np.asarray(_store_dataset(store, EDGE_DATASET), dtype=bool) if store.has(EDGE_DATASET) else None  # (n, n)
     return full, edge
+
+
+def _store_dataset(store: Any, path: str) -> np.ndarray:
+    """``samples/<name>`` of a ProfileStore: the static dataset at that path, or the per-sample one."""
+    if path in store.static_names():
+        return np.asarray(store.static(path))
+    return np.asarray(store.sample_data(path))

@@ -88,8 +88,8 @@ def load_evaluation(path: str | Path) -> dict[str, Any]:
 def read_optional(store: Any, group: str, name: str) -> np.ndarray | None:
     """An optional store dataset (``/tokens/attn_pa``, ``/samples/utr_loss`` ...), or None when absent.
 
-    Uses the store's accessors (``has`` / ``token_data`` / ``sample_data`` / ``static``) when it has them
-    and plain h5py on a single-file store otherwise. Rows are cut to the store's valid samples / tokens.
+    Reads through the :class:`~posbias.profiler.store.ProfileStore` accessors (``has`` / ``token_data`` /
+    ``sample_data`` / ``static``), so an interrupted store's segments are included.
 
     Parameters
     ----------
@@ -97,24 +97,14 @@ def read_optional(store: Any, group: str, name: str) -> np.ndarray | None:
     group : {"tokens", "samples", "static"}
     name : str
     """
-    n_rows = store.n_tokens if group == "tokens" else store.n_samples
-    if hasattr(store, "has"):
-        path = f"{group}/{name}"
-        if not store.has(path):
-            return None
-        if group == "tokens":
-            return np.asarray(store.token_data(name))[:n_rows]
-        if group == "samples":
-            if hasattr(store, "static_names") and path in store.static_names():
-                return np.asarray(store.static(path))
-            return np.asarray(store.sample_data(name))[:n_rows]
-        return np.asarray(store.static(path))
-    f = getattr(store, "_file", None)
-    key = f"{group}/{name}"
-    if f is None or key not in f:
+    path = f"{group}/{name}"
+    if not store.has(path):
         return None
-    ds = f[key]
-    return np.asarray(ds[...]) if group == "static" else np.asarray(ds[:n_rows])
+    if group == "tokens":
+        return np.asarray(store.token_data(name))
+    if group == "samples" and path not in store.static_names():
+        return np.asarray(store.sample_data(name))
+    return np.asarray(store.static(path))
 
 
 @dataclass
