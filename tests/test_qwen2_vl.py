@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import posbias.runtime as rt
-from posbias.runtime.prune import model_kind
+from posbias.models.registry import architecture_of
 from posbias.cli import main
 from posbias.profiler.signals import SignalCapture
 
@@ -62,7 +62,7 @@ def test_vision_importance_is_last_block_column_mean_in_raster_order(tiny_qwen2_
     # the runtime's ARP importance (recomputed from the tower's projections) equals the stored signal
     from posbias.runtime.vision import VisionImportance
 
-    vi = VisionImportance(adapter.model, model_kind(adapter.model))
+    vi = VisionImportance(architecture_of(adapter.model))
     vi.attach()
     try:
         with torch.no_grad():
@@ -71,7 +71,7 @@ def test_vision_importance_is_last_block_column_mean_in_raster_order(tiny_qwen2_
     finally:
         vi.detach()
     np.testing.assert_allclose(runtime, got, atol=1e-5, rtol=0)
-    assert model_kind(adapter.model) == "mrope"
+    assert architecture_of(adapter.model).model_type == "qwen2_vl"
 
 
 def test_generate_with_keep_all_equals_unpruned(tiny_qwen2_adapter, noise_image):

@@ -46,9 +46,10 @@ def gaussian_mask(grid: tuple[int, int], sigma: float = DEFAULT_SIGMA) -> np.nda
         raise PosbiasError(f"gaussian_mask: grid {grid} must be two positive ints")
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise PosbiasError(f"gaussian_mask: sigma={sigma!r} must be > 0")
-    u = np.linspace(-1.0, 1.0, r) if r > 1 else np.zeros(1)  # (R,)
-    v = np.linspace(-1.0, 1.0, c) if c > 1 else np.zeros(1)  # (C,)
-    return np.exp(-(u[:, None] ** 2 + v[None, :] ** 2) / (2.0 * float(sigma) ** 2))  # (R, C)
+    from posbias.kernels import gaussian_centre_weight
+
+    ids = np.arange(r * c, dtype=np.int64).reshape(r, c)  # (R, C) raster
+    return gaussian_centre_weight(ids // c, ids % c, (r, c), float(sigma))  # (R, C), the pruner's kernel
 
 
 def _fit_ac(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""posbias.models: architecture adapters, model loading, and the demo / tiny models.
+"""posbias.models: architectures and their adapters, model loading, and the demo / tiny models.
 
 Adapters and heavy imports (torch, transformers) load lazily on first attribute access.
 """
@@ -9,6 +9,8 @@ from posbias._lazy import lazy_getattr
 
 __all__ = [
     "VisualLayout",
+    "TokenGrid",
+    "Architecture",
     "ModelAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
@@ -16,6 +18,8 @@ __all__ = [
     "Qwen2VLAdapter",
     "load_adapter",
     "known_aliases",
+    "architecture_of",
+    "register_adapter",
     "demo_model_dir",
     "tiny_llava",
     "tiny_llava_next",
@@ -25,6 +29,8 @@ __all__ = [
 
 _LAZY = {
     "VisualLayout": "posbias.models.base",
+    "TokenGrid": "posbias.models.base",
+    "Architecture": "posbias.models.base",
     "ModelAdapter": "posbias.models.base",
     "LlavaAdapter": "posbias.models.llava",
     "LlavaNextAdapter": "posbias.models.llava_next",
@@ -32,6 +38,8 @@ _LAZY = {
     "Qwen2VLAdapter": "posbias.models.qwen2_vl",
     "load_adapter": "posbias.models.registry",
     "known_aliases": "posbias.models.registry",
+    "architecture_of": "posbias.models.registry",
+    "register_adapter": "posbias.models.registry",
     "demo_model_dir": "posbias.models.demo",
     "tiny_llava": "posbias.models.tiny",
     "tiny_llava_next": "posbias.models.tiny",

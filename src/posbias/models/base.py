@@ -1,9 +1,18 @@
-"""The small interface every architecture adapter implements.
+"""The interfaces of an architecture: :class:`Architecture` (torch-only) and :class:`ModelAdapter`.
 
-An adapter wraps one loaded Hugging Face model and its processor and answers four questions the
-profiler and the runtime pruner ask: how to turn (image, question) into model inputs, which sequence
-positions hold visual tokens, where those tokens sit on the grid the language model sees (and their
-RoPE position ids), and which decoder attention modules to hook.
+An :class:`Architecture` wraps one loaded transformers model (no processor) and answers everything the
+runtime pruner, the profiler and the reports need to know about the architecture: which sequence positions
+hold visual tokens, their layout as one or several grids (tiles), their RoPE position ids (1-D or M-RoPE),
+which vision attention modules define the vision importance and how their records map to the LLM's token
+order, the visual count when the architecture fixes it, and how the report crops a picture. It imports
+torch and transformers only (never h5py, scipy or matplotlib), so :mod:`posbias.runtime` may use it.
+
+A :class:`ModelAdapter` adds what profiling needs on top: loading, the processor and the prompt
+(``prepare``); its ``arch`` attribute is the :class:`Architecture` of its model and answers the rest.
+
+Adding an architecture = one module under ``posbias/models/`` holding an :class:`Architecture` subclass and
+a :class:`TransformersAdapter` subclass naming it, plus one line in
+:data:`posbias.models.registry.ADAPTERS` (docs/architecture.md, "Adding an architecture").
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["VisualLayout", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
+__all__ = ["VisualLayout", "TokenGrid", "Architecture", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
 
 #: dtype strings accepted by :func:`resolve_dtype` and ``load_adapter``
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -100,6 +109,235 @@ class VisualLayout:
         return int(self.visual_index[0])
 
 
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where each visual token sits: its tile and its cell (row, col) in that tile's grid.
+
+    Attributes
+    ----------
+    rows, cols : np.ndarray
+        (V,) int64 coordinates in the token's tile (a separator carries its row and column ``-1``).
+    tiles : tuple of (int, int)
+        Grid (rows, cols) of each tile, index = tile; ``tiles[0]`` is :attr:`grid`.
+    tile : np.ndarray or None
+        (V,) int64 tile index per token (None: one tile).
+    separator : np.ndarray or None
+        (V,) bool, True for tokens in no grid cell (None: no separators).
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    tiles: tuple[tuple[int, int], ...]
+    tile: np.ndarray | None = None
+    separator: np.ndarray | None = None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.tiles[0]
+
+    @classmethod
+    def raster(cls, grid: tuple[int, int]) -> "TokenGrid":
+        """One tile of ``grid`` in raster order (row-major), no separators."""
+        r, c = int(grid[0]), int(grid[1])
+        order = np.arange(r * c, dtype=np.int64)  # (V,)
+        return cls(rows=order // c, cols=order % c, tiles=((r, c),))
+
+
+class Architecture:
+    """What the runtime, the profiler and the reports know about one architecture, from a loaded model.
+
+    Subclasses (one per ``config.model_type``, in the adapter's module) implement :meth:`token_grid`
+    and, where the architecture defines them, the vision-importance methods; the rest has defaults that
+    fit transformers VLMs whose decoder is ``model.model.language_model`` and whose image placeholder is
+    ``config.image_token_id``. Only torch and transformers are imported.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The loaded VLM (the model an adapter wraps, or the one given to ``enable_pruning``).
+    """
+
+    #: ``config.model_type`` this architecture handles (the registry key)
+    model_type: ClassVar[str] = ""
+    #: readable name for messages ("LLaVA-1.5", "Qwen2.5-VL")
+    label: ClassVar[str] = ""
+    #: RoPE position components per token (1, or 3 for M-RoPE t, h, w)
+    rope_dims: ClassVar[int] = 1
+    #: the image placeholder token as the prompt writes it (for messages)
+    placeholder: ClassVar[str] = "image"
+    #: what a vision-importance record is: "cls" ([CLS] query row), "colmean" (mean attention received),
+    #: "" (no vision importance)
+    vision_importance_kind: ClassVar[str] = ""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    # ------------------------------------------------------------------ decoder
+    def language_model(self) -> Any:
+        """The decoder stack (``model.model.language_model``)."""
+        return self.model.model.language_model
+
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers of the language model."""
+        return len(self.language_model().layers)
+
+    def decoder_attention_modules(self) -> list[Any]:
+        """The decoder self-attention modules, index = layer."""
+        return [layer.self_attn for layer in self.language_model().layers]
+
+    @property
+    def image_token_id(self) -> int:
+        """Token id of the image placeholder in ``input_ids``."""
+        return int(self.model.config.image_token_id)
+
+    def rope_parameters(self) -> tuple[Any, list[int] | None]:
+        """RoPE inverse frequencies of the decoder and the M-RoPE sections, as the rotary module holds them.
+
+        Returns
+        -------
+        inv_freq : torch.Tensor
+            (D/2,) float32 inverse frequencies (``language_model().rotary_emb.inv_freq``; read it during
+            or after a forward when the RoPE type updates it dynamically).
+        sections : list of int or None
+            For M-RoPE (``rope_dims == 3``): how many of the D/2 frequencies take the t, h and w
+            position (``mrope_section``, summing to D/2); None for 1-D RoPE.
+
+        Raises
+        ------
+        posbias.errors.PosbiasError
+            When the decoder has no rotary module this code knows.
+        """
+        from posbias.errors import PosbiasError
+
+        rotary = getattr(self.language_model(), "rotary_emb", None)
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is None:
+            raise PosbiasError(
+                f"{type(self.language_model()).__name__} has no rotary_emb.inv_freq; position-agnostic "
+                "attention needs a RoPE decoder: drop attn_pa from the signals"
+            )
+        sections = None
+        if self.rope_dims == 3:
+            rope = getattr(self.language_model().config, "rope_parameters", None) or {}
+            sec = rope.get("mrope_section") or getattr(rotary, "mrope_section", None)  # config: public in 5.x
+            if sec is None:
+                raise PosbiasError(
+                    f"{type(rotary).__name__} has no mrope_section; drop attn_pa from the signals for this model"
+                )
+            sections = [int(x) for x in sec]
+        return inv_freq, sections
+
+    # ------------------------------------------------------------------ visual tokens
+    def visual_index(self, input_ids: Any) -> np.ndarray:
+        """(V,) int64 ascending sequence positions of the visual tokens of a (1, S) ``input_ids``."""
+        from posbias.errors import PosbiasError
+
+        if input_ids.shape[0] != 1:
+            raise PosbiasError(f"inputs hold a batch of {input_ids.shape[0]}; pass one prompt at a time")
+        ids = input_ids[0].detach().cpu().numpy()  # (S,)
+        return np.flatnonzero(ids == self.image_token_id).astype(np.int64)  # (V,)
+
+    def token_grid(self, inputs: dict[str, Any], visual_index: np.ndarray) -> TokenGrid:
+        """Tile and cell of each visual token, from the model inputs (``input_ids`` and what the
+        architecture adds: ``image_grid_thw``, ``image_sizes``, ... or, inside ``generate``, the
+        ``position_ids``) and the visual positions; one-line PosbiasError when they disagree."""
+        raise NotImplementedError
+
+    def position_ids(self, inputs: dict[str, Any], visual_index: np.ndarray) -> np.ndarray:
+        """(V, P) int64 RoPE position ids of the visual tokens; default 1-D (cumulative attention mask - 1)."""
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            positions = np.cumsum(mask[0].detach().cpu().numpy().astype(np.int64)) - 1  # (S,)
+        else:
+            positions = np.arange(int(ids.shape[1]), dtype=np.int64)  # (S,)
+        return positions[visual_index][:, None].astype(np.int64)  # (V, 1)
+
+    def layout(self, inputs: dict[str, Any]) -> VisualLayout:
+        """The :class:`VisualLayout` of prepared inputs (batch of one)."""
+        from posbias.errors import PosbiasError
+
+        input_ids = inputs["input_ids"]  # (1, S)
+        visual_index = self.visual_index(input_ids)  # (V,)
+        if visual_index.shape[0] == 0:
+            raise PosbiasError(
+                f"the prompt holds no {self.placeholder} token; build inputs with adapter.prepare(image, question)"
+            )
+        tg = self.token_grid(inputs, visual_index)
+        return VisualLayout(
+            visual_index=visual_index, rows=tg.rows, cols=tg.cols, grid=tg.grid,
+            position_ids=self.position_ids(inputs, visual_index), seq_len=int(input_ids.shape[1]),
+            tile=tg.tile, tiles=tg.tiles, separator=tg.separator,
+        )
+
+    def fixed_grid(self) -> tuple[int, int] | None:
+        """The token grid when the architecture fixes it for every image (LLaVA-1.5: 24x24), else None."""
+        return None
+
+    def fixed_visual_count(self) -> int | None:
+        """Visual tokens per prompt when the architecture fixes them, else None."""
+        grid = self.fixed_grid()
+        return None if grid is None else int(grid[0]) * int(grid[1])
+
+    # ------------------------------------------------------------------ vision importance
+    def _no_vision(self) -> Exception:
+        from posbias.errors import PosbiasError
+
+        return PosbiasError(
+            f"architecture {self.model_type!r} has no vision-importance support; drop vision_importance from the "
+            "signals (and ARP from posprune: params={'arp': False})"
+        )
+
+    def vision_tower(self) -> Any:
+        """The vision encoder (the module whose attention the vision captures watch)."""
+        raise self._no_vision()
+
+    def vision_importance_modules(self) -> list[Any]:
+        """The vision attention modules whose maps define the vision importance."""
+        raise self._no_vision()
+
+    def vision_query_key(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any, float, list[int]]:
+        """Queries and keys a vision attention module computes from its own inputs (forward pre-hook).
+
+        Returns
+        -------
+        query, key : torch.Tensor
+            (H, N, D) float32 as the module's attention sees them (after RoPE where the tower has it).
+        scaling : float
+        bounds : list of int
+            Boundaries of the independent attention blocks along N (``[0, N]`` for one image).
+        """
+        raise self._no_vision()
+
+    def vision_context(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What :meth:`vision_importance_tokens` needs from a call of :meth:`vision_tower` (its arguments),
+        as a dict of the model-input names (e.g. ``{"image_grid_thw": ...}``)."""
+        return {}
+
+    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
+        """Map the records (one (N,) per :meth:`vision_importance_modules`) to (V,) in LLM token order."""
+        raise self._no_vision()
+
+    def vision_feature_module(self) -> Any:
+        """The module whose first input is the vision-encoder output before projection."""
+        from posbias.errors import PosbiasError
+
+        raise PosbiasError(f"architecture {self.model_type!r} does not expose vision-encoder features")
+
+    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
+        """(V, D_v) vision-encoder features in LLM token order from the input of :meth:`vision_feature_module`."""
+        from posbias.errors import PosbiasError
+
+        raise PosbiasError(f"architecture {self.model_type!r} does not expose vision-encoder features")
+
+    # ------------------------------------------------------------------ reports
+    @classmethod
+    def crop_image(cls, image: Any) -> Any:
+        """The part of a PIL image the visual tokens cover (default: the whole image, resized by the processor)."""
+        return image
+
+
 class ModelAdapter(ABC):
     """One loaded VLM behind the interface the profiler and runtime use.
 
@@ -155,11 +393,15 @@ class ModelAdapter(ABC):
 class TransformersAdapter(ModelAdapter):
     """Shared parts of the adapters for transformers VLMs whose decoder is ``model.model.language_model``.
 
-    Subclasses implement :meth:`prepare` and :meth:`layout`; this class answers the rest from the
-    loaded model (decoder layers, config, fingerprint, a cheap last-position forward).
+    Subclasses implement :meth:`prepare` and name their :class:`Architecture` subclass in
+    :attr:`architecture`; this class answers the rest through ``self.arch`` (layout, decoder layers, RoPE,
+    vision signals) and from the loaded model (config, fingerprint, a cheap last-position forward).
     Construction checks the transformers/torch versions and the decoder's calling convention
     (:mod:`posbias._hf_compat`): one-line :class:`~posbias.errors.PosbiasError` outside the range.
     """
+
+    #: the architecture class of this adapter's models
+    architecture: ClassVar[type[Architecture]] = Architecture
 
     def __init__(self, model: Any, processor: Any, *, model_id: str, revision: str | None = None) -> None:
         from posbias._hf_compat import check_decoder, check_versions
@@ -167,17 +409,27 @@ class TransformersAdapter(ModelAdapter):
         check_versions()
         check_decoder(model.model.language_model)
         super().__init__(model, processor, model_id=model_id, revision=revision)
+        self.arch = self.architecture(model)
 
     def language_model(self) -> Any:
         """The decoder stack (``model.model.language_model``), a ``PreTrainedModel`` of its own config."""
-        return self.model.model.language_model
+        return self.arch.language_model()
 
     @property
     def n_layers(self) -> int:
         return int(self.language_model().config.num_hidden_layers)
 
     def decoder_attention_modules(self) -> list[Any]:
-        return [layer.self_attn for layer in self.language_model().layers]
+        return self.arch.decoder_attention_modules()
+
+    @property
+    def image_token_id(self) -> int:
+        """Token id of the image placeholder in ``input_ids``."""
+        return self.arch.image_token_id
+
+    def layout(self, inputs: dict[str, Any]) -> VisualLayout:
+        """Visual-token layout of prepared inputs (:meth:`Architecture.layout`)."""
+        return self.arch.layout(inputs)
 
     def config_dict(self) -> dict[str, Any]:
         return self.model.config.to_dict()
@@ -212,82 +464,35 @@ class TransformersAdapter(ModelAdapter):
             out[key] = value
         return out
 
-    # ------------------------------------------------------------------ signal hooks (issue 3)
+    # ------------------------------------------------------------------ signal hooks: the architecture's
     def rope_parameters(self) -> tuple[Any, list[int] | None]:
-        """RoPE inverse frequencies of the decoder and the M-RoPE sections, as the rotary module holds them.
+        """:meth:`Architecture.rope_parameters`."""
+        return self.arch.rope_parameters()
 
-        Returns
-        -------
-        inv_freq : torch.Tensor
-            (D/2,) float32 inverse frequencies (``language_model().rotary_emb.inv_freq``; read it during
-            or after a forward when the RoPE type updates it dynamically).
-        sections : list of int or None
-            For M-RoPE (``rope_dims == 3``): how many of the D/2 frequencies take the t, h and w
-            position (``mrope_section``, summing to D/2); None for 1-D RoPE.
-
-        Raises
-        ------
-        posbias.errors.PosbiasError
-            When the decoder has no rotary module this code knows.
-        """
-        from posbias.errors import PosbiasError
-
-        rotary = getattr(self.language_model(), "rotary_emb", None)
-        inv_freq = getattr(rotary, "inv_freq", None)
-        if inv_freq is None:
-            raise PosbiasError(
-                f"{type(self.language_model()).__name__} has no rotary_emb.inv_freq; position-agnostic "
-                "attention needs a RoPE decoder: drop attn_pa from --signals"
-            )
-        sections = None
-        if self.rope_dims == 3:
-            rope = getattr(self.language_model().config, "rope_parameters", None) or {}
-            sec = rope.get("mrope_section") or getattr(rotary, "mrope_section", None)  # config: public in 5.x
-            if sec is None:
-                raise PosbiasError(
-                    f"{type(rotary).__name__} has no mrope_section; drop attn_pa from --signals for this model"
-                )
-            sections = [int(x) for x in sec]
-        return inv_freq, sections
+    @property
+    def vision_importance_kind(self) -> str:  # type: ignore[override]
+        """"cls", "colmean" or "" (:attr:`Architecture.vision_importance_kind`)."""
+        return self.arch.vision_importance_kind
 
     def vision_tower(self) -> Any:
-        """The vision encoder whose attention implementation the vision-importance capture swaps."""
-        from posbias.errors import PosbiasError
-
-        raise PosbiasError(
-            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
-        )
+        """:meth:`Architecture.vision_tower`."""
+        return self.arch.vision_tower()
 
     def vision_importance_modules(self) -> list[Any]:
-        """Vision attention modules whose maps define the vision importance (see the subclass)."""
-        from posbias.errors import PosbiasError
-
-        raise PosbiasError(
-            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
-        )
-
-    #: "cls": record the [CLS] query row; "colmean": record the mean attention each key receives
-    vision_importance_kind: ClassVar[str] = ""
+        """:meth:`Architecture.vision_importance_modules`."""
+        return self.arch.vision_importance_modules()
 
     def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
-        """Map recorded vision rows (one per :meth:`vision_importance_modules`) to (V,) in LLM token order."""
-        from posbias.errors import PosbiasError
-
-        raise PosbiasError(
-            f"adapter {self.name!r} has no vision-importance support; drop vision_importance from --signals"
-        )
+        """:meth:`Architecture.vision_importance_tokens`."""
+        return self.arch.vision_importance_tokens(records, inputs)
 
     def vision_feature_module(self) -> Any:
-        """The module whose first input is the vision-encoder output before projection."""
-        from posbias.errors import PosbiasError
-
-        raise PosbiasError(f"adapter {self.name!r} does not expose vision-encoder features")
+        """:meth:`Architecture.vision_feature_module`."""
+        return self.arch.vision_feature_module()
 
     def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
-        """(V, D_v) vision-encoder features in LLM token order from the input of :meth:`vision_feature_module`."""
-        from posbias.errors import PosbiasError
-
-        raise PosbiasError(f"adapter {self.name!r} does not expose vision-encoder features")
+        """:meth:`Architecture.vision_features_tokens`."""
+        return self.arch.vision_features_tokens(features, inputs)
 
     def forward_last_logits(self, inputs: dict[str, Any]) -> Any:
         """Logits of the last prompt position, ``torch.Tensor`` (vocab,).

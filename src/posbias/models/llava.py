@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posbias.errors import PosbiasError
-from posbias.models.base import TransformersAdapter, VisualLayout, resolve_dtype
+from posbias.models.base import Architecture, TokenGrid, TransformersAdapter, resolve_dtype
 
-__all__ = ["LlavaAdapter", "LLAVA_PROMPT", "LLAVA_CHAT_TEMPLATE"]
+__all__ = ["LlavaArchitecture", "LlavaAdapter", "LLAVA_PROMPT", "LLAVA_CHAT_TEMPLATE", "clip_feature_layers"]
 
 #: LLaVA-1.5 prompt used when the processor has no chat template for images
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -31,6 +31,126 @@ LLAVA_CHAT_TEMPLATE = (
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def clip_feature_layers(n_layers: int, vision_feature_layer: int | list[int]) -> list[int]:
+    """Encoder-layer indices (0-based) whose outputs are the features LLaVA's projector reads.
+
+    ``vision_feature_layer`` indexes CLIP's ``hidden_states`` tuple (patch embeddings first, then one entry
+    per encoder layer), so hidden state ``h >= 1`` is the output of encoder layer ``h - 1`` (negative ``h``
+    counts from the end of that tuple); the default -2 is the penultimate layer's output. The profiler's
+    vision importance and the pruner's ARP both read the attention of these layers.
+
+    Raises
+    ------
+    posbias.errors.PosbiasError
+        When a value selects the patch embeddings (no attention map) or lies outside the tuple.
+    """
+    n = int(n_layers)
+    wanted = [int(vision_feature_layer)] if isinstance(vision_feature_layer, int) else [int(x) for x in vision_feature_layer]
+    layers: list[int] = []
+    for h in wanted:
+        if not -(n + 1) <= h <= n:
+            raise PosbiasError(f"vision_feature_layer {h} is outside CLIP's {n + 1} hidden states; fix the model config")
+        idx = h % (n + 1)
+        if idx == 0:
+            raise PosbiasError(
+                f"vision_feature_layer {h} selects the patch embeddings (no attention map); "
+                "vision importance needs an encoder layer: drop vision_importance from the signals"
+            )
+        layers.append(idx - 1)
+    return layers
+
+
+class LlavaArchitecture(Architecture):
+    """LLaVA-1.5: one square CLIP patch grid per image, raster order, 1-D RoPE, [CLS] vision importance."""
+
+    model_type: ClassVar[str] = "llava"
+    label: ClassVar[str] = "LLaVA-1.5"
+    rope_dims: ClassVar[int] = 1
+    placeholder: ClassVar[str] = "<image>"
+    vision_importance_kind: ClassVar[str] = "cls"
+
+    def fixed_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the vision tower's patch grid from the config (24x24 for LLaVA-1.5)."""
+        vc = self.model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        return side, side
+
+    def token_grid(self, inputs: dict[str, Any], visual_index: np.ndarray) -> TokenGrid:
+        """Raster rows/cols over the square grid the image tokens fill."""
+        n_visual = int(visual_index.shape[0])
+        side = math.isqrt(n_visual)
+        if side * side != n_visual:
+            raise PosbiasError(
+                f"the prompt holds {n_visual} image tokens, not a square grid; pass exactly one image per prompt"
+            )
+        return TokenGrid.raster((side, side))
+
+    # ------------------------------------------------------------------ vision importance
+    def vision_feature_layers(self) -> list[int]:
+        """:func:`clip_feature_layers` of this model's config."""
+        config = self.model.config
+        return clip_feature_layers(int(config.vision_config.num_hidden_layers), config.vision_feature_layer)
+
+    def vision_tower(self) -> Any:
+        """``model.model.vision_tower`` (a ``CLIPVisionModel``)."""
+        return self.model.model.vision_tower
+
+    def vision_importance_modules(self) -> list[Any]:
+        """The CLIP self-attention of the layer(s) producing the features the projector uses."""
+        tower = self.vision_tower()
+        encoder = getattr(tower, "encoder", None) or tower.vision_model.encoder  # 5.x flat / 4.x nested
+        layers = encoder.layers
+        return [layers[i].self_attn for i in self.vision_feature_layers()]
+
+    def vision_query_key(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any, float, list[int]]:
+        """The [CLS] query and all keys of a CLIP attention module from its input (first image of the batch)."""
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, 1+N, C)
+        q = module.q_proj(hidden[:1, :1]).float()  # (1, 1, H*D)
+        k = module.k_proj(hidden[:1]).float()  # (1, 1+N, H*D)
+        n_heads = int(getattr(module, "num_heads", q.shape[-1] // module.head_dim))
+        d = q.shape[-1] // n_heads
+        n = int(k.shape[1])
+        q = q.view(1, n_heads, d).transpose(0, 1)  # (H, 1, D)
+        k = k.view(n, n_heads, d).transpose(0, 1)  # (H, 1+N, D)
+        return q, k, float(getattr(module, "scale", d ** -0.5)), [0, n]
+
+    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
+        """[CLS] -> patch attention, head mean (PosPrune, Eq. 2); mean over feature layers when several.
+
+        ``records`` hold one (N,) head-mean [CLS] query row per module (N = 1 + patches); its patch part
+        (N - 1,) is in raster order, the LLM's visual-token order.
+        """
+        import torch
+
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise PosbiasError(
+                f"vision_feature_select_strategy {strategy!r}: the LLM sees the [CLS] token too; "
+                "vision importance supports 'default' only (drop vision_importance from the signals)"
+            )
+        rows = torch.stack([r.float() for r in records], dim=0)  # (F, N)
+        return rows.mean(dim=0)[1:]  # (V,) = (N - 1,)
+
+    def vision_feature_module(self) -> Any:
+        """``model.model.multi_modal_projector``: its input is the selected CLIP layer without [CLS]."""
+        return self.model.model.multi_modal_projector
+
+    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
+        """(V, D_v) from the projector input (1, V, D_v), already in raster order."""
+        if features.dim() != 3 or features.shape[0] != 1:
+            raise PosbiasError(f"projector input of shape {tuple(features.shape)}: pass one image per prompt")
+        return features[0]  # (V, D_v)
+
+    # ------------------------------------------------------------------ reports
+    @classmethod
+    def crop_image(cls, image: Any) -> Any:
+        """The central square: LLaVA-1.5's CLIP processor resizes the shortest side and centre-crops."""
+        w, h = image.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        return image.crop((left, top, left + s, top + s))
 
 
 class LlavaAdapter(TransformersAdapter):
@@ -50,6 +170,7 @@ class LlavaAdapter(TransformersAdapter):
 
     name: ClassVar[str] = "llava"
     rope_dims: ClassVar[int] = 1
+    architecture: ClassVar[type[Architecture]] = LlavaArchitecture
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: Any = "float32",
@@ -74,16 +195,9 @@ class LlavaAdapter(TransformersAdapter):
         return cls(model, processor, model_id=model_id or str(path), revision=revision)
 
     @property
-    def image_token_id(self) -> int:
-        """Token id of the ``<image>`` placeholder in ``input_ids``."""
-        return int(self.model.config.image_token_id)
-
-    @property
     def patch_grid(self) -> tuple[int, int]:
         """(rows, cols) of the vision tower's patch grid from the config (24x24 for LLaVA-1.5)."""
-        vc = self.model.config.vision_config
-        side = int(vc.image_size) // int(vc.patch_size)
-        return side, side
+        return self.arch.fixed_grid()
 
     def prompt(self, question: str) -> str:
         """The LLaVA-1.5 prompt for ``question``.
@@ -106,99 +220,7 @@ class LlavaAdapter(TransformersAdapter):
         batch = self.processor(images=image, text=self.prompt(question), return_tensors="pt")
         return self._to_device(batch)
 
-    def layout(self, inputs: dict[str, Any]) -> VisualLayout:
-        """Visual positions = positions of ``image_token_id``; raster rows/cols over the square grid;
-        1-D RoPE positions (V, 1) (cumulative attention mask - 1, = visual_index without padding)."""
-        input_ids = inputs["input_ids"]  # (1, S) int64
-        if input_ids.shape[0] != 1:
-            raise PosbiasError(f"inputs hold a batch of {input_ids.shape[0]}; pass one prompt at a time")
-        ids = input_ids[0].detach().cpu().numpy()  # (S,) int64
-        visual_index = np.flatnonzero(ids == self.image_token_id).astype(np.int64)  # (V,)
-        n_visual = int(visual_index.shape[0])
-        if n_visual == 0:
-            raise PosbiasError("the prompt holds no <image> token; build inputs with adapter.prepare(image, question)")
-        side = math.isqrt(n_visual)
-        if side * side != n_visual:
-            raise PosbiasError(
-                f"the prompt holds {n_visual} image tokens, not a square grid; pass exactly one image per prompt"
-            )
-        order = np.arange(n_visual, dtype=np.int64)  # (V,)
-        rows, cols = order // side, order % side  # (V,), (V,)
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            m = mask[0].detach().cpu().numpy().astype(np.int64)  # (S,)
-            positions = np.cumsum(m) - 1  # (S,) int64
-        else:
-            positions = np.arange(ids.shape[0], dtype=np.int64)  # (S,)
-        position_ids = positions[visual_index][:, None].astype(np.int64)  # (V, 1)
-        return VisualLayout(
-            visual_index=visual_index,
-            rows=rows,
-            cols=cols,
-            grid=(side, side),
-            position_ids=position_ids,
-            seq_len=int(ids.shape[0]),
-        )
-
-    # ------------------------------------------------------------------ signal hooks (issue 3)
-    vision_importance_kind: ClassVar[str] = "cls"
-
+    # ------------------------------------------------------------------ kept for callers of the adapter
     def vision_feature_layers(self) -> list[int]:
-        """Encoder-layer indices (0-based) whose outputs are the features the projector reads.
-
-        ``vision_feature_layer`` indexes CLIP's ``hidden_states`` tuple (patch embeddings first, then one
-        entry per encoder layer), so hidden state ``h >= 1`` is the output of encoder layer ``h - 1``;
-        the default -2 is the penultimate layer's output.
-        """
-        config = self.model.config
-        n = int(config.vision_config.num_hidden_layers)
-        fl = config.vision_feature_layer
-        wanted = [int(fl)] if isinstance(fl, int) else [int(x) for x in fl]
-        layers: list[int] = []
-        for h in wanted:
-            idx = h % (n + 1)
-            if idx == 0:
-                raise PosbiasError(
-                    f"vision_feature_layer {h} selects the patch embeddings (no attention map); "
-                    "vision_importance needs an encoder layer: drop vision_importance from --signals"
-                )
-            layers.append(idx - 1)
-        return layers
-
-    def vision_tower(self) -> Any:
-        """``model.model.vision_tower`` (a ``CLIPVisionModel``)."""
-        return self.model.model.vision_tower
-
-    def vision_importance_modules(self) -> list[Any]:
-        """The CLIP self-attention of the layer(s) producing the features the projector uses."""
-        tower = self.vision_tower()
-        encoder = getattr(tower, "encoder", None) or tower.vision_model.encoder  # 5.x flat / 4.x nested
-        layers = encoder.layers
-        return [layers[i].self_attn for i in self.vision_feature_layers()]
-
-    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
-        """[CLS] -> patch attention, head mean (PosPrune, Eq. 2); mean over feature layers when several.
-
-        ``records`` hold one (N,) head-mean [CLS] query row per module (N = 1 + patches); its patch part
-        (N - 1,) is in raster order, the LLM's visual-token order.
-        """
-        import torch
-
-        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
-            raise PosbiasError(
-                f"vision_feature_select_strategy {strategy!r}: the LLM sees the [CLS] token too; "
-                "vision_importance supports 'default' only (drop it from --signals)"
-            )
-        rows = torch.stack([r.float() for r in records], dim=0)  # (F, N)
-        return rows.mean(dim=0)[1:]  # (V,) = (N - 1,)
-
-    def vision_feature_module(self) -> Any:
-        """``model.model.multi_modal_projector``: its input is the selected CLIP layer without [CLS]."""
-        return self.model.model.multi_modal_projector
-
-    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
-        """(V, D_v) from the projector input (1, V, D_v), already in raster order."""
-        if features.dim() != 3 or features.shape[0] != 1:
-            raise PosbiasError(f"projector input of shape {tuple(features.shape)}: pass one image per prompt")
-        return features[0]  # (V, D_v)
+        """:meth:`LlavaArchitecture.vision_feature_layers`."""
+        return self.arch.vision_feature_layers()

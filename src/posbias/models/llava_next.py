@@ -41,10 +41,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posbias.errors import PosbiasError
-from posbias.models.base import VisualLayout, resolve_dtype
-from posbias.models.llava import LlavaAdapter
+from posbias.models.base import Architecture, TokenGrid, resolve_dtype
+from posbias.models.llava import LlavaAdapter, LlavaArchitecture
 
-__all__ = ["LlavaNextAdapter", "best_resolution", "anyres_layout", "AnyresPlan"]
+__all__ = ["LlavaNextAdapter", "LlavaNextArchitecture", "best_resolution", "anyres_layout", "AnyresPlan"]
 
 
 def best_resolution(image_hw: tuple[int, int], pinpoints: list[tuple[int, int]]) -> tuple[int, int]:
@@ -100,6 +100,18 @@ class AnyresPlan:
         else:  # padding columns left and right (none when the aspect ratios agree)
             pad = (cur_w - int(round(ow * (cur_h / oh), 7))) // 2
             left, right = pad, cur_w - pad
+        self._build(side, (gh, gw), (top, bottom, left, right))
+
+    @classmethod
+    def from_geometry(cls, side: int, crops: tuple[int, int], kept: tuple[int, int, int, int]) -> "AnyresPlan":
+        """The plan of ``crops`` (gh, gw) crops of ``side``-patch sides whose padded raster keeps ``kept``."""
+        plan = cls.__new__(cls)
+        plan._build(int(side), (int(crops[0]), int(crops[1])), tuple(int(x) for x in kept))
+        return plan
+
+    def _build(self, side: int, crops: tuple[int, int], kept: tuple[int, ...]) -> None:
+        gh, gw = crops
+        top, bottom, left, right = kept
         self.side, self.crops, self.kept = side, (gh, gw), (top, bottom, left, right)
         base = np.arange(side * side, dtype=np.int64)  # (s*s,)
         nr, nc = bottom - top, right - left
@@ -145,6 +157,146 @@ def anyres_layout(image_hw: tuple[int, int], config: Any) -> AnyresPlan:
     return AnyresPlan(image_hw, pins, int(vc.image_size), int(vc.patch_size))
 
 
+class LlavaNextArchitecture(LlavaArchitecture):
+    """LLaVA-NeXT: base image (tile 0) + the unpadded high-resolution raster (tile 1) with a newline separator
+    after each of its rows, 1-D RoPE, [CLS] vision importance per crop (see the module docstring).
+
+    The token layout depends on the image's size. Prepared inputs carry ``image_sizes``; inside ``generate``
+    the model receives the precomputed encoder outputs instead, and :meth:`token_grid` recovers the size's
+    geometry from them (:meth:`plan_from_encoder`). :meth:`token_grid` remembers the plan of the prompt it
+    laid out last, so the vision-importance mapping, which runs after it, maps the crops of that prompt.
+    """
+
+    model_type: ClassVar[str] = "llava_next"
+    label: ClassVar[str] = "LLaVA-NeXT"
+
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        self._plan: AnyresPlan | None = None
+
+    def fixed_grid(self) -> None:
+        """None: the token count depends on the image's size (any resolution)."""
+        return None
+
+    def plan(self, inputs: dict[str, Any]) -> AnyresPlan:
+        """The :class:`AnyresPlan` of model inputs holding one image's ``image_sizes`` (else: the encoder
+        outputs ``generate`` passes, :meth:`plan_from_encoder`)."""
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+            if encoded is not None:
+                return self.plan_from_encoder(encoded)
+        if sizes is None or sizes.shape[0] != 1:
+            raise PosbiasError("LLaVA-NeXT inputs need image_sizes for exactly one image; build them with adapter.prepare")
+        h, w = (int(x) for x in sizes[0].tolist())
+        return anyres_layout((h, w), self.model.config)
+
+    def plan_from_encoder(self, encoded: Any) -> AnyresPlan:
+        """The plan of one image from its encoder outputs (what ``generate`` hands the model).
+
+        The packed features (``pooler_output``) show the newline rows (equal to ``image_newline``), hence the
+        unpadded raster's (rows, cols); the tower's batch gives the number of crops. Among the pinpoint
+        geometries that fit both, the one whose gathered projector outputs equal the packed features is it
+        (pack_image_features copies rows without arithmetic).
+        """
+        import torch
+
+        packed = encoded.pooler_output[0]  # (V, D)
+        newline = self.model.model.image_newline.to(packed)
+        sep = (packed == newline).all(dim=1).cpu().numpy()  # (V,)
+        n_crops = int(encoded.last_hidden_state.shape[0])
+        vc = self.model.config.vision_config
+        side, crop_px = int(vc.image_size) // int(vc.patch_size), int(vc.image_size)
+        nr = int(sep.sum())
+        nc = (int(packed.shape[0]) - side * side - nr) // max(nr, 1)
+        fits = []
+        for ph, pw in self.model.config.image_grid_pinpoints or []:
+            gh, gw = int(ph) // crop_px, int(pw) // crop_px
+            ch, cw = gh * side, gw * side
+            if 1 + gh * gw != n_crops:
+                continue
+            if nc == cw and nr <= ch and (ch - nr) % 2 == 0:
+                fits.append(AnyresPlan.from_geometry(side, (gh, gw), ((ch - nr) // 2, ch - (ch - nr) // 2, 0, cw)))
+            elif nr == ch and nc < cw and (cw - nc) % 2 == 0:
+                fits.append(AnyresPlan.from_geometry(side, (gh, gw), (0, ch, (cw - nc) // 2, cw - (cw - nc) // 2)))
+        fits = [f for f in fits if np.array_equal(f.separator, sep)]
+        if len(fits) > 1:  # e.g. a square image on 1x2 or 2x1 crops: check against the projector's rows
+            hidden = encoded.hidden_states[self.model.config.vision_feature_layer][:, 1:]  # (n_crops, N, C)
+            with torch.no_grad():
+                proj = self.model.model.multi_modal_projector(hidden)  # (n_crops, N, D)
+            fits = [f for f in fits if torch.equal(f.gather(proj, fill=0.0)[~torch.as_tensor(sep)],
+                                                   packed[~torch.as_tensor(sep)])]
+        if len(fits) != 1:
+            raise PosbiasError(
+                f"cannot tell the any-resolution layout of {packed.shape[0]} image tokens ({n_crops} crops) from the "
+                "encoder outputs; call the model with image_sizes (adapter.prepare) instead"
+            )
+        return fits[0]
+
+    def token_grid(self, inputs: dict[str, Any], visual_index: np.ndarray) -> TokenGrid:
+        """Two tiles (base image, high-resolution raster) and the newline separators of the prompt's image."""
+        plan = self.plan(inputs)
+        if visual_index.shape[0] != plan.tile.shape[0]:
+            raise PosbiasError(
+                f"the prompt holds {visual_index.shape[0]} image tokens but the image's any-resolution layout has "
+                f"{plan.tile.shape[0]}; pass exactly one image per prompt, prepared with adapter.prepare"
+            )
+        self._plan = plan
+        return TokenGrid(rows=plan.rows, cols=plan.cols, tiles=plan.tiles, tile=plan.tile, separator=plan.separator)
+
+    # ------------------------------------------------------------------ vision importance
+    def vision_query_key(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any, float, list[int]]:
+        """Queries and keys of every crop of the tower's batch, crops side by side along N, one block each."""
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, 1+N, C) the crops of one image
+        b, n = int(hidden.shape[0]), int(hidden.shape[1])
+        q = module.q_proj(hidden).float()  # (B, 1+N, H*D)
+        k = module.k_proj(hidden).float()  # (B, 1+N, H*D)
+        n_heads = int(getattr(module, "num_heads", q.shape[-1] // module.head_dim))
+        d = q.shape[-1] // n_heads
+        q = q.reshape(b * n, n_heads, d).transpose(0, 1)  # (H, B*(1+N), D)
+        k = k.reshape(b * n, n_heads, d).transpose(0, 1)  # (H, B*(1+N), D)
+        return q, k, float(getattr(module, "scale", d ** -0.5)), list(range(0, b * n + 1, n))
+
+    def vision_context(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Nothing: the tower's call does not carry the image size; the mapping uses the plan of the prompt
+        :meth:`token_grid` laid out last (the pruner maps the records after that)."""
+        return {}
+
+    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
+        """[CLS] -> patch attention per crop, head mean, mean over feature layers; (V,) in LLM token order.
+
+        ``records`` hold one (n_crops * (1 + side**2),) vector per module: each crop's own [CLS] row, crops in
+        the tower's order. NaN at newline tokens (no vision-encoder origin).
+        """
+        import torch
+
+        self._check_default_strategy()
+        plan = self.plan(inputs) if inputs else self._plan
+        if plan is None:
+            raise PosbiasError("LLaVA-NeXT vision importance needs the prompt's layout first (image_sizes)")
+        rows = torch.stack([r.float() for r in records], dim=0).mean(dim=0)  # (n_crops * (1+N),)
+        return plan.gather(rows.reshape(plan.n_crops, -1)[:, 1:])  # (V,)
+
+    def _check_default_strategy(self) -> None:
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise PosbiasError(
+                f"vision_feature_select_strategy {strategy!r}: the LLM sees the [CLS] token too; "
+                "vision signals support 'default' only (drop them from the signals)"
+            )
+
+    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
+        """(V, D_v) from the projector input (n_crops, side**2, D_v), in LLM token order; zeros at newlines."""
+        if features.dim() != 3:
+            raise PosbiasError(f"projector input of shape {tuple(features.shape)}: pass one image per prompt")
+        return self.plan(inputs).gather(features, fill=0.0)  # (V, D_v)
+
+    @classmethod
+    def crop_image(cls, image: Any) -> Any:
+        """The whole image (the base image and the unpadded raster both cover it)."""
+        return image
+
+
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT behind the :class:`~posbias.models.base.ModelAdapter` interface (see the module docstring).
 
@@ -162,12 +314,11 @@ class LlavaNextAdapter(LlavaAdapter):
 
     name: ClassVar[str] = "llava_next"
     rope_dims: ClassVar[int] = 1
+    architecture: ClassVar[type[Architecture]] = LlavaNextArchitecture
     #: the transformers class :meth:`from_pretrained` loads
     hf_class: ClassVar[str] = "LlavaNextForConditionalGeneration"
     #: readable architecture name for messages
     label: ClassVar[str] = "LLaVA-NeXT"
-    #: one [CLS] row per crop of the tower's batch
-    vision_importance_kind: ClassVar[str] = "cls_crops"
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: Any = "float32",
@@ -199,65 +350,4 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def plan(self, inputs: dict[str, Any]) -> AnyresPlan:
         """The :class:`AnyresPlan` of prepared inputs (one image)."""
-        sizes = inputs.get("image_sizes")
-        if sizes is None or sizes.shape[0] != 1:
-            raise PosbiasError("inputs need image_sizes for exactly one image; build them with adapter.prepare")
-        h, w = (int(x) for x in sizes[0].tolist())
-        return anyres_layout((h, w), self.model.config)
-
-    def layout(self, inputs: dict[str, Any]) -> VisualLayout:
-        """Visual positions = positions of ``<image>`` (base image, high-resolution raster and newlines);
-        two tiles (base, high-resolution raster), newlines as separators; 1-D RoPE positions (V, 1)."""
-        input_ids = inputs["input_ids"]  # (1, S) int64
-        if input_ids.shape[0] != 1:
-            raise PosbiasError(f"inputs hold a batch of {input_ids.shape[0]}; pass one prompt at a time")
-        ids = input_ids[0].detach().cpu().numpy()  # (S,)
-        visual_index = np.flatnonzero(ids == self.image_token_id).astype(np.int64)  # (V,)
-        plan = self.plan(inputs)
-        if visual_index.shape[0] != plan.tile.shape[0]:
-            raise PosbiasError(
-                f"the prompt holds {visual_index.shape[0]} image tokens but the image's any-resolution layout has "
-                f"{plan.tile.shape[0]}; pass exactly one image per prompt, prepared with adapter.prepare"
-            )
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            positions = np.cumsum(mask[0].detach().cpu().numpy().astype(np.int64)) - 1  # (S,)
-        else:
-            positions = np.arange(ids.shape[0], dtype=np.int64)  # (S,)
-        return VisualLayout(
-            visual_index=visual_index,
-            rows=plan.rows,
-            cols=plan.cols,
-            grid=plan.tiles[0],
-            position_ids=positions[visual_index][:, None].astype(np.int64),  # (V, 1)
-            seq_len=int(ids.shape[0]),
-            tile=plan.tile,
-            tiles=plan.tiles,
-            separator=plan.separator,
-        )
-
-    # ------------------------------------------------------------------ signal hooks
-    def vision_importance_tokens(self, records: list[Any], inputs: dict[str, Any]) -> Any:
-        """[CLS] -> patch attention per crop, head mean, mean over feature layers; (V,) in LLM token order.
-
-        ``records`` hold one (n_crops, N) row block per module (N = 1 + side**2). NaN at newline tokens.
-        """
-        import torch
-
-        self._check_default_strategy()
-        rows = torch.stack([r.float() for r in records], dim=0).mean(dim=0)  # (n_crops, N)
-        return self.plan(inputs).gather(rows[:, 1:])  # (V,)
-
-    def _check_default_strategy(self) -> None:
-        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
-        if strategy != "default":
-            raise PosbiasError(
-                f"vision_feature_select_strategy {strategy!r}: the LLM sees the [CLS] token too; "
-                "vision signals support 'default' only (drop them from --signals)"
-            )
-
-    def vision_features_tokens(self, features: Any, inputs: dict[str, Any]) -> Any:
-        """(V, D_v) from the projector input (n_crops, side**2, D_v), in LLM token order; zeros at newlines."""
-        if features.dim() != 3:
-            raise PosbiasError(f"projector input of shape {tuple(features.shape)}: pass one image per prompt")
-        return self.plan(inputs).gather(features, fill=0.0)  # (V, D_v)
+        return self.arch.plan(inputs)

@@ -17,32 +17,19 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from posbias.errors import PosbiasError
-from posbias.models.qwen2_vl import QWEN_CHAT_TEMPLATE, QWEN_PROMPT, Qwen2VLAdapter
+from posbias.models.base import Architecture
+from posbias.models.qwen2_vl import QWEN_CHAT_TEMPLATE, QWEN_PROMPT, Qwen2VLAdapter, Qwen2VLArchitecture
 
-__all__ = ["Qwen25VLAdapter", "QWEN_PROMPT", "QWEN_CHAT_TEMPLATE"]
+__all__ = ["Qwen25VLArchitecture", "Qwen25VLAdapter", "QWEN_PROMPT", "QWEN_CHAT_TEMPLATE"]
 
 
-class Qwen25VLAdapter(Qwen2VLAdapter):
-    """Qwen2.5-VL behind the :class:`~posbias.models.base.ModelAdapter` interface.
+class Qwen25VLArchitecture(Qwen2VLArchitecture):
+    """Qwen2.5-VL: Qwen2-VL's layout and positions; vision importance from the full-attention blocks, whose
+    sequence is window-permuted (undone with the tower's own window index)."""
 
-    Parameters
-    ----------
-    model : transformers.Qwen2_5_VLForConditionalGeneration
-        Loaded model in eval mode.
-    processor : posbias.models.processors.QwenImageProcessor
-        Image processor + tokenizer; its ``min_pixels``/``max_pixels`` decide the token count.
-    model_id : str
-        Hub id, alias target or local path.
-    revision : str or None
-        Commit hash of the checkpoint when known.
-    """
-
-    name: ClassVar[str] = "qwen2_5_vl"
-    rope_dims: ClassVar[int] = 3
-    hf_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
+    model_type: ClassVar[str] = "qwen2_5_vl"
     label: ClassVar[str] = "Qwen2.5-VL"
 
-    # ------------------------------------------------------------------ signal hooks (issue 3)
     def vision_importance_modules(self) -> list[Any]:
         """The attention of the full-attention blocks (``vision_config.fullatt_block_indexes``)."""
         visual = self.vision_tower()
@@ -50,7 +37,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         if not full:
             raise PosbiasError(
                 "this Qwen2.5-VL vision tower has no full-attention block (fullatt_block_indexes is empty); "
-                "drop vision_importance from --signals"
+                "drop vision_importance from the signals"
             )
         return [visual.blocks[i].attn for i in full]
 
@@ -74,14 +61,21 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         )
         return index  # (V,) int64
 
-    def _unpermute_units(self, values: Any, inputs: dict[str, Any]) -> Any:
-        """Rows of ``values`` (V, ...) in window-permuted unit order -> raster order of the merged grid."""
-        import torch
+    def unit_order(self, inputs: dict[str, Any]) -> Any:
+        """:meth:`window_index`: the tower's sequence is window-permuted."""
+        return self.window_index(inputs)
 
-        window_index = self.window_index(inputs).to(values.device)  # (V,)
-        if window_index.shape[0] != values.shape[0]:
-            raise PosbiasError(
-                f"vision tower produced {values.shape[0]} merge units but the image grid implies "
-                f"{window_index.shape[0]}; pass one still image per prompt"
-            )
-        return values[torch.argsort(window_index)]  # (V, ...)
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL behind the :class:`~posbias.models.base.ModelAdapter` interface: the parameters of
+    :class:`~posbias.models.qwen2_vl.Qwen2VLAdapter`, with a ``Qwen2_5_VLForConditionalGeneration`` model."""
+
+    name: ClassVar[str] = "qwen2_5_vl"
+    rope_dims: ClassVar[int] = 3
+    hf_class: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
+    label: ClassVar[str] = "Qwen2.5-VL"
+    architecture: ClassVar[type[Architecture]] = Qwen25VLArchitecture
+
+    def window_index(self, inputs: dict[str, Any]) -> Any:
+        """:meth:`Qwen25VLArchitecture.window_index`."""
+        return self.arch.window_index(inputs)

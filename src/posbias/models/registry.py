@@ -13,7 +13,10 @@
 - ``tiny-llava`` / ``tiny-llava-next`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen2-vl``: tiny random models for tests (:mod:`posbias.models.tiny`).
 
 The adapter class is chosen from ``config.model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_5_vl"``,
-``"qwen2_vl"``) and imported lazily.
+``"qwen2_vl"``) and imported lazily;
+:data:`ADAPTERS` holds one line per architecture. :func:`architecture_of` gives the runtime the
+:class:`~posbias.models.base.Architecture` of a loaded transformers model (the adapter class names it), and
+:func:`register_adapter` adds an architecture from outside the package (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from posbias.errors import ModelUnavailableError, PosbiasError
-from posbias.models.base import ModelAdapter, resolve_dtype
+from posbias.models.base import Architecture, ModelAdapter, resolve_dtype
 
 __all__ = [
     "HUB_ALIASES",
@@ -34,6 +37,10 @@ __all__ = [
     "ADAPTERS",
     "known_aliases",
     "adapter_class",
+    "architecture_class",
+    "architecture_of",
+    "register_adapter",
+    "supported_model_types",
     "resolve_model_id",
     "load_adapter",
     "HUB_TIMEOUT_S",
@@ -58,8 +65,9 @@ DEMO_ALIASES: dict[str, str] = {
 TINY_ALIASES: dict[str, str] = {
     "tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl",
 }
-#: config.model_type -> "module:Class" of its adapter (imported on first use)
-ADAPTERS: dict[str, str] = {
+#: config.model_type -> "module:Class" of its adapter (imported on first use), or the class itself
+#: (:func:`register_adapter`); the adapter's ``architecture`` attribute is the torch-only part the runtime uses
+ADAPTERS: dict[str, Any] = {
     "llava": "posbias.models.llava:LlavaAdapter",
     "llava_next": "posbias.models.llava_next:LlavaNextAdapter",
     "qwen2_5_vl": "posbias.models.qwen2_5_vl:Qwen25VLAdapter",
@@ -74,21 +82,64 @@ def known_aliases() -> list[str]:
     return [*HUB_ALIASES, *DEMO_ALIASES, *TINY_ALIASES]
 
 
+def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values an adapter is registered for, sorted."""
+    return sorted(ADAPTERS)
+
+
+def _unsupported(model_type: Any, what: str = "") -> PosbiasError:
+    return PosbiasError(
+        f"{what}model_type {model_type!r} is not a supported architecture; supported: "
+        f"{', '.join(supported_model_types())} (docs/architecture.md says how to add one)"
+    )
+
+
 def adapter_class(model_type: str) -> type[ModelAdapter]:
     """The adapter class for a ``config.model_type``.
 
     Raises
     ------
     posbias.errors.PosbiasError
-        When no adapter handles that architecture.
+        When no adapter handles that architecture (one line naming the supported ones).
     """
     target = ADAPTERS.get(model_type)
     if target is None:
-        raise PosbiasError(
-            f"model_type {model_type!r} has no posbias adapter; supported: {', '.join(sorted(ADAPTERS))}"
-        )
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+        raise _unsupported(model_type)
+    if isinstance(target, str):
+        module_name, class_name = target.split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+    return target
+
+
+def architecture_class(model_type: str) -> type[Architecture]:
+    """The :class:`~posbias.models.base.Architecture` subclass for a ``config.model_type``."""
+    return adapter_class(model_type).architecture  # type: ignore[attr-defined]
+
+
+def architecture_of(model: Any) -> Architecture:
+    """The :class:`~posbias.models.base.Architecture` of a loaded transformers VLM (or of a posbias adapter's
+    model), from ``model.config.model_type``.
+
+    Raises
+    ------
+    posbias.errors.PosbiasError
+        For a model of an architecture without a registered adapter.
+    """
+    arch = getattr(model, "arch", None)
+    if isinstance(arch, Architecture):  # a posbias adapter
+        return arch
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise _unsupported(model_type, f"{type(model).__name__} of ")
+    return architecture_class(str(model_type))(model)
+
+
+def register_adapter(model_type: str, adapter: Any) -> None:
+    """Register an adapter (class or ``"module:Class"``) for ``config.model_type`` (one registry line at run
+    time; the package's own architectures are the lines of :data:`ADAPTERS`)."""
+    if not isinstance(model_type, str) or not model_type:
+        raise PosbiasError(f"model_type {model_type!r} must be a non-empty string")
+    ADAPTERS[model_type] = adapter
 
 
 def resolve_model_id(name: str) -> str:

@@ -19,13 +19,17 @@ body raises.
 
 With ``position_agnostic=True`` the same hook also computes the position-agnostic row (UTP,
 Eq. 2): the visual keys it receives (after RoPE) are rotated by ``R(p' - p_j)`` to the uniform position
-``p'`` (see :mod:`posbias.profiler.signals`), the text columns of the ordinary score row are kept, and
+``p'`` (see :mod:`posbias.profiler.signals`; the math is :mod:`posbias.kernels`), the text columns of the ordinary score row are kept, and
 one softmax runs over all keys: one (H_kv, V, D) rotation and one (H, V) product per layer.
 
 :class:`VisionAttentionCapture` does the same for the vision tower: it swaps the tower's attention
 implementation for a function that records, at the modules the adapter names, either the [CLS] query
 row (LLaVA) or the mean attention each patch receives (Qwen2.5-VL, chunked over query rows), then hands
 the call to sdpa.
+
+Every quantity is a shared kernel of :mod:`posbias.kernels` (the runtime pruner scores and prunes with the
+same functions); this module only wires them to the model, and imports nothing from
+:mod:`posbias.profiler.signals` (which builds on it).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from posbias import kernels
 from posbias.errors import PosbiasError
 from posbias._hf_compat import ROUTE_NAME, route_attention, sdpa_attention
 from posbias.models.base import ModelAdapter, VisualLayout
@@ -51,6 +56,13 @@ __all__ = [
 _Swap = TypeVar("_Swap", bound="_AttentionSwap")
 
 
+def _scaling(module: Any, query: torch.Tensor, scaling: float | None) -> float:
+    """The score scale: ``scaling`` when given, else ``module.scaling``, else ``D ** -0.5``."""
+    if scaling is None:
+        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    return float(scaling)
+
+
 def last_token_scores(
     module: Any,
     query: torch.Tensor,
@@ -58,7 +70,8 @@ def last_token_scores(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled, masked scores of the last query position over all keys, per head (before softmax).
+    """Scaled, masked scores of the last query position over all keys, per head (before softmax):
+    :func:`posbias.kernels.last_token_scores` with the module's scale.
 
     Parameters are those of :func:`last_token_attention_row`.
 
@@ -70,28 +83,7 @@ def last_token_scores(
         (B, S) float32 additive mask of the last row (0 / -inf or the float mask's values) as applied
         (head 0 of a per-head mask), or None without a mask.
     """
-    if scaling is None:
-        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    q_last = query[:, :, -1:, :].float()  # (B, H, 1, D)
-    k = key.float()  # (B, H_kv, S, D)
-    n_heads, n_kv = q_last.shape[1], k.shape[1]
-    if n_heads != n_kv:
-        if n_heads % n_kv:
-            raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv} key/value heads")
-        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, H, S, D), same order as repeat_kv
-    n_keys = k.shape[2]
-    scores = torch.matmul(q_last, k.transpose(-1, -2)) * scaling  # (B, H, 1, S)
-    mask_row = None
-    if attention_mask is not None:
-        mask_last = attention_mask[..., -1:, :n_keys]  # (B, 1|H, 1, S)
-        if mask_last.dtype == torch.bool:
-            add = torch.zeros(mask_last.shape, dtype=torch.float32, device=scores.device)
-            add = add.masked_fill(~mask_last, float("-inf"))  # (B, 1|H, 1, S)
-        else:
-            add = mask_last.float()
-        scores = scores + add
-        mask_row = add[:, 0, 0, :]  # (B, S)
-    return scores[:, :, 0, :], mask_row  # (B, H, S) float32
+    return kernels.last_token_scores(query, key, attention_mask, _scaling(module, query, scaling))
 
 
 def last_token_attention_row(
@@ -122,8 +114,7 @@ def last_token_attention_row(
     torch.Tensor
         (B, H, S) float32 softmax row of the last query, on the input device.
     """
-    scores, _ = last_token_scores(module, query, key, attention_mask, scaling)  # (B, H, S)
-    return torch.softmax(scores, dim=-1)  # (B, H, S) float32
+    return kernels.last_token_attention(query, key, attention_mask, _scaling(module, query, scaling))  # (B, H, S)
 
 
 class _AttentionSwap:
@@ -306,10 +297,7 @@ class LastTokenAttentionCapture(_AttentionSwap):
         scaling: float | None,
     ) -> torch.Tensor:
         """(V,) head-mean position-agnostic attention of the last query (UTP Eq. 2)."""
-        from posbias.profiler.signals import position_agnostic_scores, rope_rotation
-
-        if scaling is None:
-            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        scaling = _scaling(module, query, scaling)
         if self._pa_rotation is None:  # once per forward: the RoPE module has run (dynamic RoPE updated)
             inv_freq, sections = self.adapter.rope_parameters()
             if 2 * int(inv_freq.shape[0]) != int(key.shape[-1]):
@@ -317,9 +305,9 @@ class LastTokenAttentionCapture(_AttentionSwap):
                     f"RoPE rotates {2 * int(inv_freq.shape[0])} of {int(key.shape[-1])} head dims (partial rotary); "
                     "position-agnostic attention supports full rotary only: drop attn_pa from --signals"
                 )
-            self._pa_rotation = rope_rotation(self._uniform_delta.to(key.device), inv_freq, sections)  # (V, D) x2
+            self._pa_rotation = kernels.rope_rotation(self._uniform_delta.to(key.device), inv_freq, sections)  # (V, D) x2
         cos, sin = self._pa_rotation
-        pa_scores = position_agnostic_scores(
+        pa_scores = kernels.position_agnostic_scores(
             scores, query[0, :, -1, :], key[0], self._visual_index, cos, sin, float(scaling),
             None if mask_row is None else mask_row[0],
         )  # (H, S)
@@ -354,10 +342,8 @@ class LastTokenAttentionCapture(_AttentionSwap):
             np.asarray(layout.visual_index, dtype=np.int64), device=device
         )  # (V,) int64
         if self.position_agnostic:
-            from posbias.profiler.signals import uniform_position
-
             pos = np.asarray(layout.position_ids, dtype=np.int64)  # (V, P)
-            target = uniform_position(pos[0], pos[-1])  # (P,) p' per axis from the first/last visual token
+            target = kernels.uniform_position(pos[0], pos[-1])  # (P,) p' per axis from the first/last visual token
             self._uniform_delta = torch.as_tensor(target[None, :] - pos, device=device)  # (V, P)
         self._rows, self._pa_rows, self._pa_rotation = {}, {}, None
         self.last_attn_mean = self.last_attn_pa = None
@@ -413,9 +399,11 @@ class VisionAttentionCapture(_AttentionSwap):
     ``adapter.vision_importance_kind`` decides what is recorded per module and call:
 
     - ``"cls"`` (LLaVA/CLIP): the [CLS] query row (query 0), softmax over all keys, head mean: (N,).
-    - ``"cls_crops"`` (LLaVA-NeXT: the crops of one image are the tower's batch): the same per crop: (B, N).
     - ``"colmean"`` (Qwen2.5-VL): the mean attention each key receives over all queries and heads,
       computed in chunks of query rows (:func:`posbias.profiler.signals.attention_column_mean`): (N,).
+
+    When the tower's batch holds several crops of one image (LLaVA-NeXT), each crop gets its own record and
+    the records are concatenated: (B * N,).
 
     Parameters
     ----------
@@ -428,7 +416,7 @@ class VisionAttentionCapture(_AttentionSwap):
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self.kind = str(adapter.vision_importance_kind)
-        if self.kind not in ("cls", "cls_crops", "colmean"):
+        if self.kind not in ("cls", "colmean"):
             raise PosbiasError(
                 f"adapter {adapter.name!r} has no vision-importance support; drop vision_importance from --signals"
             )
@@ -476,19 +464,15 @@ class VisionAttentionCapture(_AttentionSwap):
                     "the vision tower attended over several images in one forward; vision_importance needs "
                     "exactly one still image per prompt"
                 )
-            scale = scaling if scaling is not None else (getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
             with torch.no_grad():
                 if attention_mask is not None:
                     raise PosbiasError("vision_importance expects an unmasked vision tower (one image, no padding)")
-                if self.kind in ("cls", "cls_crops"):
-                    crops = slice(None) if self.kind == "cls_crops" else slice(0, 1)
-                    probs = torch.softmax(
-                        torch.matmul(query[crops, :, :1].float(), key[crops].float().transpose(-1, -2)) * scale,
-                        dim=-1,
-                    )  # (B, H, 1, N)
-                    rows = probs[:, :, 0, :].mean(dim=1)  # (B, N)
-                    self._records[slot] = rows if self.kind == "cls_crops" else rows[0]
-                else:
-                    from posbias.profiler.signals import attention_column_mean
-
-                    self._records[slot] = attention_column_mean(query[0], key[0], float(scale))  # (N,)
+                q, k, bounds = query[0], key[0], None  # (H, N, D) one image
+                if query.shape[0] > 1:  # the tower's batch = independent crops of one image (LLaVA-NeXT)
+                    n = int(key.shape[2])
+                    q = query.transpose(0, 1).reshape(query.shape[1], -1, query.shape[-1])  # (H, B*N, D)
+                    k = key.transpose(0, 1).reshape(key.shape[1], -1, key.shape[-1])  # (H, B*N, D)
+                    bounds = list(range(0, int(key.shape[0]) * n + 1, n))
+                self._records[slot] = kernels.vision_record(
+                    self.kind, q, k, _scaling(module, query, scaling), bounds
+                )  # (N,) or (B*N,): one record per crop, concatenated

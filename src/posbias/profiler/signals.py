@@ -25,7 +25,8 @@ Signals (names as in ``--signals`` and in the store, docs/store.md):
     output before projection.
 
 Pure functions (:func:`uniform_position`, :func:`rope_rotation`, :func:`rotate_keys`,
-:func:`position_agnostic_scores`, :func:`attention_column_mean`, :func:`block_edges`,
+:func:`position_agnostic_scores`, :func:`attention_column_mean` -- the shared kernels of
+:mod:`posbias.kernels`, re-exported here --, :func:`block_edges`,
 :func:`region_block_index`, :func:`gram_logdet`, :func:`region_logdet`, :func:`edge_mask`) do the math
 and are tested on their own; :class:`SignalCapture` wires them to a model.
 """
@@ -33,7 +34,7 @@ and are tested on their own; :class:`SignalCapture` wires them to a model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,16 @@ import numpy as np
 import torch
 
 from posbias.errors import PosbiasError
+from posbias.kernels import (
+    apply_rope as rotate_keys,
+    attention_column_mean,
+    position_agnostic_scores,
+    rope_rotation,
+    rotate_half,
+    uniform_position,
+)
 from posbias.models.base import ModelAdapter, VisualLayout
+from posbias.profiler.capture import LastTokenAttentionCapture, VisionAttentionCapture
 
 __all__ = [
     "SIGNALS",
@@ -73,8 +83,6 @@ DEFAULT_REGION_GRID = 6
 #: eps of ``log det(Cov + eps I)``
 DEFAULT_REGION_EPS = 1e-3
 
-_COLMEAN_BUDGET = 2**23  # float32 scores per chunk of attention_column_mean (32 MiB)
-
 
 def parse_signals(spec: str | Iterable[str]) -> tuple[str, ...]:
     """Signal names from ``"all"``, ``"attn,attn_pa"`` or an iterable; ``attn`` is always included.
@@ -97,155 +105,6 @@ def parse_signals(spec: str | Iterable[str]) -> tuple[str, ...]:
         )
     chosen = set(items) | {"attn"}
     return tuple(x for x in SIGNALS if x in chosen)
-
-
-# ------------------------------------------------------------------------------ position-agnostic attention
-
-
-def uniform_position(first: np.ndarray | Sequence[int], last: np.ndarray | Sequence[int]) -> np.ndarray:
-    """``p' = floor((p1 + p2) / 2 + 1/2)`` per RoPE axis (UTP).
-
-    Parameters
-    ----------
-    first, last : array-like of int
-        (P,) positions of the first and last visual token (P = 1, or 3 for M-RoPE t, h, w).
-
-    Returns
-    -------
-    np.ndarray
-        (P,) int64.
-    """
-    p1 = np.asarray(first, dtype=np.int64)  # (P,)
-    p2 = np.asarray(last, dtype=np.int64)  # (P,)
-    return (p1 + p2 + 1) // 2  # (P,) == floor((p1 + p2) / 2 + 1/2) for integers
-
-
-def rope_rotation(
-    delta: torch.Tensor, inv_freq: torch.Tensor, sections: Sequence[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the RoPE rotation by position offsets ``delta`` (half-split layout, as ``rotate_half``).
-
-    Parameters
-    ----------
-    delta : torch.Tensor
-        (V, P) position offsets per token and axis (P = 1, or 3 for M-RoPE).
-    inv_freq : torch.Tensor
-        (D/2,) inverse frequencies.
-    sections : sequence of int, optional
-        M-RoPE sections (how many of the D/2 frequencies follow axis t, h, w); required when P = 3.
-
-    Returns
-    -------
-    cos, sin : torch.Tensor
-        (V, D) float32 each, laid out ``cat(f, f)`` over the head dimension like transformers' RoPE.
-    """
-    delta = delta.to(torch.float64)  # (V, P)
-    freq = inv_freq.to(device=delta.device, dtype=torch.float64)  # (D/2,)
-    n_axes = delta.shape[1]
-    if n_axes == 1:
-        angles = delta[:, :1] * freq[None, :]  # (V, D/2)
-    else:
-        if sections is None or sum(int(s) for s in sections) != freq.shape[0]:
-            raise ValueError(f"M-RoPE sections {sections} must sum to {freq.shape[0]} frequencies")
-        axis = torch.cat([torch.full((int(s),), i % n_axes, dtype=torch.long) for i, s in enumerate(sections)])
-        axis = axis.to(delta.device)  # (D/2,) which position axis each frequency follows
-        angles = delta[:, axis] * freq[None, :]  # (V, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (V, D)
-    return angles.cos().float(), angles.sin().float()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``cat(-x2, x1)`` over the last dimension (the RoPE convention of Llama / Qwen in transformers)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate keys (..., V, D) by per-token angles: ``k cos + rotate_half(k) sin``; cos, sin (V, D)."""
-    return keys * cos + rotate_half(keys) * sin  # (..., V, D)
-
-
-def position_agnostic_scores(
-    scores: torch.Tensor,
-    q_last: torch.Tensor,
-    keys: torch.Tensor,
-    visual_index: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    scaling: float,
-    mask_row: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Last-token scores with every visual key rotated to the uniform position (UTP Eq. 2, before softmax).
-
-    Parameters
-    ----------
-    scores : torch.Tensor
-        (H, S) float32 ordinary scores of the last query (mask applied): text columns are kept.
-    q_last : torch.Tensor
-        (H, D) last query after RoPE (it keeps its own position).
-    keys : torch.Tensor
-        (H_kv, S, D) keys after RoPE; query head h uses key head ``h // (H / H_kv)`` (``repeat_kv``).
-    visual_index : torch.Tensor
-        (V,) int64 sequence positions of the visual tokens.
-    cos, sin : torch.Tensor
-        (V, D) rotation by ``p' - p_j`` per visual token (:func:`rope_rotation`).
-    scaling : float
-        Score scale.
-    mask_row : torch.Tensor, optional
-        (S,) float32 additive mask of the last row (0 / -inf), applied to the new visual scores too.
-
-    Returns
-    -------
-    torch.Tensor
-        (H, S) float32 scores; ``softmax(dim=-1)`` gives the position-agnostic row.
-    """
-    n_heads, n_kv = q_last.shape[0], keys.shape[0]
-    groups = n_heads // n_kv
-    k_vis = keys.index_select(1, visual_index).float()  # (H_kv, V, D)
-    k_pa = rotate_keys(k_vis, cos, sin)  # (H_kv, V, D)
-    q = q_last.float().reshape(n_kv, groups, -1)  # (H_kv, G, D)
-    s_vis = torch.einsum("kgd,kvd->kgv", q, k_pa).reshape(n_heads, -1) * scaling  # (H, V)
-    if mask_row is not None:
-        s_vis = s_vis + mask_row.index_select(0, visual_index)[None, :]
-    out = scores.clone()  # (H, S)
-    out[:, visual_index] = s_vis
-    return out
-
-
-# ----------------------------------------------------------------------------------- vision importance
-
-
-def attention_column_mean(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, *, budget: int = _COLMEAN_BUDGET
-) -> torch.Tensor:
-    """Mean attention each key receives, over all queries and heads, without the full (N, N) map.
-
-    ``out[j] = 1/(H N) sum_h sum_i softmax_j(q_hi . k_h * scaling)``: the query rows (the diagonal
-    included, as the attention map has it) are processed in chunks of at most ``budget`` scores.
-
-    Parameters
-    ----------
-    query, key : torch.Tensor
-        (H, N, D) (one image, no mask: every query sees every key).
-    scaling : float
-        Score scale.
-    budget : int
-        Maximum number of float32 scores held at once.
-
-    Returns
-    -------
-    torch.Tensor
-        (N,) float32; sums to 1.
-    """
-    n_heads, n, _ = query.shape
-    k = key.float()  # (H, N, D)
-    total = torch.zeros(n, dtype=torch.float32, device=query.device)  # (N,)
-    step = max(1, int(budget) // max(1, n_heads * n))
-    for lo in range(0, n, step):
-        q = query[:, lo : lo + step].float()  # (H, c, D)
-        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scaling, dim=-1)  # (H, c, N)
-        total += probs.sum(dim=(0, 1))
-    return total / float(n_heads * n)  # (N,)
 
 
 # ---------------------------------------------------------------------------------------- region density
@@ -421,8 +280,6 @@ class SignalCapture:
         region_eps: float = DEFAULT_REGION_EPS,
         region_vision: bool = True,
     ) -> None:
-        from posbias.profiler.capture import LastTokenAttentionCapture, VisionAttentionCapture
-
         self.adapter = adapter
         self.signals = parse_signals(signals)
         self.per_head = bool(per_head)

@@ -72,18 +72,22 @@ def load_sample_image(sample_id: str, attrs: dict[str, Any], cache: dict[str, An
         return None, " ".join(str(exc).split())[:200]
 
 
+def _architecture_class(adapter: str) -> Any:
+    """The architecture class of a stored adapter name; the base class (no crop) for a name no adapter has."""
+    from posbias.models.base import Architecture
+    from posbias.models.registry import ADAPTERS, architecture_class
+
+    return architecture_class(adapter) if adapter in ADAPTERS else Architecture
+
+
 def crop_for_adapter(image: Any, adapter: str, grid: tuple[int, int], max_side: int = 336) -> np.ndarray:
     """The part of the image the visual grid covers, as (H, W, 3) uint8.
 
-    LLaVA-1.5's CLIP processor resizes the shortest side and centre-crops a square, so the grid covers the
-    central square; Qwen2-VL and Qwen2.5-VL resize the whole image to the grid's aspect ratio.
+    The architecture's crop rule (:meth:`posbias.models.base.Architecture.crop_image`) decides: LLaVA-1.5's
+    CLIP processor resizes the shortest side and centre-crops a square, so the grid covers the central
+    square; Qwen2-VL and Qwen2.5-VL resize the whole image to the grid's aspect ratio.
     """
-    img = image
-    if adapter == "llava":
-        w, h = img.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        img = img.crop((left, top, left + s, top + s))
+    img = _architecture_class(adapter).crop_image(image)
     r, c = grid
     scale = max_side / max(r, c)
     img = img.resize((max(1, int(round(c * scale))), max(1, int(round(r * scale)))))
@@ -129,11 +133,11 @@ def kept_from_store(attn: np.ndarray, calibration: Any, keep: int, *, grid: tupl
         out[m] = select_tokens(m, row, calibration, keep=k, n_visual=v).numpy()
     g = methods.get("adaptprune-gaussian")
     if g is not None:
+        from posbias.kernels import gaussian_centre_weight
+
         sigma = float(g["fit"]["learned"]["sigma_"])
-        r, c = grid
-        u = np.linspace(-1.0, 1.0, r) if r > 1 else np.zeros(1)  # (R,)
-        w = np.linspace(-1.0, 1.0, c) if c > 1 else np.zeros(1)  # (C,)
-        mask = np.exp(-(u[:, None] ** 2 + w[None, :] ** 2) / (2.0 * sigma**2)).ravel()  # (V,)
+        ids = np.arange(v, dtype=np.int64)  # (V,) raster
+        mask = gaussian_centre_weight(ids // grid[1], ids % grid[1], grid, sigma)  # (V,) float64
         score = attn[:, int(g["layer"])].astype(np.float64) * mask  # (V,)
         out["adaptprune-gaussian"] = np.sort(np.argsort(-score, kind="stable")[:k])
     if attn_pa is not None:

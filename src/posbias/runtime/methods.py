@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from posbias.errors import PosbiasError
+from posbias.kernels import gaussian_centre_weight  # AdaptPrune's centre weight: the shared kernel
 
 __all__ = [
     "single_thread",
@@ -853,31 +854,6 @@ def arp_select(
     rank = torch.arange(n) - starts[b_sorted]  # (N,) rank within its block
     kept = order[rank < quota[b_sorted]]
     return torch.sort(kept).values.to(torch.int64)
-
-
-def gaussian_centre_weight(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    grid: tuple[int, int],
-    sigma: float = 1.0,
-) -> torch.Tensor:
-    """AdaptPrune's centre weight ``exp(-(u^2 + v^2) / (2 sigma^2))`` per token.
-
-    ``u = linspace(-1, 1, rows)[row]``, ``v = linspace(-1, 1, cols)[col]`` (0 on a 1-long axis), so
-    ``sigma = 1`` is the anchor's sigma 12 over ``linspace(-12, 12, 24)``.
-
-    Returns
-    -------
-    torch.Tensor
-        (N,) float32 weight in (0, 1].
-    """
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise PosbiasError(f"gaussian sigma={sigma!r} must be a finite number > 0 (centred units; anchors: 1.0)")
-    n_rows, n_cols = int(grid[0]), int(grid[1])
-    u_axis = torch.linspace(-1.0, 1.0, n_rows) if n_rows > 1 else torch.zeros(1)  # (R,)
-    v_axis = torch.linspace(-1.0, 1.0, n_cols) if n_cols > 1 else torch.zeros(1)  # (C,)
-    u, v = u_axis[rows.to(torch.int64)], v_axis[cols.to(torch.int64)]  # (N,), (N,)
-    return torch.exp(-(u * u + v * v) / (2.0 * float(sigma) ** 2))  # (N,) float32
 
 
 def mmr_select(relevance: torch.Tensor, features: torch.Tensor, k: int, *, lam: float = 0.9,

@@ -1,9 +1,13 @@
-"""Prune visual tokens inside a transformers LLaVA / Qwen2.5-VL model during prefill.
+"""Prune visual tokens inside a transformers VLM (LLaVA, Qwen2-VL, Qwen2.5-VL, ...) during prefill.
+
+Everything architecture-specific (where the visual tokens are, their grid, the vision importance) comes from
+the model's :class:`~posbias.models.base.Architecture` (:func:`posbias.models.registry.architecture_of`);
+the scoring row and the RoPE rotation are the shared kernels of :mod:`posbias.kernels` the profiler uses too.
 
 How it works (torch ``nn.Module`` hooks only; nothing in transformers is patched):
 
 1. A forward pre-hook on the VLM sees ``input_ids`` of every call. A call whose prompt holds image tokens
-   and more than one position is a *prefill*: the hook finds the visual positions, checks ``keep``
+   and more than one position is a *prefill*: the hook finds the visual positions and their grid, checks ``keep``
    against the visual count (before any compute) and opens a prefill state. Every other call (decoding
    steps of ``generate``) runs unpruned code paths.
 2. Pre-hooks on each decoder layer gather, for the tokens still alive, the layer's ``position_embeddings``
@@ -28,16 +32,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from posbias.artifacts.calibration import Calibration
 from posbias.errors import PosbiasError
 from posbias._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
+from posbias.kernels import apply_rope, gaussian_centre_weight, last_token_attention
 from posbias.runtime.methods import (
     arp_select,
-    gaussian_centre_weight,
     mmr_select,
     soft_nms_select,
     topk_select,
@@ -46,11 +50,17 @@ from posbias.runtime.quality import check_entry_quality
 from posbias.runtime.scoring import predict_bias, token_positions
 from posbias.runtime.spec import MethodSpec, resolve_method
 
-__all__ = ["Pruner", "PruneRecord", "enable_pruning", "model_kind", "unwrap_model"]
+if TYPE_CHECKING:  # the architecture module loads with the first model (importing posbias.runtime stays light)
+    from posbias.models.base import Architecture, TokenGrid
 
-#: config.model_type -> what the pruner keys on: "llava" (one square patch grid, 1-D RoPE) or "mrope" (Qwen-VL:
-#: the merged grid from image_grid_thw, 3-D M-RoPE positions; the vision tower may or may not use windows)
-_ARCH = {"llava": "llava", "qwen2_5_vl": "mrope", "qwen2_vl": "mrope"}
+__all__ = ["Pruner", "PruneRecord", "enable_pruning", "unwrap_model"]
+
+
+def architecture_of(model: Any) -> "Architecture":
+    """:func:`posbias.models.registry.architecture_of` (imported on first use)."""
+    from posbias.models.registry import architecture_of as _of
+
+    return _of(model)
 
 
 def unwrap_model(model: Any) -> Any:
@@ -58,23 +68,6 @@ def unwrap_model(model: Any) -> Any:
     if hasattr(model, "prepare") and hasattr(model, "layout") and hasattr(model, "model"):
         return model.model
     return model
-
-
-def model_kind(model: Any) -> str:
-    """``"llava"`` or ``"mrope"`` from ``model.config.model_type`` (see ``_ARCH``); PosbiasError otherwise."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in _ARCH:
-        raise PosbiasError(
-            f"model of type {mt!r} ({type(model).__name__}) is not supported by the pruner; "
-            "pass a transformers LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration or "
-            "Qwen2VLForConditionalGeneration"
-        )
-    return _ARCH[mt]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 @dataclass
@@ -93,6 +86,12 @@ class PruneRecord:
         Sequence length each decoder layer processed (for FLOPs).
     select_ms : float
         Wall time spent scoring and selecting (all stages).
+    scoring_rows : dict of int to torch.Tensor
+        Layer -> (V_cur,) float32 head-mean last-token attention over the visual tokens alive at that layer
+        (in the order of their raster ids), the row the method scored (:func:`posbias.kernels.last_token_attention`,
+        the quantity the profile store holds in ``/tokens/attn``).
+    vision_importance : torch.Tensor or None
+        (V,) float32 vision importance ARP used, in the LLM's visual-token order (``/tokens/vision_importance``).
     """
 
     n_visual: int
@@ -101,15 +100,33 @@ class PruneRecord:
     stages: list[tuple[int, int]] = field(default_factory=list)
     tokens_per_layer: list[int] = field(default_factory=list)
     select_ms: float = 0.0
+    scoring_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    vision_importance: torch.Tensor | None = None
 
 
 class _Prefill:
     """Mutable state of one prefill pass."""
 
-    def __init__(self, visual_pos: torch.Tensor, grid: tuple[int, int], seq_len: int, positions: Any) -> None:
+    def __init__(self, visual_pos: torch.Tensor, tokens: "TokenGrid", seq_len: int, positions: Any) -> None:
+        import numpy as np
+
         self.seq_len = seq_len
-        self.n_visual = int(visual_pos.shape[0])
-        self.grid = grid
+        self.tokens = tokens  # tile / row / col of every visual token (raster id = index)
+        self.grid = tokens.grid  # (rows, cols) of the first tile
+        self.n_all = int(visual_pos.shape[0])  # every visual token, separators included
+        sep = np.zeros(self.n_all, bool) if tokens.separator is None else np.asarray(tokens.separator, bool)
+        # separators (LLaVA-NeXT's image_newline) are never candidates: the pruner treats them as text tokens
+        cand = np.flatnonzero(~sep)  # (V,) candidates' index among all visual tokens
+        self.run_index = torch.from_numpy(cand.astype(np.int64))  # (V,)
+        self.sep_index = torch.from_numpy(np.flatnonzero(sep).astype(np.int64))  # (V_sep,)
+        self.n_sep = int(self.sep_index.shape[0])
+        visual_pos = visual_pos[self.run_index]
+        self.n_visual = int(visual_pos.shape[0])  # candidates
+        tile = np.zeros(self.n_all, np.int64) if tokens.tile is None else np.asarray(tokens.tile, np.int64)
+        self.rows = torch.from_numpy(np.asarray(tokens.rows, np.int64)[cand])  # (V,) row in the token's tile
+        self.cols = torch.from_numpy(np.asarray(tokens.cols, np.int64)[cand])  # (V,)
+        self.tile = torch.from_numpy(tile[cand])  # (V,)
+        self.tiles = tuple(tuple(int(x) for x in g) for g in tokens.tiles)
         self.seq_index = torch.arange(seq_len)  # (S_cur,) original positions of the alive tokens
         self.vis_local = visual_pos.clone()  # (V_cur,) positions of alive visual tokens in the current sequence
         self.vis_ids = torch.arange(self.n_visual)  # (V_cur,) raster ids of alive visual tokens
@@ -121,6 +138,8 @@ class _Prefill:
         self.stages: list[tuple[int, int]] = []
         self.tokens_per_layer: list[int] = []
         self.select_s = 0.0
+        self.scoring_rows: dict[int, torch.Tensor] = {}
+        self.importance: torch.Tensor | None = None
 
 
 class Pruner:
@@ -136,11 +155,12 @@ class Pruner:
         Record of the latest prefill.
     """
 
-    def __init__(self, model: Any, spec: MethodSpec) -> None:
+    def __init__(self, model: Any, spec: MethodSpec, arch: "Architecture | None" = None) -> None:
         self.model = model
-        self.kind = model_kind(model)
+        self.arch = arch if arch is not None else architecture_of(model)
+        self.kind = self.arch.model_type
         self.spec = spec
-        self.lm = model.model.language_model
+        self.lm = self.arch.language_model()
         check_versions()
         check_decoder(self.lm)
         self.layers = list(self.lm.layers)
@@ -176,7 +196,7 @@ class Pruner:
         if self.spec.arp:
             from posbias.runtime.vision import VisionImportance
 
-            self._vision = VisionImportance(self.model, self.kind)
+            self._vision = VisionImportance(self.arch)
             self._vision.attach()
         self.model._posbias_pruner = self
         self._enabled = True
@@ -202,37 +222,12 @@ class Pruner:
         self.disable()
 
     # ------------------------------------------------------------------ model-level hooks
-    def _grid(self, kwargs: dict, n_visual: int, visual_pos: torch.Tensor | None = None) -> tuple[int, int]:
-        if self.kind == "llava":
-            side = int(round(n_visual ** 0.5))
-            if side * side != n_visual:
-                raise PosbiasError(f"the prompt holds {n_visual} image tokens, not one square image; pass one image")
-            return side, side
-        thw = kwargs.get("image_grid_thw")
-        merge = int(self.model.config.vision_config.spatial_merge_size)
-        pos = kwargs.get("position_ids")
-        if thw is None and isinstance(pos, torch.Tensor) and pos.ndim == 3 and visual_pos is not None:
-            # generate() passes precomputed vision outputs and M-RoPE positions instead of image_grid_thw
-            hw = pos[-2:, 0].index_select(-1, visual_pos.to(pos.device))  # (2, V) h and w components
-            rows = int(hw[0].max() - hw[0].min()) + 1
-            cols = int(hw[1].max() - hw[1].min()) + 1
-            if rows * cols != n_visual:
-                raise PosbiasError(f"the image tokens' M-RoPE positions span {rows}x{cols}, not {n_visual}; pass one image")
-            return rows, cols
-        if thw is None or thw.shape[0] != 1:
-            raise PosbiasError("the pruner needs image_grid_thw for exactly one image per prompt (batch 1)")
-        t, h, w = (int(x) for x in thw[0].tolist())
-        if t != 1 or (h // merge) * (w // merge) != n_visual:
-            raise PosbiasError(f"image_grid_thw {[t, h, w]} does not match {n_visual} image tokens; pass one still image")
-        return h // merge, w // merge
-
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._state = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] < 2:
             return
-        image_id = int(self.model.config.image_token_id)
-        is_img = input_ids == image_id  # (B, S)
+        is_img = input_ids == self.arch.image_token_id  # (B, S)
         if not bool(is_img.any()):
             return
         if input_ids.shape[0] != 1:
@@ -243,22 +238,25 @@ class Pruner:
         past = kwargs_cache(kwargs)
         if past is not None and hasattr(past, "get_seq_length") and int(past.get_seq_length()) > 0:
             raise PosbiasError("pruning needs the image prompt prefilled from an empty cache; pass a fresh cache")
-        visual_pos = torch.nonzero(is_img[0]).flatten().cpu()  # (V,)
-        n_visual = int(visual_pos.shape[0])
-        grid = self._grid(kwargs, n_visual, visual_pos)
-        self.spec.check_budget(n_visual)  # one-line error before the vision tower runs
-        self._state = _Prefill(visual_pos, grid, int(input_ids.shape[1]), None)
+        visual_index = self.arch.visual_index(input_ids)  # (V,) int64
+        tokens = self.arch.token_grid({**kwargs, "input_ids": input_ids}, visual_index)
+        st = _Prefill(torch.from_numpy(visual_index), tokens, int(input_ids.shape[1]), None)
+        # one-line error before the vision tower runs; keep counts grid tokens, a UTP schedule every visual token
+        self.spec.check_budget(st.n_all if self.spec.method == "utp" else st.n_visual)
+        self._state = st
 
     def _model_post(self, module: Any, args: tuple, output: Any) -> None:
         st = self._state
         if st is not None:
             self.last = PruneRecord(
-                n_visual=st.n_visual,
+                n_visual=st.n_all,
                 seq_len=st.seq_len,
-                kept=st.vis_ids.clone(),
+                kept=torch.sort(torch.cat([st.run_index[st.vis_ids], st.sep_index])).values,
                 stages=list(st.stages),
                 tokens_per_layer=list(st.tokens_per_layer),
                 select_ms=1000.0 * st.select_s,
+                scoring_rows=dict(st.scoring_rows),
+                vision_importance=st.importance,
             )
             if self._vision is not None:
                 self._vision.importance = None  # generate() may run the vision tower before this call
@@ -375,20 +373,30 @@ class Pruner:
         st = self._state
         assert st is not None and self._vision is not None
         imp = self._vision.importance
-        if imp is None or imp.shape[0] != st.n_visual:
+        if imp is None or imp.shape[0] != st.n_all:
             raise RuntimeError("ARP saw no vision importance for this prompt; the vision hooks did not fire")
+        st.importance = imp.detach().float().cpu()
         t0 = time.perf_counter()
-        rows, cols = st.vis_ids // st.grid[1], st.vis_ids % st.grid[1]
         p = self.spec.params
-        kept = arp_select(imp.float().cpu(), rows, cols, st.grid, blocks=int(p["arp_blocks"]),
-                          centre_ratio=float(p["arp_centre_ratio"]), edge_ratio=float(p["arp_edge_ratio"]))
+        imp = st.importance[st.run_index]  # (V,) the grid tokens'
+        parts = []
+        for t, grid in enumerate(st.tiles):  # ARP's blocks on each tile's own grid: never across tiles
+            idx = torch.nonzero(st.tile == t).flatten()  # (V_t,)
+            if idx.numel():
+                kept_t = arp_select(imp[idx], st.rows[idx], st.cols[idx], grid, blocks=int(p["arp_blocks"]),
+                                    centre_ratio=float(p["arp_centre_ratio"]),
+                                    edge_ratio=float(p["arp_edge_ratio"]))
+                parts.append(idx[kept_t])
+        kept = torch.sort(torch.cat(parts)).values
         st.select_s += time.perf_counter() - t0
         self.spec.check_budget(int(kept.shape[0]), after="ARP")
         st.stages.append((-1, int(kept.shape[0])))
         return self._drop(hidden, kept)
 
     def _attention_row(self, i: int, *, agnostic: bool = False) -> torch.Tensor:
-        """(V_cur,) float32 head-mean attention of the last token over the alive visual tokens at layer i."""
+        """(V_cur,) float32 head-mean attention of the last token over the alive visual tokens at layer i
+        (:func:`posbias.kernels.last_token_attention` on the layer's own queries and keys, RoPE applied with
+        the layer's cos/sin; with ``agnostic`` the visual keys sit at UTP's uniform position)."""
         st = self._state
         assert st is not None
         attn = self.layers[i].self_attn
@@ -399,17 +407,17 @@ class Pruner:
         qh = q[:, -1:].float().view(1, 1, n_h, d).transpose(1, 2)  # (1, H, 1, D)
         kh = k.float().view(1, s, n_kv, d).transpose(1, 2)  # (1, Hkv, S, D)
         c, sn = cos.float().unsqueeze(1), sin.float().unsqueeze(1)  # (1, 1, S, D)
-        qh = qh * c[:, :, -1:] + _rotate_half(qh) * sn[:, :, -1:]
-        k_rot = kh * c + _rotate_half(kh) * sn
+        qh = apply_rope(qh, c[:, :, -1:], sn[:, :, -1:])
+        k_rot = apply_rope(kh, c, sn)
         if agnostic:
             pc, ps = self._uniform_rope(kh)  # (1, 1, 1, D)
             vis = st.vis_local.to(kh.device)
-            k_rot[:, :, vis] = kh[:, :, vis] * pc + _rotate_half(kh[:, :, vis]) * ps
-        if n_h != n_kv:
-            k_rot = k_rot.repeat_interleave(n_h // n_kv, dim=1)  # (1, H, S, D)
+            k_rot[:, :, vis] = apply_rope(kh[:, :, vis], pc, ps)
         scaling = float(getattr(attn, "scaling", d ** -0.5))
-        probs = torch.softmax((qh @ k_rot.transpose(-1, -2)) * scaling, dim=-1)[0, :, 0]  # (H, S)
-        return probs.mean(0).index_select(0, st.vis_local.to(probs.device)).cpu()  # (V_cur,)
+        probs = last_token_attention(qh, k_rot, None, scaling)[0]  # (H, S)
+        row = probs.mean(0).index_select(0, st.vis_local.to(probs.device)).cpu()  # (V_cur,)
+        st.scoring_rows[i] = row
+        return row
 
     def _uniform_rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin at UTP's uniform visual position p' = floor((p1 + p2) / 2 + 1/2), per M-RoPE component."""
@@ -429,9 +437,9 @@ class Pruner:
         spec = self.spec
         n_cur = int(st.vis_ids.shape[0])
         m = spec.method
-        if m == "utp":
-            target = spec.schedule[i + 1] if i + 1 < len(spec.schedule) else n_cur
-            target = min(int(target), n_cur)
+        if m == "utp":  # the schedule counts every visual token; separators are always among them
+            target = spec.schedule[i + 1] - st.n_sep if i + 1 < len(spec.schedule) else n_cur
+            target = max(0, min(int(target), n_cur))
             if target >= n_cur:
                 return None
             scores = self._attention_row(i, agnostic=i < int(spec.params["pa_layers"]))
@@ -439,12 +447,13 @@ class Pruner:
         keep = spec.keep_for(st.n_visual)
         keep = min(keep, n_cur)
         attn = self._attention_row(i)  # (V_cur,)
-        rows, cols = st.vis_ids // st.grid[1], st.vis_ids % st.grid[1]
+        rows, cols, tile = st.rows[st.vis_ids], st.cols[st.vis_ids], st.tile[st.vis_ids]  # (V_cur,) in own tile
         if m == "fastv":
             return topk_select(attn, keep)
         if m in ("pore", "posprune-pbc", "posprune"):
             entry = spec.entry
-            x = token_positions(n_cur, entry["domain"], n_visual=st.n_visual, positions=st.vis_ids)
+            # position = place along the visual run (separators counted), as the fit places stored tokens
+            x = token_positions(n_cur, entry["domain"], n_visual=st.n_all, positions=st.run_index[st.vis_ids])
             bias = predict_bias(entry["fit"], x)  # (V_cur,) float64
             score = attn.double() / bias if m == "pore" else attn.double() - bias
             if m != "posprune":
@@ -455,22 +464,30 @@ class Pruner:
         if m == "adaptprune":
             score = attn.float()
             if spec.params["gaussian"]:
-                score = score * self._gaussian(rows, cols, st.grid)
+                score = score * self._gaussian(rows, cols, tile, st.tiles)
             keys = st.k[i][0].index_select(0, st.vis_local.to(st.k[i].device)).cpu()  # (V_cur, Hkv*D)
             picks = soft_nms_select(score, rows, cols, keys, keep, sigma_d=float(spec.params["sigma_d"]),
                                     sigma_s=float(spec.params["sigma_s"]), window=int(spec.params["window"]),
-                                    radius=spec.params["radius"])
+                                    radius=spec.params["radius"], groups=tile if len(st.tiles) > 1 else None)
             return torch.sort(picks).values
         raise PosbiasError(f"unknown pruning method {m!r}")  # pragma: no cover - resolve_method guards
 
-    def _gaussian(self, rows: torch.Tensor, cols: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def _gaussian(self, rows: torch.Tensor, cols: torch.Tensor, tile: torch.Tensor,
+                  tiles: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """AdaptPrune's centre weight of each token on its own tile's grid (each tile has its own centre)."""
         entry = self.spec.entry
         mask = entry.get("mask")
-        if mask is not None and entry.get("grid") is not None and list(entry["grid"]) == list(grid) \
-                and self.spec.params.get("gaussian_sigma") is None:
+        if len(tiles) == 1 and mask is not None and entry.get("grid") is not None \
+                and list(entry["grid"]) == list(tiles[0]) and self.spec.params.get("gaussian_sigma") is None:
             full = torch.tensor(mask, dtype=torch.float32)  # (R*C,) raster
-            return full[rows * grid[1] + cols]
-        return gaussian_centre_weight(rows, cols, grid, float(self.spec.params["gaussian_sigma_value"]))
+            return full[rows * tiles[0][1] + cols]
+        sigma = float(self.spec.params["gaussian_sigma_value"])
+        out = torch.empty(rows.shape[0], dtype=torch.float32)
+        for t, grid in enumerate(tiles):
+            sel = tile == t
+            if bool(sel.any()):
+                out[sel] = gaussian_centre_weight(rows[sel], cols[sel], grid, sigma).float()  # kernel
+        return out
 
 
 def enable_pruning(
@@ -487,12 +504,14 @@ def enable_pruning(
     force: bool = False,
     k: int | None = None,
 ) -> Pruner:
-    """Make a LLaVA or Qwen2.5-VL model drop visual tokens during prefill.
+    """Make a VLM drop visual tokens during prefill.
 
     Parameters
     ----------
     model : transformers model or posbias adapter
-        ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` (sdpa or eager).
+        A model of a registered architecture (:func:`posbias.models.registry.supported_model_types`:
+        ``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+        ``Qwen2_5_VLForConditionalGeneration``, ...), sdpa or eager attention.
     calibration : Calibration, optional
         Needed by every method but ``fastv``; its fingerprint must equal the model's.
     method : {"fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp"}, optional
@@ -526,8 +545,8 @@ def enable_pruning(
         Already enabled; use it as a context manager or call ``disable()``.
     """
     model = unwrap_model(model)
-    model_kind(model)
+    arch = architecture_of(model)  # one-line error for an unsupported architecture, before anything else
     spec = resolve_method(model, calibration, method=method, keep=keep, ratio=ratio, layer=layer,
                           params=params, schedule=schedule, check_fingerprint=check_fingerprint, k=k)
     check_entry_quality(calibration, spec.method, params=spec.params, force=force)  # the resolved parameters
-    return Pruner(model, spec).enable()
+    return Pruner(model, spec, arch).enable()

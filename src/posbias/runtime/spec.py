@@ -55,17 +55,24 @@ CALIBRATION_ENTRY: dict[str, str | None] = {
 
 
 def n_decoder_layers(model: Any) -> int:
-    """Decoder layers of a LLaVA / Qwen2.5-VL transformers model."""
-    return len(model.model.language_model.layers)
+    """Decoder layers of a transformers VLM (its architecture's answer)."""
+    from posbias.models.registry import architecture_of
+
+    return architecture_of(model).n_layers
+
+
+def _fixed_grid(model: Any) -> tuple[int, int] | None:
+    """The token grid when the architecture fixes it (LLaVA: (image/patch) squared), else None."""
+    from posbias.models.registry import architecture_of
+
+    return architecture_of(model).fixed_grid()
 
 
 def _fixed_visual_count(model: Any) -> int | None:
     """Visual tokens per prompt when the architecture fixes it (LLaVA: (image/patch)^2), else None."""
-    if getattr(model.config, "model_type", None) != "llava":
-        return None
-    vc = model.config.vision_config
-    side = int(vc.image_size) // int(vc.patch_size)
-    return side * side
+    from posbias.models.registry import architecture_of
+
+    return architecture_of(model).fixed_visual_count()
 
 
 @dataclass
@@ -284,14 +291,15 @@ def resolve_method(
         lam = values["mmr_lambda"]
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
             raise PosbiasError(f"mmr_lambda={lam!r} must be a number in [0, 1] (seed: 0.9)")
-        if values["arp"] and getattr(model.config, "model_type", None) == "llava":
-            # the vision side's quota is fixed for LLaVA's grid: check keep fits after ARP now
+        fixed_grid = _fixed_grid(model) if values["arp"] else None
+        if fixed_grid is not None:
+            # the vision side's quota is fixed when the architecture fixes the grid (LLaVA): check keep fits after ARP now
             from posbias.runtime.methods import arp_quota
             import torch
 
-            side = int(model.config.vision_config.image_size) // int(model.config.vision_config.patch_size)
-            ids = torch.arange(side * side)
-            _, quota = arp_quota(ids // side, ids % side, (side, side), blocks=int(values["arp_blocks"]),
+            side_r, side_c = fixed_grid
+            ids = torch.arange(side_r * side_c)
+            _, quota = arp_quota(ids // side_c, ids % side_c, (side_r, side_c), blocks=int(values["arp_blocks"]),
                                  centre_ratio=float(values["arp_centre_ratio"]), edge_ratio=float(values["arp_edge_ratio"]))
             after = int(quota.sum())
             if keep is not None and keep > after:
