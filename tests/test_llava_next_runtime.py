@@ -37,22 +37,19 @@ def test_keep_all_grid_tokens_reproduces_generate(nxt):
     ad, inputs, layout, cal = nxt
     n_grid = layout.n_visual - int(layout.separator.sum())
 
-    def gen():
-        with torch.no_grad():
-            out = ad.model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
-                                    return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.logits)
-
-    ref_seq, ref_logits = gen()
+    greedy = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = ad.model.generate(**inputs, **greedy)
     for method in METHODS_CAL:
-        with rt.enable_pruning(ad.model, cal, method=method, keep=n_grid, layer=1) as p:
-            seq, logits = gen()
-        assert p.last.kept.tolist() == list(range(layout.n_visual)), method
-        assert torch.equal(seq, ref_seq), method
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        with rt.enable_pruning(ad.model, cal, method=method, keep=n_grid, layer=1) as p, torch.no_grad():
+            out = ad.model.generate(**inputs, **greedy)
+        assert p.last.kept.tolist() == list(range(layout.n_visual)), method  # separators included
+        assert torch.equal(out.sequences, ref.sequences), method
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
     with rt.enable_pruning(ad.model, cal, method="utp", schedule=[layout.n_visual] * ad.n_layers) as p:
-        seq, _ = gen()
-    assert torch.equal(seq, ref_seq) and p.last.stages == []
+        with torch.no_grad():
+            seq = ad.model.generate(**inputs, **greedy).sequences
+    assert torch.equal(seq, ref.sequences) and p.last.stages == []
     # the budget counts grid tokens: one more than there are is refused before any compute
     with pytest.raises(PosbiasError, match=str(n_grid)):
         with rt.enable_pruning(ad.model, cal, method="fastv", keep=n_grid + 1):
