@@ -198,3 +198,45 @@ def test_pruner_scores_the_stored_attention_row(nxt, tmp_path):
         np.testing.assert_allclose(row, stored[grid_tok, layer], atol=1e-5, rtol=0)
         top = np.flatnonzero(grid_tok)[np.sort(np.argsort(-stored[grid_tok, layer], kind="stable")[:6])]
         np.testing.assert_array_equal(np.setdiff1d(p.last.kept.numpy(), np.flatnonzero(~grid_tok)), top)
+
+
+@pytest.mark.filterwarnings("ignore::posbias.runtime.quality.CalibrationQualityWarning")  # 3 samples: weak fits
+def test_every_stage_end_to_end(tmp_path, capsys, nxt):
+    """profile (all signals) -> fit -> utr -> solve -> every method from the calibration -> evaluate (with the
+    position probe's geometry) on tiny-llava-next."""
+    from posbias.artifacts.calibration import Calibration
+    from posbias.cli import main
+    from posbias.evaluate import EvaluationConfig, evaluate
+    from posbias.profiler.store import ProfileStore
+
+    run = tmp_path / "run"
+    assert main(["profile", "--model", "tiny-llava-next", "--n", "3", "--out", str(run), "--no-progress",
+                 "--signals", "all"]) == 0, capsys.readouterr().err
+    store, cal_path = run / "profile.h5", run / "cal.json"
+    assert main(["fit", "--store", str(store), "--out", str(cal_path)]) == 0, capsys.readouterr().err
+    assert main(["utr", "--store", str(store), "--no-progress"]) == 0, capsys.readouterr().err
+    assert main(["solve", "--store", str(store), "--ratios", "2", "--into", str(cal_path)]) == 0
+    out = capsys.readouterr().out
+    assert "status=optimal" in out
+    cal = Calibration.load(cal_path)
+    ad = nxt[0]
+    assert cal.model["adapter"] == "llava_next" and cal.model["fingerprint"] == ad.fingerprint()
+    with ProfileStore(store) as view:
+        n_visual = int(view.n_visual[0])  # the solved UTP schedule is for this sample's token count
+        sid = view.sample_ids[0]
+    from posbias.data.registry import iter_samples, resolve_sources
+
+    item = next(s for s in iter_samples(resolve_sources(["embedded"]), n=3, seed=0) if s.id == sid)
+    inputs = ad.prepare(item.image, item.question)
+    layout = ad.layout(inputs)
+    assert layout.n_visual == n_visual
+    for method in ("fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp"):
+        with rt.enable_pruning(ad.model, cal, method=method, keep=4, force=True) as p:
+            _logits(ad.model, inputs)
+        kept = p.last.kept
+        assert bool((kept[1:] > kept[:-1]).all()) and int(kept.max()) < n_visual, method
+        assert set(_sep_index(layout)) <= set(kept.tolist()), method
+    cfg = EvaluationConfig(methods=["fastv", "posprune-pbc", "adaptprune"], keeps=[10], n=2, max_new_tokens=2)
+    doc = evaluate(ad, cal, cfg, calibration_path=cal_path)
+    assert {r["method"] for r in doc["results"]} == {"fastv", "posprune-pbc", "adaptprune"}
+    assert all(0.0 < r["flops_ratio"] < 1.0 and r["kl_mean"] >= 0.0 for r in doc["results"])
