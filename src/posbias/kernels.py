@@ -287,13 +287,17 @@ def vision_record(kind: str, query: Any, key: Any, scaling: float, bounds: list[
     """One module's (N,) vision-importance record from its queries and keys (H, N, D), as the profiler stores
     it and the pruner's ARP uses it.
 
-    ``kind`` is the architecture's :attr:`~posbias.models.base.Architecture.vision_importance_kind`; for
-    ``"colmean"`` each block of ``bounds`` (independent images) gets its own column mean.
+    ``kind`` is the architecture's :attr:`~posbias.models.base.Architecture.vision_importance_kind`; each
+    block of ``bounds`` (independent images or crops) gets its own record: its own column mean
+    (``"colmean"``), or the row of its own first token, its [CLS] (``"cls"``, LLaVA-NeXT's crops).
     """
     import torch
 
     if kind == "cls":
-        return cls_attention_row(query, key, scaling)  # (N,)
+        if not bounds or len(bounds) == 2:
+            return cls_attention_row(query, key, scaling)  # (N,)
+        return torch.cat([cls_attention_row(query[:, a:b], key[:, a:b], scaling)
+                          for a, b in zip(bounds[:-1], bounds[1:]) if b > a])  # (N,) one row per block
     if kind == "colmean":
         n = int(key.shape[1])
         bounds = bounds or [0, n]

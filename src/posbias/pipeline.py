@@ -553,7 +553,7 @@ class FitResult:
 
 def _read_fit_data(store_path: Path, config: FitConfig) -> tuple[FitData, dict[str, Any]]:
     """(the fit data of a store, what the calibration records about the store and model)."""
-    from posbias.fitters.curves import centred_coords
+    from posbias.fitters.curves import centred_coords, token_geometry
     from posbias.profiler.store import ProfileStore
 
     with ProfileStore(store_path) as store:
@@ -569,7 +569,8 @@ def _read_fit_data(store_path: Path, config: FitConfig) -> tuple[FitData, dict[s
         if store.n_samples < 2:
             raise PosbiasError(f"store {store_path} holds {store.n_samples} sample(s); fitting needs at least 2: profile more samples")
         grids = np.asarray(store.grids)  # (S, 2)
-        fixed_grid = bool(np.all(grids == grids[0]))
+        multi_tile = bool(store.multi_tile)  # any-resolution layouts (LLaVA-NeXT, InternVL): no one raster grid
+        fixed_grid = bool(np.all(grids == grids[0])) and not multi_tile
         domain = ("index" if fixed_grid else "normalized") if config.domain == "auto" else config.domain
         if domain == "index" and not fixed_grid:
             raise PosbiasError(f"store {store_path} mixes visual grids; the raster-index domain needs one grid: use domain='normalized'")
@@ -577,7 +578,11 @@ def _read_fit_data(store_path: Path, config: FitConfig) -> tuple[FitData, dict[s
         attn = store.layers(used_layers)  # (T, k) float32
         cols = {layer: j for j, layer in enumerate(used_layers)}
         token_sample = store.token_sample()  # (T,)
-        token_index = store.token_index()  # (T,)
+        token_index, tok_grid, cand = token_geometry(store)  # (T,), (T, 2), (T,)
+        tok_rows, tok_cols = np.asarray(store.rows), np.asarray(store.cols)  # (T,) each
+        if not cand.all():  # separators (any-resolution layouts) are never pruning candidates: not fitted
+            attn, token_sample, token_index = attn[cand], token_sample[cand], token_index[cand]
+            tok_rows, tok_cols, tok_grid = tok_rows[cand], tok_cols[cand], tok_grid[cand]
         token_n = np.asarray(store.n_visual)[token_sample]  # (T,)
         # a sample with any non-finite value in the layers used is excluded whole (fp16 overflow)
         bad_token = ~np.all(np.isfinite(attn), axis=1)  # (T,)
@@ -589,8 +594,7 @@ def _read_fit_data(store_path: Path, config: FitConfig) -> tuple[FitData, dict[s
                 f"store {store_path}: {n_excluded} of {store.n_samples} samples have NaN/inf attention at layers "
                 f"{used_layers}; re-profile in float32"
             )
-        tok_grid = grids[token_sample]  # (T, 2)
-        u_all, v_all = centred_coords(store.rows, store.cols, tok_grid[:, 0], tok_grid[:, 1])  # (T,) each
+        u_all, v_all = centred_coords(tok_rows, tok_cols, tok_grid[:, 0], tok_grid[:, 1])  # (T,) each, own tile
         data = FitData(
             config=config, store_path=store_path, shallow=shallow, deep=deep, pore=pore, domain=domain,
             fixed_grid=fixed_grid, grid=[int(grids[0, 0]), int(grids[0, 1])] if fixed_grid else None,

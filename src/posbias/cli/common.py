@@ -60,9 +60,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default="demo-llava",
-        help="model alias (demo-llava, demo-qwen2.5-vl, demo-qwen2-vl, llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-3b, "
-        "qwen2.5-vl-7b, qwen2-vl-2b, qwen2-vl-7b, tiny-llava, tiny-qwen2.5-vl, tiny-qwen2-vl), a Hugging Face hub id, "
-        "or a local checkpoint folder",
+        help="model alias (demo-llava, demo-llava-next, demo-qwen2.5-vl, demo-qwen2-vl, llava-1.5-7b, llava-1.5-13b, "
+        "llava-v1.6-vicuna-7b, llava-v1.6-mistral-7b, qwen2.5-vl-3b, qwen2.5-vl-7b, qwen2-vl-2b, qwen2-vl-7b, "
+        "tiny-llava, tiny-llava-next, tiny-qwen2.5-vl, tiny-qwen2-vl), a Hugging Face hub id, or a local checkpoint "
+        "folder",
     )
     g.add_argument("--device", default="cpu", help="torch device to run the model on (cpu, cuda, cuda:1, ...)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights dtype")

@@ -59,12 +59,13 @@ def probe_canvases(canvas: int, patch: int, steps: int, *, background: int = 128
     return out
 
 
-def patch_tokens(rows: np.ndarray, cols: np.ndarray, grid: tuple[int, int], box: tuple[int, int, int, int],
+def patch_tokens(rows: np.ndarray, cols: np.ndarray, grid: tuple[Any, Any], box: tuple[int, int, int, int],
                  canvas: int) -> np.ndarray:
     """(V,) bool: visual tokens whose cell centre lies inside the pixel ``box`` (x0, y0, x1, y1) of the canvas.
 
     The grid covers the whole canvas (LLaVA's 336 px square maps to its 24 x 24 grid; Qwen2.5-VL resizes the
-    canvas as a whole).
+    canvas as a whole; each LLaVA-NeXT tile covers a square canvas whole). ``grid`` is (rows, cols), ints or
+    (V,) arrays (each token's own tile grid).
     """
     cy = (rows.astype(np.float64) + 0.5) / grid[0] * canvas  # (V,)
     cx = (cols.astype(np.float64) + 0.5) / grid[1] * canvas  # (V,)
@@ -103,13 +104,16 @@ def position_probe(adapter: Any, calibration: Any, methods: list[str], keeps: li
     for img, (x, y) in canvases:
         inputs = adapter.prepare(img, question)
         lay = adapter.layout(inputs)
-        mask = patch_tokens(lay.rows, lay.cols, lay.grid, (x, y, x + patch, y + patch), size)  # (V,)
+        grids = np.asarray(lay.tiles, dtype=np.int64)[lay.tile]  # (V, 2) each token's tile grid (tiles span the canvas)
+        mask = patch_tokens(lay.rows, lay.cols, (grids[:, 0], grids[:, 1]), (x, y, x + patch, y + patch), size)
+        mask &= ~lay.separator  # (V,) separators (LLaVA-NeXT's newlines) cover no pixels
         if not mask.any():
             raise PosbiasError(f"probe: the patch at ({x}, {y}) covers no visual token; use a larger patch")
-        raster = lay.rows.astype(np.int64) * lay.grid[1] + lay.cols.astype(np.int64)  # (V,)
-        positions.append({"x": x, "y": y, "tokens": int(mask.sum()), "mean_index": float(raster[mask].mean())})
+        order = np.arange(lay.n_visual, dtype=np.int64)  # (V,) place along the visual run (= raster for one grid)
+        positions.append({"x": x, "y": y, "tokens": int(mask.sum()), "mean_index": float(order[mask].mean())})
         masks.append(mask)
         inputs_list.append(inputs)
+        n_sep = int(lay.separator.sum())  # the budget is over the grid tokens; separators are always kept
     results = []
     order = np.asarray([p["mean_index"] for p in positions])  # (P,)
     for m in methods:
@@ -129,7 +133,7 @@ def position_probe(adapter: Any, calibration: Any, methods: list[str], keeps: li
                 rho = float(spearmanr(order, f).statistic)
             results.append({"method": m, "keep": int(k), "fraction": [float(v) for v in f],
                             "spread": float(np.ptp(f)), "spearman": rho,
-                            "uniform": float(k) / float(masks[0].size)})
+                            "uniform": float(k) / float(masks[0].size - int(n_sep))})
     return {"question": question, "canvas": size, "patch": patch, "steps": int(steps), "background": 128,
             "content": "skimage.data.astronaut crop [20:276, 120:376]", "positions": positions, "results": results}
 

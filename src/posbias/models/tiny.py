@@ -1,6 +1,6 @@
-"""Tiny random LLaVA, Qwen2.5-VL and Qwen2-VL models for tests.
+"""Tiny random LLaVA, LLaVA-NeXT, Qwen2.5-VL and Qwen2-VL models for tests.
 
-These are the REAL transformers classes (``LlavaForConditionalGeneration``,
+These are the REAL transformers classes (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``) with tiny configs and
 seeded random weights, plus a small word-level tokenizer built in code with the ``tokenizers`` library (about 150 words, the special tokens
 of both architectures, ``<unk>`` for anything else), so they build offline in well under a second.
@@ -8,6 +8,9 @@ Their outputs mean nothing; their shapes, masks and positions follow the real mo
 
 - ``tiny_llava``: CLIP vision 56x56 px, patch 14 -> 4x4 = 16 visual tokens (+[CLS], dropped),
   Llama decoder 3 layers, 4 heads / 2 KV heads, hidden 64.
+- ``tiny_llava_next``: the same CLIP tower and decoder as ``tiny_llava`` in LLaVA-NeXT, crops of 56 px,
+  ``image_grid_pinpoints`` = LLaVA-1.6's pattern at 1/6 scale (1x2, 2x1, 2x2, 1x3, 3x1 crops): a 100x150
+  image gives the 4x4 base grid + a 6x8 unpadded raster with 6 newlines = 70 visual tokens.
 - ``tiny_qwen2_5_vl``: Qwen2.5-VL vision 2 blocks (block 0 windowed, block 1 full attention), patch 14,
   merge 2, pixel limits 56*56 .. 112*168 (a 100x150 image gives a 4x5 merged grid); decoder 3 layers,
   4 heads / 2 KV heads, hidden 64, M-RoPE sections [2, 3, 3].
@@ -20,11 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "tiny_tokenizer", "tiny_llava", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "TINY_QWEN_MIN_PIXELS",
+    "tiny_tokenizer", "tiny_llava", "tiny_llava_next", "TINY_LLAVA_NEXT_PINPOINTS", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "TINY_QWEN_MIN_PIXELS",
     "TINY_QWEN_MAX_PIXELS",
 ]
 
 TINY_QWEN_MIN_PIXELS = 56 * 56
+#: (height, width) resolutions of tiny LLaVA-NeXT: LLaVA-1.6's [[336, 672], [672, 336], [672, 672], [1008, 336],
+#: [336, 1008]] divided by 6
+TINY_LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 TINY_QWEN_MAX_PIXELS = 112 * 168
 
 _SPECIALS = [
@@ -70,27 +76,10 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_llava(seed: int = 0) -> Any:
-    """A ready :class:`~posbias.models.llava.LlavaAdapter` around a tiny random LLaVA (fp32, CPU).
+def _tiny_clip_llama(tokenizer: Any) -> tuple[Any, Any]:
+    """The tiny CLIP vision config (56 px, patch 14, 2 layers) and Llama decoder config (3 layers) of the LLaVAs."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    Parameters
-    ----------
-    seed : int
-        ``torch.manual_seed`` for the random weights (same seed, same weights).
-    """
-    import torch
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    from posbias.models.llava import LlavaAdapter
-
-    tokenizer = tiny_tokenizer()
     vision = CLIPVisionConfig(
         image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, projection_dim=32,
@@ -101,6 +90,24 @@ def tiny_llava(seed: int = 0) -> Any:
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    return vision, text
+
+
+def tiny_llava(seed: int = 0) -> Any:
+    """A ready :class:`~posbias.models.llava.LlavaAdapter` around a tiny random LLaVA (fp32, CPU).
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` for the random weights (same seed, same weights).
+    """
+    import torch
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from posbias.models.llava import LlavaAdapter
+
+    tokenizer = tiny_tokenizer()
+    vision, text = _tiny_clip_llama(tokenizer)
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
@@ -113,6 +120,44 @@ def tiny_llava(seed: int = 0) -> Any:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     return LlavaAdapter(model, processor, model_id="tiny-llava", revision=None)
+
+
+def tiny_llava_next(seed: int = 0) -> Any:
+    """A ready :class:`~posbias.models.llava_next.LlavaNextAdapter` around a tiny random LLaVA-NeXT.
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` for the random weights.
+    """
+    import torch
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from posbias.models.llava_next import LlavaNextAdapter
+
+    tokenizer = tiny_tokenizer()
+    vision, text = _tiny_clip_llama(tokenizer)
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
+        image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        image_grid_pinpoints=TINY_LLAVA_NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    return LlavaNextAdapter(model, processor, model_id="tiny-llava-next", revision=None)
 
 
 def _qwen_text_config(tokenizer: Any) -> dict[str, Any]:

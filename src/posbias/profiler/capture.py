@@ -402,6 +402,9 @@ class VisionAttentionCapture(_AttentionSwap):
     - ``"colmean"`` (Qwen2.5-VL): the mean attention each key receives over all queries and heads,
       computed in chunks of query rows (:func:`posbias.profiler.signals.attention_column_mean`): (N,).
 
+    When the tower's batch holds several crops of one image (LLaVA-NeXT), each crop gets its own record and
+    the records are concatenated: (B * N,).
+
     Parameters
     ----------
     adapter : ModelAdapter
@@ -464,6 +467,12 @@ class VisionAttentionCapture(_AttentionSwap):
             with torch.no_grad():
                 if attention_mask is not None:
                     raise PosbiasError("vision_importance expects an unmasked vision tower (one image, no padding)")
+                q, k, bounds = query[0], key[0], None  # (H, N, D) one image
+                if query.shape[0] > 1:  # the tower's batch = independent crops of one image (LLaVA-NeXT)
+                    n = int(key.shape[2])
+                    q = query.transpose(0, 1).reshape(query.shape[1], -1, query.shape[-1])  # (H, B*N, D)
+                    k = key.transpose(0, 1).reshape(key.shape[1], -1, key.shape[-1])  # (H, B*N, D)
+                    bounds = list(range(0, int(key.shape[0]) * n + 1, n))
                 self._records[slot] = kernels.vision_record(
-                    self.kind, query[0], key[0], _scaling(module, query, scaling)
-                )  # (N,)
+                    self.kind, q, k, _scaling(module, query, scaling), bounds
+                )  # (N,) or (B*N,): one record per crop, concatenated

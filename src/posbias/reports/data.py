@@ -310,7 +310,7 @@ def collect(
     import time
 
     from posbias.artifacts import Calibration
-    from posbias.fitters.curves import centred_coords
+    from posbias.fitters.curves import centred_coords, token_geometry
     from posbias.profiler.store import ProfileStore
 
     t0 = time.perf_counter()
@@ -339,13 +339,14 @@ def collect(
                 )
         grids = np.asarray(store.grids, dtype=np.int32)  # (S, 2)
         n_visual = np.asarray(store.n_visual, dtype=np.int64)  # (S,)
-        fixed = bool(np.all(grids == grids[0]))
+        multi_tile = bool(store.multi_tile)
+        fixed = bool(np.all(grids == grids[0])) and not multi_tile
         if domain is None:
             domain = "index" if fixed else "normalized"
         if domain == "index" and not fixed:
             domain = "normalized"
         token_sample = store.token_sample()  # (T,)
-        token_index = store.token_index()  # (T,)
+        token_index, tok_grid_all, candidate = token_geometry(store)  # (T,), (T, 2), (T,): separators not shown
         rows = np.asarray(store.rows, dtype=np.int64)  # (T,)
         cols = np.asarray(store.cols, dtype=np.int64)  # (T,)
         t1 = time.perf_counter()
@@ -367,7 +368,7 @@ def collect(
     bad_tok = ~np.all(np.isfinite(attn[:, used]), axis=1)  # (T,)
     ok_sample = np.ones(n_samples, dtype=bool)  # (S,)
     ok_sample[token_sample[bad_tok]] = False
-    ok_tok = ok_sample[token_sample]  # (T,)
+    ok_tok = ok_sample[token_sample] & candidate  # (T,)
 
     # ---------------------------------------------------------------- position columns
     if domain == "index":
@@ -425,7 +426,7 @@ def collect(
         cell = rows * map_shape[1] + cols  # (T,)
     else:
         map_shape = (MAP_BINS, MAP_BINS)
-        tok_grid = grids[token_sample].astype(np.int64)  # (T, 2)
+        tok_grid = tok_grid_all  # (T, 2) each token's own grid (its tile's)
         br = np.clip(((rows + 0.5) / tok_grid[:, 0] * MAP_BINS).astype(np.int64), 0, MAP_BINS - 1)  # (T,)
         bc = np.clip(((cols + 0.5) / tok_grid[:, 1] * MAP_BINS).astype(np.int64), 0, MAP_BINS - 1)  # (T,)
         cell = br * MAP_BINS + bc  # (T,)
@@ -442,7 +443,6 @@ def collect(
 
     maps: dict[str, np.ndarray] = {}
     units: dict[str, str] = {}
-    tok_grid_all = grids[token_sample]  # (T, 2)
     u_tok, v_tok = centred_coords(rows, cols, tok_grid_all[:, 0], tok_grid_all[:, 1])  # (T,) each
     from posbias.fitters import fitter_from_dict
 
@@ -504,7 +504,10 @@ def collect(
     # ---------------------------------------------------------------- pictures
     picked: list[PickedSample] = []
     pa_full = pa[:, shallow] if has_pa else None  # (T,)
-    for i in _pick_samples(sample_ids, ok_sample, n_pictures):
+    if multi_tile:
+        missing.append(("pictures of the kept tokens on multi-tile images (LLaVA-NeXT)",
+                        "not drawn for any-resolution layouts yet; the curves and maps cover every tile"))
+    for i in _pick_samples(sample_ids, ok_sample, n_pictures) if not multi_tile else []:
         lo = int(np.sum(n_visual[:i]))
         hi = lo + int(n_visual[i])
         picked.append(
@@ -522,7 +525,7 @@ def collect(
             if sid and sid not in store_ids and sid not in ev_ids:
                 ev_ids.append(sid)
         grid = cal_doc["model"].get("grid")
-        for sid in ev_ids[: max(0, n_pictures - 1)] if grid else []:
+        for sid in ev_ids[: max(0, n_pictures - 1)] if grid and not multi_tile else []:
             picked.append(PickedSample(index=-1, id=sid, source=sid.partition(":")[0], question="",
                                        grid=(int(grid[0]), int(grid[1])), attn=None))
 

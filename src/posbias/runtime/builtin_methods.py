@@ -48,7 +48,8 @@ def _fastv_layer(calibration: Any, entry: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------------------------------- scores
 def _bias(s: Selection) -> torch.Tensor:
     """(V_cur,) float64 fitted positional bias of the alive tokens (the entry's curve at their positions)."""
-    x = token_positions(s.n_alive, s.entry["domain"], n_visual=s.n_visual, positions=s.ids)
+    # position = place along the visual run (separators counted), as the fit places stored tokens
+    x = token_positions(s.n_alive, s.entry["domain"], n_visual=s.n_run, positions=s.run_index)
     return predict_bias(s.entry["fit"], x)
 
 
@@ -88,14 +89,23 @@ def _posprune_check(r: Resolving) -> None:
 
 # ---------------------------------------------------------------------------------------------- AdaptPrune
 def _centre_weight(s: Selection) -> torch.Tensor:
-    """(V_cur,) Gaussian centre weight: the calibration's fitted mask on its own grid, else w(u, v) with sigma."""
-    rows, cols, grid = s.rows, s.cols, s.grid
+    """(V_cur,) Gaussian centre weight of each token on its own tile's grid (each tile has its own centre): the
+    calibration's fitted mask on its own grid for one-tile layouts, else w(u, v) with sigma."""
+    rows, cols, tiles = s.rows, s.cols, s.tiles
     mask = s.entry.get("mask")
-    if mask is not None and s.entry.get("grid") is not None and list(s.entry["grid"]) == list(grid) \
-            and s.params.get("gaussian_sigma") is None:
+    if len(tiles) == 1 and mask is not None and s.entry.get("grid") is not None \
+            and list(s.entry["grid"]) == list(tiles[0]) and s.params.get("gaussian_sigma") is None:
         full = torch.tensor(mask, dtype=torch.float32)  # (R*C,) raster
-        return full[rows * grid[1] + cols]
-    return gaussian_centre_weight(rows, cols, grid, float(s.params["gaussian_sigma_value"]))
+        return full[rows * tiles[0][1] + cols]
+    sigma = float(s.params["gaussian_sigma_value"])
+    if len(tiles) == 1:
+        return gaussian_centre_weight(rows, cols, tiles[0], sigma)
+    out = torch.empty(rows.shape[0], dtype=torch.float32)
+    for t, grid in enumerate(tiles):
+        here = s.tile == t
+        if bool(here.any()):
+            out[here] = gaussian_centre_weight(rows[here], cols[here], grid, sigma).float()  # the shared kernel
+    return out
 
 
 def _adaptprune_select(s: Selection) -> torch.Tensor:
@@ -103,8 +113,10 @@ def _adaptprune_select(s: Selection) -> torch.Tensor:
     if s.params["gaussian"]:
         score = score * _centre_weight(s)
     p = s.params
+    # windows never cross a tile boundary: suppression acts within each tile only
     picks = soft_nms_select(score, s.rows, s.cols, s.keys(), s.keep, sigma_d=float(p["sigma_d"]),
-                            sigma_s=float(p["sigma_s"]), window=int(p["window"]), radius=p["radius"])
+                            sigma_s=float(p["sigma_s"]), window=int(p["window"]), radius=p["radius"],
+                            groups=s.tile if len(s.tiles) > 1 else None)
     return torch.sort(picks).values
 
 
@@ -129,8 +141,9 @@ def _adaptprune_check(r: Resolving) -> None:
 # ---------------------------------------------------------------------------------------------- UTP
 def _utp_select(s: Selection) -> torch.Tensor | None:
     schedule = s.spec.schedule
-    target = schedule[s.layer + 1] if s.layer + 1 < len(schedule) else s.n_alive
-    target = min(int(target), s.n_alive)
+    # the schedule counts every visual token; separators are always among the kept ones
+    target = schedule[s.layer + 1] - s.n_separators if s.layer + 1 < len(schedule) else s.n_alive
+    target = max(0, min(int(target), s.n_alive))
     if target >= s.n_alive:
         return None
     scores = s.attention(agnostic=s.layer < int(s.params["pa_layers"]))

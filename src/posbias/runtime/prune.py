@@ -103,10 +103,25 @@ class _Prefill:
     """Mutable state of one prefill pass."""
 
     def __init__(self, visual_pos: torch.Tensor, tokens: "TokenGrid", seq_len: int, positions: Any) -> None:
+        import numpy as np
+
         self.seq_len = seq_len
-        self.n_visual = int(visual_pos.shape[0])
         self.tokens = tokens  # tile / row / col of every visual token (raster id = index)
         self.grid = tokens.grid  # (rows, cols) of the first tile
+        self.n_all = int(visual_pos.shape[0])  # every visual token, separators included
+        sep = np.zeros(self.n_all, bool) if tokens.separator is None else np.asarray(tokens.separator, bool)
+        # separators (LLaVA-NeXT's image_newline) are never candidates: the pruner treats them as text tokens
+        cand = np.flatnonzero(~sep)  # (V,) candidates' index among all visual tokens
+        self.run_index = torch.from_numpy(cand.astype(np.int64))  # (V,)
+        self.sep_index = torch.from_numpy(np.flatnonzero(sep).astype(np.int64))  # (V_sep,)
+        self.n_sep = int(self.sep_index.shape[0])
+        visual_pos = visual_pos[self.run_index]
+        self.n_visual = int(visual_pos.shape[0])  # candidates
+        tile = np.zeros(self.n_all, np.int64) if tokens.tile is None else np.asarray(tokens.tile, np.int64)
+        self.rows = torch.from_numpy(np.asarray(tokens.rows, np.int64)[cand])  # (V,) row in the token's tile
+        self.cols = torch.from_numpy(np.asarray(tokens.cols, np.int64)[cand])  # (V,)
+        self.tile = torch.from_numpy(tile[cand])  # (V,)
+        self.tiles = tuple(tuple(int(x) for x in g) for g in tokens.tiles)
         self.seq_index = torch.arange(seq_len)  # (S_cur,) original positions of the alive tokens
         self.vis_local = visual_pos.clone()  # (V_cur,) positions of alive visual tokens in the current sequence
         self.vis_ids = torch.arange(self.n_visual)  # (V_cur,) raster ids of alive visual tokens
@@ -220,16 +235,18 @@ class Pruner:
             raise PosbiasError("pruning needs the image prompt prefilled from an empty cache; pass a fresh cache")
         visual_index = self.arch.visual_index(input_ids)  # (V,) int64
         tokens = self.arch.token_grid({**kwargs, "input_ids": input_ids}, visual_index)
-        self.spec.check_budget(int(visual_index.shape[0]))  # one-line error before the vision tower runs
-        self._state = _Prefill(torch.from_numpy(visual_index), tokens, int(input_ids.shape[1]), None)
+        st = _Prefill(torch.from_numpy(visual_index), tokens, int(input_ids.shape[1]), None)
+        # one-line error before the vision tower runs; keep counts grid tokens, a UTP schedule every visual token
+        self.spec.check_budget(st.n_all if self.spec.method == "utp" else st.n_visual)
+        self._state = st
 
     def _model_post(self, module: Any, args: tuple, output: Any) -> None:
         st = self._state
         if st is not None:
             self.last = PruneRecord(
-                n_visual=st.n_visual,
+                n_visual=st.n_all,
                 seq_len=st.seq_len,
-                kept=st.vis_ids.clone(),
+                kept=torch.sort(torch.cat([st.run_index[st.vis_ids], st.sep_index])).values,
                 stages=list(st.stages),
                 tokens_per_layer=list(st.tokens_per_layer),
                 select_ms=1000.0 * st.select_s,
@@ -351,14 +368,21 @@ class Pruner:
         st = self._state
         assert st is not None and self._vision is not None
         imp = self._vision.importance
-        if imp is None or imp.shape[0] != st.n_visual:
+        if imp is None or imp.shape[0] != st.n_all:
             raise RuntimeError("ARP saw no vision importance for this prompt; the vision hooks did not fire")
         st.importance = imp.detach().float().cpu()
         t0 = time.perf_counter()
-        rows, cols = st.vis_ids // st.grid[1], st.vis_ids % st.grid[1]
         p = self.spec.params
-        kept = arp_select(imp.float().cpu(), rows, cols, st.grid, blocks=int(p["arp_blocks"]),
-                          centre_ratio=float(p["arp_centre_ratio"]), edge_ratio=float(p["arp_edge_ratio"]))
+        imp = st.importance[st.run_index]  # (V,) the grid tokens'
+        parts = []
+        for t, grid in enumerate(st.tiles):  # ARP's blocks on each tile's own grid: never across tiles
+            idx = torch.nonzero(st.tile == t).flatten()  # (V_t,)
+            if idx.numel():
+                kept_t = arp_select(imp[idx], st.rows[idx], st.cols[idx], grid, blocks=int(p["arp_blocks"]),
+                                    centre_ratio=float(p["arp_centre_ratio"]),
+                                    edge_ratio=float(p["arp_edge_ratio"]))
+                parts.append(idx[kept_t])
+        kept = torch.sort(torch.cat(parts)).values
         st.select_s += time.perf_counter() - t0
         self.spec.check_budget(int(kept.shape[0]), after="ARP")
         st.stages.append((-1, int(kept.shape[0])))
@@ -406,7 +430,10 @@ class Pruner:
         st = self._state
         assert st is not None
         vis = st.vis_local
-        sel = Selection(layer=i, spec=self.spec, n_visual=st.n_visual, ids=st.vis_ids, grid=st.grid,
+        ids = st.vis_ids
+        sel = Selection(layer=i, spec=self.spec, n_visual=st.n_visual, ids=ids, grid=st.grid,
+                        rows=st.rows[ids], cols=st.cols[ids], tile=st.tile[ids], tiles=st.tiles,
+                        run_index=st.run_index[ids], n_run=st.n_all, n_separators=st.n_sep,
                         attention=lambda agnostic=False: self._attention_row(i, agnostic=agnostic),
                         features=lambda: hidden[0].index_select(0, vis.to(hidden.device)).cpu(),  # (V_cur, D)
                         keys=lambda: st.k[i][0].index_select(0, vis.to(st.k[i].device)).cpu())  # (V_cur, Hkv*D)

@@ -82,6 +82,13 @@ class Resolving:
     schedule: list[int] | None = None
 
 
+def torch_zeros_like(ids: Any) -> Any:
+    """Zeros shaped like ``ids`` (torch is imported with the first selection, not with this module)."""
+    import torch
+
+    return torch.zeros_like(ids)
+
+
 class Selection:
     """What a method's ``score`` / ``select`` sees after a scoring layer: the alive visual tokens of one prompt.
 
@@ -94,19 +101,39 @@ class Selection:
     n_visual : int
         Visual tokens of the prompt before any pruning.
     ids : torch.Tensor
-        (V_cur,) int64 raster ids of the alive visual tokens.
+        (V_cur,) int64 ids of the alive visual tokens among the prompt's pruning candidates (separators excluded).
     grid : (rows, cols)
-        The visual grid of the prompt.
+        The first tile's grid (the only one of one-grid layouts).
+    rows, cols, tile : torch.Tensor
+        (V_cur,) int64 row and column of each alive token in its own tile, and its tile index.
+    tiles : tuple of (rows, cols)
+        The grid of every tile (one entry for one-grid layouts).
+    run_index : torch.Tensor
+        (V_cur,) int64 place of each alive token along the prompt's run of visual tokens, separators counted
+        (the position the fit uses for bias curves); ``n_run`` is the length of that run.
+    n_separators : int
+        Separator tokens of the prompt (LLaVA-NeXT's newlines): never candidates, always kept.
     """
 
     def __init__(self, *, layer: int, spec: MethodSpec, n_visual: int, ids: torch.Tensor, grid: tuple[int, int],
                  attention: Callable[..., torch.Tensor], features: Callable[[], torch.Tensor] | None = None,
-                 keys: Callable[[], torch.Tensor] | None = None) -> None:
+                 keys: Callable[[], torch.Tensor] | None = None, rows: torch.Tensor | None = None,
+                 cols: torch.Tensor | None = None, tile: torch.Tensor | None = None,
+                 tiles: tuple[tuple[int, int], ...] | None = None, run_index: torch.Tensor | None = None,
+                 n_run: int | None = None, n_separators: int = 0) -> None:
         self.layer = layer
         self.spec = spec
         self.n_visual = n_visual
         self.ids = ids
         self.grid = grid
+        # one-grid layouts: raster ids give the cell; the pruner passes every field for any layout
+        self.rows = ids // grid[1] if rows is None else rows
+        self.cols = ids % grid[1] if cols is None else cols
+        self.tile = torch_zeros_like(ids) if tile is None else tile
+        self.tiles = (tuple(grid),) if tiles is None else tuple(tuple(g) for g in tiles)
+        self.run_index = ids if run_index is None else run_index
+        self.n_run = n_visual if n_run is None else int(n_run)
+        self.n_separators = int(n_separators)
         self._attention = attention
         self._features = features
         self._keys = keys
@@ -129,15 +156,6 @@ class Selection:
     def entry(self) -> dict[str, Any]:
         return self.spec.entry
 
-    @property
-    def rows(self) -> torch.Tensor:
-        """(V_cur,) int64 grid rows of the alive visual tokens."""
-        return self.ids // self.grid[1]
-
-    @property
-    def cols(self) -> torch.Tensor:
-        """(V_cur,) int64 grid columns of the alive visual tokens."""
-        return self.ids % self.grid[1]
 
     def attention(self, *, agnostic: bool = False) -> torch.Tensor:
         """(V_cur,) float32 head-mean attention of the last prompt token over the alive visual tokens at this

@@ -42,11 +42,28 @@ class VisionImportance:
     def __init__(self, arch: "Architecture") -> None:
         self.arch = arch
         self.kind = str(arch.vision_importance_kind)
-        self.importance: torch.Tensor | None = None  # (V,) float32 after a forward
+        self._importance: torch.Tensor | None = None  # (V,) float32 after a forward
+        self._pending: tuple[list[torch.Tensor], dict[str, Any]] | None = None
         self._handles: list[Any] = []
         self._slot_of: dict[int, int] = {}
         self._records: dict[int, torch.Tensor] = {}
         self._context: dict[str, Any] = {}
+
+    @property
+    def importance(self) -> torch.Tensor | None:
+        """(V,) float32 of the latest vision forward, mapped to the LLM's token order on first read (an
+        architecture may need the prompt's layout, which the pruner knows by then: LLaVA-NeXT)."""
+        if self._importance is None and self._pending is not None:
+            records, context = self._pending
+            self._pending = None
+            with torch.no_grad():
+                self._importance = self.arch.vision_importance_tokens(records, context).float()  # (V,)
+        return self._importance
+
+    @importance.setter
+    def importance(self, value: torch.Tensor | None) -> None:
+        self._importance = value
+        self._pending = None
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -87,8 +104,8 @@ class VisionImportance:
     def _tower_post(self, module: Any, args: tuple, output: Any) -> None:
         if len(self._records) != len(self._slot_of):
             return  # not a full vision forward (nothing to map)
-        with torch.no_grad():
-            records = [self._records[i] for i in range(len(self._slot_of))]
-            self.importance = self.arch.vision_importance_tokens(records, self._context).float()  # (V,)
+        records = [self._records[i] for i in range(len(self._slot_of))]
+        self.importance = None
+        self._pending = (records, self._context)  # mapped when read (:attr:`importance`)
         self._records = {}
         self._context = {}
