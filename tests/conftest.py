@@ -117,3 +117,11 @@ def posbias_deprecations_are_errors():
 
         warnings.showwarning = show
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_adapter():
+    """Tiny random InternVL (56 px tiles -> 2x2 tokens each; a 60x130 image -> 2 crops + thumbnail); shared."""
+    from posbias.models.tiny import tiny_internvl
+
+    return tiny_internvl(seed=0)

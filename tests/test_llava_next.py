@@ -193,7 +193,7 @@ def test_llava_next_hub_aliases_fail_fast_offline(tmp_path, monkeypatch):
         with pytest.raises(ModelUnavailableError) as info:
             load_adapter(alias, cache_dir=tmp_path)
         msg = str(info.value)
-        assert "\n" not in msg and f"'{alias}' ({repo})" in msg and "--model /path/to/checkpoint" in msg
+        assert "\n" not in msg and f"'{alias}' ({repo})" in msg and "model=/path/to/checkpoint" in msg
 
 
 def test_demo_builder_wraps_the_decoder_exactly(tmp_path, make_noise_image):

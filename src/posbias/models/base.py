@@ -75,6 +75,9 @@ class VisualLayout:
     separator : np.ndarray or None
         (V,) bool, True for tokens that belong to no grid cell (LLaVA-NeXT's ``image_newline``, InternVL's
         tile boundary tokens when they share the image token id); None means no separators.
+    overview : int
+        The tile that shows the whole image (LLaVA-NeXT's base image = 0, InternVL's thumbnail = the last
+        tile); region density (PosPrune's log-det) is measured on its grid. 0 for one-tile layouts.
     """
 
     visual_index: np.ndarray
@@ -86,6 +89,7 @@ class VisualLayout:
     tile: np.ndarray | None = None
     tiles: tuple[tuple[int, int], ...] | None = None
     separator: np.ndarray | None = None
+    overview: int = 0
 
     def __post_init__(self) -> None:
         v = int(np.asarray(self.visual_index).shape[0])
@@ -123,6 +127,8 @@ class TokenGrid:
         (V,) int64 tile index per token (None: one tile).
     separator : np.ndarray or None
         (V,) bool, True for tokens in no grid cell (None: no separators).
+    overview : int
+        The tile that shows the whole image (region density is measured on its grid); 0 by default.
     """
 
     rows: np.ndarray
@@ -130,6 +136,7 @@ class TokenGrid:
     tiles: tuple[tuple[int, int], ...]
     tile: np.ndarray | None = None
     separator: np.ndarray | None = None
+    overview: int = 0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -268,7 +275,7 @@ class Architecture:
         return VisualLayout(
             visual_index=visual_index, rows=tg.rows, cols=tg.cols, grid=tg.grid,
             position_ids=self.position_ids(inputs, visual_index), seq_len=int(input_ids.shape[1]),
-            tile=tg.tile, tiles=tg.tiles, separator=tg.separator,
+            tile=tg.tile, tiles=tg.tiles, separator=tg.separator, overview=tg.overview,
         )
 
     def fixed_grid(self) -> tuple[int, int] | None:

@@ -22,6 +22,10 @@ and the architecture's position scheme, not a trained VLM.
 - demo-qwen2-vl: Qwen2-VL vision tower, patch 14, merge 2, 4 blocks all with full attention (no windows),
   width 256; the same decoder mapping and pixel limits as demo-qwen2.5-vl.
 
+- demo-internvl: InternViT vision tower, 224 px tiles, patch 14 (16x16 patches -> pixel shuffle -> 8x8 = 64
+  tokens per tile), 4 layers, hidden 256; 1 to 6 crops + thumbnail (a 512x512 photo gives 2x2 crops +
+  thumbnail = 5 tiles, 320 visual tokens); decoder = SmolLM2 as InternVL's Llama text model.
+
 The first use builds the model (about 30-40 s: GGUF de-quantisation dominates) and saves it with
 ``save_pretrained`` to ``<cache>/<name>-v<DEMO_VERSION>``; the build writes to a temporary folder and
 renames it, so a killed build never leaves a half cache. Later loads read that folder (a few seconds).
@@ -59,7 +63,7 @@ __all__ = [
 DEMO_VERSION = "1"
 #: seed of the random vision tower and projector
 DEMO_SEED = 0
-DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-llava-next", "demo-qwen2.5-vl", "demo-qwen2-vl")
+DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-llava-next", "demo-qwen2.5-vl", "demo-qwen2-vl", "demo-internvl")
 #: (height, width) resolutions of demo-llava-next: LLaVA-1.6's [[336, 672], [672, 336], [672, 672], [1008, 336],
 #: [336, 1008]] at half scale (crops of 168 px)
 LLAVA_NEXT_DEMO_PINPOINTS = [[168, 336], [336, 168], [336, 336], [504, 168], [168, 504]]
@@ -198,6 +202,39 @@ def _build_llava(causal: Any, tokenizer: Any, name: str = "demo-llava") -> tuple
     return vlm, processor
 
 
+INTERNVL_DEMO_MAX_PATCHES = 6
+
+
+def _build_internvl(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    from posbias.models.internvl import (
+        CONTEXT_IMAGE, END_IMAGE, INTERNVL_CHAT_TEMPLATE, START_IMAGE, InternVLImageTextProcessor, tokens_per_tile,
+    )
+
+    causal, tokenizer = _resized_decoder(causal, tokenizer, [START_IMAGE, END_IMAGE, CONTEXT_IMAGE])
+    text_config = causal.config.to_dict()
+    text_config.pop("quantization_config", None)
+    text_config["tie_word_embeddings"] = True
+    vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=[224, 224], patch_size=[14, 14])
+    config = InternVLConfig(vision_config=vision, text_config=text_config, downsample_ratio=0.5,
+                            image_token_id=tokenizer.convert_tokens_to_ids(CONTEXT_IMAGE), tie_word_embeddings=True)
+    config.image_seq_length = tokens_per_tile(config)
+    torch.manual_seed(DEMO_SEED)
+    vlm = InternVLForConditionalGeneration(config).eval()
+    vlm.model.language_model.load_state_dict(causal.model.state_dict(), strict=True)
+    vlm.lm_head.weight = vlm.model.language_model.embed_tokens.weight
+    _check_text_logits(vlm, causal)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 224, "width": 224}, crop_to_patches=True,
+                                               min_patches=1, max_patches=INTERNVL_DEMO_MAX_PATCHES)
+    tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
+    processor = InternVLImageTextProcessor(image_processor, tokenizer, chat_template=INTERNVL_CHAT_TEMPLATE,
+                                           image_seq_length=config.image_seq_length)
+    return vlm, processor
+
+
 def _mrope_section(config: Any) -> list[int]:
     """Qwen2.5-VL's (t, h, w) split of the rotary half-dimension, 16:24:24 -> [8, 12, 12] for head_dim 64."""
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -290,7 +327,7 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
     if (final / _MARKER).is_file():
         return final
     if decoder is None:
-        arch = {"demo-llava": "LLaVA-1.5", "demo-llava-next": "LLaVA-NeXT",
+        arch = {"demo-llava": "LLaVA-1.5", "demo-llava-next": "LLaVA-NeXT", "demo-internvl": "InternVL",
                 "demo-qwen2.5-vl": "Qwen2.5-VL"}.get(name, "Qwen2-VL")
         print(f"building the demo model {name} (the SmolLM2-135M decoder inside {arch}, untrained vision side) "
               f"into {final}: once, about 1-2 minutes on 2 CPU cores", file=sys.stderr, flush=True)
@@ -298,6 +335,8 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
     causal, tokenizer = decoder if decoder is not None else load_smollm2()
     if name in ("demo-llava", "demo-llava-next"):
         vlm, processor = _build_llava(causal, tokenizer, name)
+    elif name == "demo-internvl":
+        vlm, processor = _build_internvl(causal, tokenizer)
     else:
         vlm, processor = _build_qwen(causal, tokenizer, name)
     del causal

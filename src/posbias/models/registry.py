@@ -56,14 +56,19 @@ HUB_ALIASES: dict[str, str] = {
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "internvl3-1b": "OpenGVLab/InternVL3-1B-hf",
+    "internvl3-2b": "OpenGVLab/InternVL3-2B-hf",
+    "internvl3-8b": "OpenGVLab/InternVL3-8B-hf",
 }
 #: alias -> architecture of the demo models (SmolLM2 decoder, untrained vision side)
 DEMO_ALIASES: dict[str, str] = {
     "demo-llava": "llava", "demo-llava-next": "llava_next", "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen2-vl": "qwen2_vl",
+    "demo-internvl": "internvl",
 }
 #: alias -> architecture of the tiny random test models
 TINY_ALIASES: dict[str, str] = {
     "tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl",
+    "tiny-internvl": "internvl",
 }
 #: config.model_type -> "module:Class" of its adapter (imported on first use), or the class itself
 #: (:func:`register_adapter`); the adapter's ``architecture`` attribute is the torch-only part the runtime uses
@@ -72,6 +77,7 @@ ADAPTERS: dict[str, Any] = {
     "llava_next": "posbias.models.llava_next:LlavaNextAdapter",
     "qwen2_5_vl": "posbias.models.qwen2_5_vl:Qwen25VLAdapter",
     "qwen2_vl": "posbias.models.qwen2_vl:Qwen2VLAdapter",
+    "internvl": "posbias.models.internvl:InternVLAdapter",
 }
 #: seconds allowed for the one reachability request to the hub
 HUB_TIMEOUT_S: float = 5.0

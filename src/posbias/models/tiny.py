@@ -14,6 +14,9 @@ Their outputs mean nothing; their shapes, masks and positions follow the real mo
 - ``tiny_qwen2_5_vl``: Qwen2.5-VL vision 2 blocks (block 0 windowed, block 1 full attention), patch 14,
   merge 2, pixel limits 56*56 .. 112*168 (a 100x150 image gives a 4x5 merged grid); decoder 3 layers,
   4 heads / 2 KV heads, hidden 64, M-RoPE sections [2, 3, 3].
+- ``tiny_internvl``: InternViT 2 layers, 56 px tiles, patch 14 -> 4x4 patches -> pixel shuffle 0.5 ->
+  2x2 = 4 tokens per tile, 1..4 crops + thumbnail (a 60x130 image gives 2 crops + thumbnail = 12 visual
+  tokens); Qwen2 decoder 3 layers, 4 heads / 2 KV heads, hidden 64.
 - ``tiny_qwen2_vl``: Qwen2-VL vision 2 blocks (both full attention, no windows), width 32, patch 14,
   merge 2, the same pixel limits and the same decoder as ``tiny_qwen2_5_vl``.
 """
@@ -23,7 +26,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "tiny_tokenizer", "tiny_llava", "tiny_llava_next", "TINY_LLAVA_NEXT_PINPOINTS", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "TINY_QWEN_MIN_PIXELS",
+    "tiny_tokenizer", "tiny_llava", "tiny_llava_next", "TINY_LLAVA_NEXT_PINPOINTS", "tiny_qwen2_5_vl", "tiny_qwen2_vl",
+    "tiny_internvl", "TINY_QWEN_MIN_PIXELS",
     "TINY_QWEN_MAX_PIXELS",
 ]
 
@@ -52,8 +56,10 @@ _WORDS = (
 _PUNCT = list(":.,?!;'\"()-/") + list("0123456789")
 
 
-def tiny_tokenizer() -> Any:
+def tiny_tokenizer(extra_specials: tuple[str, ...] = ()) -> Any:
     """A word-level fast tokenizer with the special tokens of both architectures (built in code).
+
+    ``extra_specials`` are appended after the vocabulary (the ids of every other token stay as they are).
 
     Returns
     -------
@@ -64,7 +70,7 @@ def tiny_tokenizer() -> Any:
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for token in _SPECIALS + _WORDS + _PUNCT:
+    for token in _SPECIALS + _WORDS + _PUNCT + list(extra_specials):
         if token not in vocab:
             vocab[token] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -72,7 +78,7 @@ def tiny_tokenizer() -> Any:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": _SPECIALS[4:]})
+    tokenizer.add_special_tokens({"additional_special_tokens": _SPECIALS[4:] + list(extra_specials)})
     return tokenizer
 
 
@@ -229,3 +235,36 @@ def tiny_qwen2_vl(seed: int = 0) -> Any:
         temporal_patch_size=2,
     )
     return _tiny_qwen(Qwen2VLAdapter, Qwen2VLConfig, vision, seed, "tiny-qwen2-vl")
+
+
+def tiny_internvl(seed: int = 0) -> Any:
+    """A ready :class:`~posbias.models.internvl.InternVLAdapter` around a tiny random InternVL (fp32, CPU).
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` for the random weights.
+    """
+    import torch
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    from posbias.models.internvl import (
+        CONTEXT_IMAGE, END_IMAGE, INTERNVL_CHAT_TEMPLATE, START_IMAGE, InternVLAdapter, InternVLImageTextProcessor,
+    )
+
+    tokenizer = tiny_tokenizer((START_IMAGE, END_IMAGE, CONTEXT_IMAGE))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=[56, 56], patch_size=[14, 14])
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5, image_seq_length=4,
+                            image_token_id=tokenizer.convert_tokens_to_ids(CONTEXT_IMAGE))
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True,
+                                               min_patches=1, max_patches=4)
+    processor = InternVLImageTextProcessor(image_processor, tokenizer, chat_template=INTERNVL_CHAT_TEMPLATE,
+                                           image_seq_length=4)
+    return InternVLAdapter(model, processor, model_id="tiny-internvl", revision=None)

@@ -403,8 +403,11 @@ class SignalCapture:
         if "region_logdet" in self.signals:
             if self._embeds is None:
                 raise RuntimeError("the language model was called without inputs_embeds; cannot read visual features")
-            # regions live on the first tile's grid (the only tile of one-grid layouts; LLaVA-NeXT's base image)
-            cell = np.flatnonzero((np.asarray(layout.tile) == 0) & ~np.asarray(layout.separator))  # (V0,)
+            # regions live on the grid of the tile showing the whole image (the only tile of one-grid layouts;
+            # LLaVA-NeXT's base image, InternVL's thumbnail)
+            ov = int(layout.overview)
+            cell = np.flatnonzero((np.asarray(layout.tile) == ov) & ~np.asarray(layout.separator))  # (V0,)
+            ov_grid = tuple(int(x) for x in layout.tiles[ov])
             vi = torch.as_tensor(np.asarray(layout.visual_index)[cell], device=self._embeds.device)
             feats = self._embeds[0].index_select(0, vi)  # (V0, D)
             sample_data["region_logdet"] = self._logdet(feats, layout, cell)  # (n, n)
@@ -414,8 +417,8 @@ class SignalCapture:
                 vfeats = self.adapter.vision_features_tokens(self._vision_feats, inputs)  # (V, D_v)
                 sel = torch.as_tensor(cell, device=vfeats.device)
                 sample_data["region_logdet_vision"] = self._logdet(vfeats.index_select(0, sel), layout, cell)
-            blocks = np.full(layout.n_visual, -1, dtype=np.int64)  # (V,) -1: outside the first tile's grid
-            blocks[cell] = region_block_index(layout.rows[cell], layout.cols[cell], layout.grid, self.region_grid)
+            blocks = np.full(layout.n_visual, -1, dtype=np.int64)  # (V,) -1: outside the overview tile's grid
+            blocks[cell] = region_block_index(layout.rows[cell], layout.cols[cell], ov_grid, self.region_grid)
             token_data["region_block"] = blocks.astype(np.int16)
         self._embeds = None
         self._vision_feats = None
@@ -423,7 +426,8 @@ class SignalCapture:
 
     def _logdet(self, feats: torch.Tensor, layout: VisualLayout, cell: np.ndarray) -> np.ndarray:
         x = feats.detach().to("cpu", torch.float64).numpy()  # (V0, D) float64, the tokens ``cell`` of the layout
-        h = region_logdet(x, layout.rows[cell], layout.cols[cell], layout.grid, self.region_grid,
+        ov_grid = tuple(int(x) for x in layout.tiles[int(layout.overview)])
+        h = region_logdet(x, layout.rows[cell], layout.cols[cell], ov_grid, self.region_grid,
                           self.region_eps)  # (n, n)
         return h.astype(np.float32)
 
