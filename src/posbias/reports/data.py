@@ -155,6 +155,7 @@ class ReportData:
     bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # name -> (mean, low, high), each (m,)
     # maps over the grid: (R, C) cells
     map_shape: tuple[int, int]
+    map_tiles_overlaid: bool  # every token's own grid is map_shape (InternVL's equal tiles): tiles drawn on one grid
     maps: dict[str, np.ndarray]  # "<layer>/<correction>" -> (R, C) float64 mean per cell
     map_units: dict[str, str]
     vision_map: np.ndarray | None  # (R, C) mean vision-encoder importance, when profiled
@@ -421,9 +422,15 @@ def collect(
     timings["layer curves"] = time.perf_counter() - t1
 
     # ---------------------------------------------------------------- maps
+    tiles_overlaid = False
     if fixed:
         map_shape = (int(grids[0, 0]), int(grids[0, 1]))
         cell = rows * map_shape[1] + cols  # (T,)
+    elif tok_grid_all.shape[0] and bool(np.all(tok_grid_all == tok_grid_all[0])):
+        # every token's own grid is the same (InternVL: equal tiles): draw on that grid, tiles overlaid, no rescaling
+        map_shape = (int(tok_grid_all[0, 0]), int(tok_grid_all[0, 1]))
+        cell = np.clip(rows, 0, map_shape[0] - 1) * map_shape[1] + np.clip(cols, 0, map_shape[1] - 1)  # (T,)
+        tiles_overlaid = True
     else:
         map_shape = (MAP_BINS, MAP_BINS)
         tok_grid = tok_grid_all  # (T, 2) each token's own grid (its tile's)
@@ -505,7 +512,7 @@ def collect(
     picked: list[PickedSample] = []
     pa_full = pa[:, shallow] if has_pa else None  # (T,)
     if multi_tile:
-        missing.append(("pictures of the kept tokens on multi-tile images (LLaVA-NeXT)",
+        missing.append(("pictures of the kept tokens on multi-tile images (LLaVA-NeXT, InternVL)",
                         "not drawn for any-resolution layouts yet; the curves and maps cover every tile"))
     for i in _pick_samples(sample_ids, ok_sample, n_pictures) if not multi_tile else []:
         lo = int(np.sum(n_visual[:i]))
@@ -537,7 +544,8 @@ def collect(
         complete=complete, sample_ids=sample_ids, sources=sources, questions=questions, sources_count=sources_count,
         skipped=skipped, grids=grids, n_visual=n_visual.astype(np.int32), fixed_grid=fixed, domain=domain,
         shallow=shallow, deep=deep, pore_layer=pore_layer, ok_sample=ok_sample, x=x, layer_curves=layer_curves,
-        curve_sums=curve_sums, curve_counts=counts, bands=bands, map_shape=map_shape, maps=maps, map_units=units,
+        curve_sums=curve_sums, curve_counts=counts, bands=bands, map_shape=map_shape,
+        map_tiles_overlaid=tiles_overlaid, maps=maps, map_units=units,
         vision_map=vision_map, utr_loss=utr_loss, schedules=schedules, evaluation=evaluation, picked=picked,
         has_attn_pa=has_pa, missing=missing, n_boot=int(n_boot), timings=timings,
     )

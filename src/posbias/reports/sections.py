@@ -214,7 +214,12 @@ def _attention(d: ReportData) -> Section:
     if flat:  # a flat weight leaves the raw map unchanged: the column would repeat the first one
         maps = {k: v for k, v in maps.items() if not k.endswith("/adaptprune-gaussian")}
     cols = map_columns(maps)
-    grid_word = "visual grid" if d.fixed_grid else f"visual grid (each image's grid rescaled to {d.map_shape[0]}x{d.map_shape[1]} cells)"
+    if d.fixed_grid:
+        grid_word = "visual grid"
+    elif d.map_tiles_overlaid:
+        grid_word = f"{d.map_shape[0]}x{d.map_shape[1]} grid every tile has (the tiles of each image overlaid)"
+    else:
+        grid_word = f"visual grid (each image's grid rescaled to {d.map_shape[0]}x{d.map_shape[1]} cells)"
     blocks: list[Any] = [
         Para(
             f"Mean attention the last prompt token pays to each visual token, over {int(d.ok_sample.sum())} samples, drawn on "
