@@ -2,8 +2,9 @@
 
 For tiny LLaVA, Qwen2.5-VL and Qwen2-VL (real transformers classes), two samples are profiled into a real h5
 store; then, for the same prompts, the runtime pruner runs on the model and its scoring row at every scoring
-layer (``PruneRecord.scoring_rows``) must equal ``/tokens/attn`` of that layer, and the vision importance ARP
-used (``PruneRecord.vision_importance``) must equal ``/tokens/vision_importance``, within 1e-5.
+layer (``PruneRecord.scoring_rows``) must equal ``/tokens/attn`` of that layer, UTP's position-agnostic row
+must equal ``/tokens/attn_pa``, and the vision importance ARP used (``PruneRecord.vision_importance``) must
+equal ``/tokens/vision_importance``, within 1e-5.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def profiled(request, tmp_path_factory):
     adapter = request.getfixturevalue(request.param)
     samples = list(iter_samples(resolve_sources(["embedded"]), n=2, seed=0))
     path = tmp_path_factory.mktemp("parity") / "profile.h5"
-    capture = SignalCapture(adapter, signals="attn,vision_importance")
+    capture = SignalCapture(adapter, signals="attn,attn_pa,vision_importance")
     summary = profile_samples(adapter, samples, path, seed=0, progress=False, capture=capture)
     assert summary.n_profiled == 2
     return adapter, samples, path
@@ -58,6 +59,26 @@ def test_pruner_scores_the_stored_attention_row(profiled):
                 np.testing.assert_array_equal(np.sort(kept), top)
     # the rows differ between layers: the comparison is layer-specific
     assert not np.allclose(stored[:, 0], stored[:, 1], atol=1e-5)
+
+
+def test_utp_scores_the_stored_position_agnostic_row(profiled):
+    adapter, samples, path = profiled
+    model = adapter.model
+    n = adapter.n_layers
+    with ProfileStore(path) as store:
+        for i, item in enumerate(samples):
+            stored = store.sample_token_data("attn_pa", i)  # (V, L)
+            plain = store.sample_attn(i)  # (V, L)
+            inputs = adapter.prepare(item.image, item.question)
+            v = int(adapter.layout(inputs).n_visual)
+            for layer in range(n - 1):
+                schedule = [v] * (layer + 1) + [v - 2] * (n - layer - 1)  # shrinks after `layer` only
+                with rt.enable_pruning(model, method="utp", schedule=schedule, params={"pa_layers": n}) as pruner:
+                    with torch.no_grad():
+                        model(**inputs)
+                row = pruner.last.scoring_rows[layer]  # (V,) position-agnostic: layer < pa_layers
+                np.testing.assert_allclose(row.numpy(), stored[:, layer], atol=1e-5, rtol=0)
+                assert not np.allclose(stored[:, layer], plain[:, layer], atol=1e-5)  # another row than attn
 
 
 def test_arp_uses_the_stored_vision_importance(profiled):

@@ -39,7 +39,7 @@ import torch
 from posbias.artifacts.calibration import Calibration
 from posbias.errors import PosbiasError
 from posbias._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
-from posbias.kernels import apply_rope, gaussian_centre_weight, last_token_attention
+from posbias.kernels import apply_rope, gaussian_centre_weight, last_token_attention, uniform_position
 from posbias.runtime.methods import (
     arp_select,
     mmr_select,
@@ -426,7 +426,7 @@ class Pruner:
         pos = st.positions  # (1, S) or (3, 1, S) of the full prompt
         vis_full = st.seq_index[st.vis_local].to(pos.device)  # original positions of the alive visual tokens
         pv = pos.index_select(-1, vis_full)  # (..., V_cur)
-        p_mid = torch.floor((pv.amin(-1, keepdim=True) + pv.amax(-1, keepdim=True)).double() / 2 + 0.5).long()
+        p_mid = uniform_position(pv.amin(-1, keepdim=True), pv.amax(-1, keepdim=True))  # (..., 1) per axis
         cos, sin = self.lm.rotary_emb(like.new_zeros(1, 1, 1), p_mid)  # (1, 1, D)
         return cos.float()[:, None], sin.float()[:, None]
 
