@@ -156,6 +156,7 @@ class ReportData:
     # maps over the grid: (R, C) cells
     map_shape: tuple[int, int]
     map_tiles_overlaid: bool  # every token's own grid is map_shape (InternVL's equal tiles): tiles drawn on one grid
+    multi_tile: bool  # any-resolution layouts (several tiles per image, or separators)
     maps: dict[str, np.ndarray]  # "<layer>/<correction>" -> (R, C) float64 mean per cell
     map_units: dict[str, str]
     vision_map: np.ndarray | None  # (R, C) mean vision-encoder importance, when profiled
@@ -545,7 +546,7 @@ def collect(
         skipped=skipped, grids=grids, n_visual=n_visual.astype(np.int32), fixed_grid=fixed, domain=domain,
         shallow=shallow, deep=deep, pore_layer=pore_layer, ok_sample=ok_sample, x=x, layer_curves=layer_curves,
         curve_sums=curve_sums, curve_counts=counts, bands=bands, map_shape=map_shape,
-        map_tiles_overlaid=tiles_overlaid, maps=maps, map_units=units,
+        map_tiles_overlaid=tiles_overlaid, multi_tile=multi_tile, maps=maps, map_units=units,
         vision_map=vision_map, utr_loss=utr_loss, schedules=schedules, evaluation=evaluation, picked=picked,
         has_attn_pa=has_pa, missing=missing, n_boot=int(n_boot), timings=timings,
     )

@@ -144,6 +144,9 @@ def _provenance(d: ReportData, generated: str) -> Section:
     grids = {tuple(int(v) for v in g) for g in d.grids}
     if d.fixed_grid:
         grid_txt = f"{d.grids[0, 0]} x {d.grids[0, 1]} = {int(d.n_visual[0])} visual tokens (fixed)"
+    elif d.multi_tile:
+        grid_txt = (f"any resolution: several tiles per image, {int(d.n_visual.min())}-{int(d.n_visual.max())} "
+                    "visual tokens")
     else:
         grid_txt = f"dynamic: {len(grids)} distinct grids, {int(d.n_visual.min())}-{int(d.n_visual.max())} visual tokens"
     run_s = next((a[k] for k in ("profile_seconds", "run_seconds", "seconds") if k in a), None)
