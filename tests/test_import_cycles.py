@@ -19,14 +19,7 @@ import posbias
 PACKAGE_ROOT = Path(posbias.__file__).parent
 
 #: cycles through imports inside functions, known and owned elsewhere; remove an entry once its cycle is broken
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # profiler/capture <-> profiler/signals: helper `arch` breaks it (shared kernels, issue 16); the lead removes
-    # this entry when that branch lands
-
-    # models/registry -> models/demo (builds a demo model) -> models/registry (DEMO_ALIASES, adapter_class): the
-    # model registry's (`arch` owns models/registry.py, `next` edits models/demo.py this session)
-    frozenset({"posbias.models.demo", "posbias.models.registry"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -207,7 +207,9 @@ def test_demo_builder_wraps_the_decoder_exactly(tmp_path, make_noise_image):
     with torch.no_grad():
         want = causal(input_ids=ids).logits[0]  # (5, vocab)
     folder = demo.build_demo("demo-llava-next", cache_dir=tmp_path, decoder=(causal, tok))
-    adapter = demo.load_demo("demo-llava-next", cache_dir=tmp_path)
+    from posbias.models.registry import load_adapter
+
+    adapter = load_adapter("demo-llava-next", cache_dir=tmp_path)
     assert type(adapter.model).__name__ == "LlavaNextForConditionalGeneration" and adapter.name == "llava_next"
     with torch.no_grad():
         got = adapter.model(input_ids=ids, use_cache=False).logits[0]

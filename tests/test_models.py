@@ -342,10 +342,11 @@ def _tiny_decoder():
     return LlamaForCausalLM(config).eval(), tok
 
 
-@pytest.mark.parametrize("name", ["demo-llava", "demo-qwen2.5-vl", "demo-qwen2-vl"])
+@pytest.mark.parametrize("name", ["demo-llava", "demo-qwen2.5-vl", "demo-qwen2-vl", "demo-internvl"])
 def test_demo_builder_with_tiny_decoder(name, tmp_path, noise_image):
     """The demo builder wraps a decoder exactly (text logits equal), caches, and reloads."""
     from posbias.models import demo
+    from posbias.models.registry import load_adapter
 
     causal, tok = _tiny_decoder()
     n_plain = causal.config.vocab_size
@@ -356,13 +357,17 @@ def test_demo_builder_with_tiny_decoder(name, tmp_path, noise_image):
     assert folder == tmp_path / f"{name}-v{demo.DEMO_VERSION}"
     assert (folder / "posbias_demo.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp folder left
-    adapter = demo.load_demo(name, cache_dir=tmp_path)
+    adapter = load_adapter(name, cache_dir=tmp_path)
     with torch.no_grad():
         got = adapter.model(input_ids=ids, use_cache=False).logits[0]
     torch.testing.assert_close(got[:, :n_plain], want, atol=1e-5, rtol=0)
     layout = adapter.layout(adapter.prepare(noise_image, "what is in the image?"))
     if name == "demo-llava":
         assert layout.grid == (24, 24) and adapter.model.config.vision_config.image_size == 336
+    elif name == "demo-internvl":  # 224 px tiles -> 8x8 tokens each, crops + thumbnail (the overview)
+        assert type(adapter.model).__name__ == "InternVLForConditionalGeneration" and adapter.name == "internvl"
+        assert set(layout.tiles) == {(8, 8)} and layout.n_visual == 64 * layout.n_tiles
+        assert layout.overview == layout.n_tiles - 1 and 1 <= layout.n_tiles <= 7
     else:
         vc = adapter.model.config.vision_config
         if name == "demo-qwen2-vl":  # the real class, every vision block global (no windows)

@@ -56,7 +56,6 @@ __all__ = [
     "load_smollm2",
     "build_demo",
     "demo_model_dir",
-    "load_demo",
 ]
 
 #: bump when the builder changes what it writes (old caches are then ignored)
@@ -71,6 +70,9 @@ _MARKER = "posbias_demo.json"
 
 QWEN_DEMO_MIN_PIXELS = 256 * 28 * 28
 QWEN_DEMO_MAX_PIXELS = 576 * 28 * 28
+#: the transformers class of each Qwen demo
+_QWEN_DEMO_CLASSES = {"demo-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+                      "demo-qwen2-vl": "Qwen2VLForConditionalGeneration"}
 _QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -266,8 +268,6 @@ def _build_qwen(causal: Any, tokenizer: Any, name: str = "demo-qwen2.5-vl") -> t
 
     from posbias.models.processors import QwenImageProcessor
     from posbias.models.qwen2_vl import QWEN_CHAT_TEMPLATE
-    from posbias.models.registry import DEMO_ALIASES, adapter_class
-
     causal, tokenizer = _resized_decoder(causal, tokenizer, _QWEN_SPECIALS)
     lc = causal.config
     rope_theta = float((getattr(lc, "rope_parameters", None) or {}).get("rope_theta", 1e5))
@@ -289,7 +289,7 @@ def _build_qwen(causal: Any, tokenizer: Any, name: str = "demo-qwen2.5-vl") -> t
         tie_word_embeddings=True,
     )
     torch.manual_seed(DEMO_SEED)
-    vlm = getattr(transformers, adapter_class(DEMO_ALIASES[name]).hf_class)(config).eval()
+    vlm = getattr(transformers, _QWEN_DEMO_CLASSES[name])(config).eval()
     lm = vlm.model.language_model
     result = lm.load_state_dict(causal.model.state_dict(), strict=False)
     bad_missing = [k for k in result.missing_keys if not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
@@ -388,34 +388,3 @@ def demo_model_dir(name: str = "demo-llava", cache_dir: str | os.PathLike | None
     """
     _check_name(name)
     return build_demo(name, cache_dir)
-
-
-def load_demo(
-    name: str,
-    *,
-    device: str = "cpu",
-    dtype: str = "float32",
-    cache_dir: str | os.PathLike | None = None,
-    **extra: Any,
-) -> ModelAdapter:
-    """Adapter for demo model ``name``, building and caching it on first use.
-
-    Parameters
-    ----------
-    name : str
-        "demo-llava", "demo-llava-next", "demo-qwen2.5-vl" or "demo-qwen2-vl".
-    device, dtype : str
-        As for :func:`posbias.models.registry.load_adapter`.
-    cache_dir : str or PathLike, optional
-        Folder holding the demo model folders.
-    **extra
-        Adapter options (``min_pixels``/``max_pixels`` for the Qwen demo).
-    """
-    _check_name(name)
-    folder = build_demo(name, cache_dir)
-    from posbias.models.registry import DEMO_ALIASES, adapter_class
-
-    cls = adapter_class(DEMO_ALIASES[name])
-    adapter: ModelAdapter = cls.from_pretrained(folder, device=device, dtype=dtype, model_id=name, **extra)
-    adapter.revision = None
-    return adapter

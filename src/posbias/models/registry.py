@@ -213,6 +213,17 @@ def _hub_revision(repo_id: str) -> str:
     return str(meta.commit_hash) if meta.commit_hash else ""
 
 
+def _load_demo(name: str, *, device: str, dtype: Any, cache_dir: str | os.PathLike | None, **extra: Any) -> ModelAdapter:
+    """Adapter for demo model ``name`` (:mod:`posbias.models.demo`), building and caching it on first use."""
+    from posbias.models.demo import build_demo
+
+    folder = build_demo(name, cache_dir)
+    cls = adapter_class(DEMO_ALIASES[name])
+    adapter: ModelAdapter = cls.from_pretrained(folder, device=device, dtype=dtype, model_id=name, **extra)
+    adapter.revision = None
+    return adapter
+
+
 def load_adapter(
     name_or_path: str | os.PathLike,
     *,
@@ -275,9 +286,7 @@ def load_adapter(
         adapter.model.to(device=device, dtype=resolve_dtype(dtype))
         return adapter
     if name in DEMO_ALIASES:
-        from posbias.models import demo
-
-        return demo.load_demo(name, device=device, dtype=dtype, cache_dir=cache_dir, **extra)
+        return _load_demo(name, device=device, dtype=dtype, cache_dir=cache_dir, **extra)
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _load_folder(folder, device=device, dtype=dtype, model_id=str(folder), revision=None, **extra)
