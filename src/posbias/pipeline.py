@@ -481,7 +481,7 @@ def fit_pore(data: FitData, out: FitOutput) -> None:
     out.row("pore", "layer", str(data.pore))
     if form["mode"] == "auto":
         mse = ", ".join(f"{n}:{v:.3g}" if v is not None else f"{n}:failed" for n, v in zip(form["forms"], form["cv_mse"]))
-        out.row("pore", "form", f"{form['chosen']} (held-out MSE {mse}; 1-SE rule favours pure)")
+        out.row("pore", "form", f"{form['chosen']} (held-out MSE {mse}; pure unless the offset beats it by more than one SE)")
     else:
         out.row("pore", "form", f"{form['chosen']} (forced)")
     out.row("pore", "P(x)", f"a={exp_fit.a_:.4g} b={exp_fit.b_:.4g} c={exp_fit.c_:.4g}")

@@ -316,7 +316,7 @@ def _curves(d: ReportData) -> Section:
         form = pore.get("form") or {}
         if form.get("cv_mse"):
             mse = ", ".join(f"{n} {_fmt(v, 3) if v is not None else 'failed'}" for n, v in zip(form["forms"], form["cv_mse"]))
-            rows.append(["PoRe", "form (held-out MSE)", f"{form['chosen']} ({mse}; 1-SE rule favours pure)"])
+            rows.append(["PoRe", "form (held-out MSE)", f"{form['chosen']} ({mse}; pure unless the offset beats it by more than one SE)"])
         elif form:
             rows.append(["PoRe", "form", f"{form['chosen']} (forced)"])
         for name in ("a", "b", "c"):
