@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from posbias.errors import ModelUnavailableError, PosbiasError
-from posbias.models.base import ModelAdapter
 
 __all__ = [
     "DEMO_VERSION",

@@ -27,7 +27,7 @@ import numpy as np
 from transformers import ProcessorMixin
 
 from posbias.errors import PosbiasError
-from posbias.models.base import Architecture, TokenGrid, TransformersAdapter, resolve_dtype
+from posbias.models.base import Architecture, TokenGrid, TransformersAdapter
 
 __all__ = ["InternVLAdapter", "InternVLArchitecture", "InternVLImageTextProcessor", "load_internvl_processor",
            "INTERNVL_CHAT_TEMPLATE", "tokens_per_tile"]
@@ -211,8 +211,6 @@ class InternVLArchitecture(Architecture):
         ``records`` hold one vector per module: each tile's own [CLS] row (1 + patches), tiles in the tower's
         order (a (T, 1 + patches) block is accepted too).
         """
-        import torch
-
         strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
         if strategy != "default":
             raise PosbiasError(
@@ -278,14 +276,9 @@ class InternVLAdapter(TransformersAdapter):
         ``max_patches`` overrides the processor's largest number of crops (12 in the released checkpoints;
         each crop adds 256 visual tokens). Other ``options`` that are not None are an error.
         """
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:
-            raise PosbiasError(f"options {given} do not apply to InternVL models; drop them")
+        kwargs = cls._load_kwargs("InternVL", device=device, dtype=dtype, hub_kwargs=hub_kwargs, options=options)
         from transformers import InternVLForConditionalGeneration
 
-        kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), **(hub_kwargs or {})}
-        if str(device) != "cpu":
-            kwargs["device_map"] = str(device)
         model = InternVLForConditionalGeneration.from_pretrained(str(path), **kwargs).eval()
         processor = load_internvl_processor(path, hub_kwargs=hub_kwargs, max_patches=max_patches)
         return cls(model, processor, model_id=model_id or str(path), revision=revision)

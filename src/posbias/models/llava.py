@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posbias.errors import PosbiasError
-from posbias.models.base import Architecture, TokenGrid, TransformersAdapter, resolve_dtype
+from posbias.models.base import Architecture, TokenGrid, TransformersAdapter
 
 __all__ = ["LlavaArchitecture", "LlavaAdapter", "LLAVA_PROMPT", "LLAVA_CHAT_TEMPLATE", "clip_feature_layers"]
 
@@ -181,15 +181,9 @@ class LlavaAdapter(TransformersAdapter):
         ``options`` exist for a uniform call with other adapters; any that is not None is an error
         (e.g. ``min_pixels``: LLaVA-1.5 always sees a fixed 336x336 crop).
         """
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:
-            raise PosbiasError(f"options {given} do not apply to LLaVA models; drop them")
+        kwargs = cls._load_kwargs("LLaVA", device=device, dtype=dtype, hub_kwargs=hub_kwargs, options=options)
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        torch_dtype = resolve_dtype(dtype)
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, **(hub_kwargs or {})}
-        if str(device) != "cpu":
-            kwargs["device_map"] = str(device)
         model = LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs).eval()
         processor = AutoProcessor.from_pretrained(str(path), **(hub_kwargs or {}))
         return cls(model, processor, model_id=model_id or str(path), revision=revision)

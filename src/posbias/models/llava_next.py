@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posbias.errors import PosbiasError
-from posbias.models.base import Architecture, TokenGrid, resolve_dtype
+from posbias.models.base import Architecture, TokenGrid
 from posbias.models.llava import LlavaAdapter, LlavaArchitecture
 
 __all__ = ["LlavaNextAdapter", "LlavaNextArchitecture", "best_resolution", "anyres_layout", "AnyresPlan"]
@@ -329,16 +329,10 @@ class LlavaNextAdapter(LlavaAdapter):
         ``AutoProcessor`` gives ``LlavaNextProcessor`` with ``LlavaNextImageProcessorPil`` where torchvision is
         missing (and the processor's chat template). ``options`` that are not None are an error.
         """
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:
-            raise PosbiasError(f"options {given} do not apply to LLaVA-NeXT models; drop them")
+        kwargs = cls._load_kwargs("LLaVA-NeXT", device=device, dtype=dtype, hub_kwargs=hub_kwargs, options=options)
         import transformers
         from transformers import AutoProcessor
 
-        torch_dtype = resolve_dtype(dtype)
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, **(hub_kwargs or {})}
-        if str(device) != "cpu":
-            kwargs["device_map"] = str(device)
         model = getattr(transformers, cls.hf_class).from_pretrained(str(path), **kwargs).eval()
         processor = AutoProcessor.from_pretrained(str(path), **(hub_kwargs or {}))
         return cls(model, processor, model_id=model_id or str(path), revision=revision)
