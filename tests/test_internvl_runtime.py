@@ -110,3 +110,53 @@ def test_arp_importance_equals_the_stored_signal(ivl):
     with rt.enable_pruning(ad.model, cal, method="posprune", keep=6) as p:
         _logits(ad.model, inputs)
     np.testing.assert_allclose(p.last.vision_importance.numpy(), stored, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::posbias.runtime.quality.CalibrationQualityWarning")  # 3 samples: weak fits
+def test_every_stage_end_to_end(tmp_path, capsys, tiny_internvl_adapter):
+    """profile (all signals) -> fit -> utr -> solve -> every method from the calibration -> evaluate -> report on
+    tiny-internvl."""
+    import json
+
+    from posbias.artifacts.calibration import Calibration
+    from posbias.cli import main
+    from posbias.data.registry import iter_samples, resolve_sources
+    from posbias.evaluate import EvaluationConfig, evaluate
+    from posbias.profiler.store import ProfileStore
+
+    run = tmp_path / "run"
+    assert main(["profile", "--model", "tiny-internvl", "--n", "3", "--out", str(run), "--no-progress",
+                 "--signals", "all"]) == 0, capsys.readouterr().err
+    store, cal_path = run / "profile.h5", run / "cal.json"
+    assert main(["fit", "--store", str(store), "--out", str(cal_path)]) == 0, capsys.readouterr().err
+    assert main(["utr", "--store", str(store), "--no-progress"]) == 0, capsys.readouterr().err
+    assert main(["solve", "--store", str(store), "--ratios", "2", "--into", str(cal_path)]) == 0
+    assert "status=optimal" in capsys.readouterr().out
+    cal = Calibration.load(cal_path)
+    ad = tiny_internvl_adapter
+    assert cal.model["adapter"] == "internvl" and cal.model["fingerprint"] == ad.fingerprint()
+    assert cal.method("posprune-pbc")["domain"] == "normalized"  # multi-tile: position along the visual run
+    with ProfileStore(store) as view:
+        assert view.multi_tile and int(view.n_tiles.max()) > 1
+        n_visual = int(view.n_visual[0])  # the solved UTP schedule is for this sample's token count
+        sid = view.sample_ids[0]
+    item = next(s for s in iter_samples(resolve_sources(["embedded"]), n=3, seed=0) if s.id == sid)
+    inputs = ad.prepare(item.image, item.question)
+    assert ad.layout(inputs).n_visual == n_visual
+    for method in ("fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp"):
+        with rt.enable_pruning(ad.model, cal, method=method, keep=4, force=True) as p:
+            _logits(ad.model, inputs)
+        kept = p.last.kept
+        assert 0 < kept.shape[0] < n_visual and int(kept.max()) < n_visual, method
+        assert bool((kept[1:] > kept[:-1]).all()), method
+    cfg = EvaluationConfig(methods=["fastv", "pore", "adaptprune"], keeps=[6], n=2, max_new_tokens=2)
+    doc = evaluate(ad, cal, cfg, calibration_path=cal_path)
+    assert {r["method"] for r in doc["results"]} == {"fastv", "pore", "adaptprune"}
+    assert all(0.0 < r["flops_ratio"] < 1.0 and r["kl_mean"] >= 0.0 for r in doc["results"])
+    ev = run / "evaluation.json"
+    ev.write_text(json.dumps(doc))
+    html = run / "report.html"
+    assert main(["report", "--store", str(store), "--calibration", str(cal_path), "--html", str(html),
+                 "--evaluation", str(ev)]) == 0, capsys.readouterr().err
+    text = html.read_text()
+    assert "data:image/png;base64," in text and "internvl" in text and "any resolution" in text
