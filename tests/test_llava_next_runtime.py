@@ -151,6 +151,8 @@ def test_generate_layout_from_encoder_outputs_equals_image_sizes(nxt, make_noise
             ad.model.generate(**inputs, max_new_tokens=1, do_sample=False)
     finally:
         hook.remove()
+    if not seen.get("enc"):  # transformers before mm_encoder_outputs: generate hands the prefill image_sizes itself
+        pytest.skip("this transformers passes pixel_values and image_sizes to generate's prefill, not encoder outputs")
     got = ad.arch.plan_from_encoder(seen["enc"]["image"])
     assert got.crops == want.crops and got.kept == want.kept
     np.testing.assert_array_equal(got.source, want.source)

@@ -180,21 +180,6 @@ class Architecture:
         self.model = model
 
     # ------------------------------------------------------------------ decoder
-    @staticmethod
-    def _load_kwargs(label: str, *, device: str, dtype: Any, hub_kwargs: dict[str, Any] | None,
-                     options: dict[str, Any]) -> dict[str, Any]:
-        """``from_pretrained`` keywords (dtype, device map, hub keywords); ``options`` not None that the adapter does
-        not take are refused in one line."""
-        from posbias.errors import PosbiasError
-
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:
-            raise PosbiasError(f"options {given} do not apply to {label} models; drop them")
-        kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), **(hub_kwargs or {})}
-        if str(device) != "cpu":
-            kwargs["device_map"] = str(device)
-        return kwargs
-
     def language_model(self) -> Any:
         """The decoder stack (``model.model.language_model``)."""
         return self.model.model.language_model
@@ -424,6 +409,21 @@ class TransformersAdapter(ModelAdapter):
 
     #: the architecture class of this adapter's models
     architecture: ClassVar[type[Architecture]] = Architecture
+
+    @staticmethod
+    def _load_kwargs(label: str, *, device: str, dtype: Any, hub_kwargs: dict[str, Any] | None,
+                     options: dict[str, Any]) -> dict[str, Any]:
+        """``from_pretrained`` keywords (dtype, device map, hub keywords); ``options`` not None that the adapter does
+        not take are refused in one line."""
+        from posbias.errors import PosbiasError
+
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise PosbiasError(f"options {given} do not apply to {label} models; drop them")
+        kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), **(hub_kwargs or {})}
+        if str(device) != "cpu":
+            kwargs["device_map"] = str(device)
+        return kwargs
 
     def __init__(self, model: Any, processor: Any, *, model_id: str, revision: str | None = None) -> None:
         from posbias._hf_compat import check_decoder, check_versions
