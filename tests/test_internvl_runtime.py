@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import posbias.runtime as rt
+from tests.test_llava_next_runtime import _manual_prefill
 
 METHODS_CAL = ("fastv", "pore", "posprune-pbc", "adaptprune")
 
@@ -75,20 +76,7 @@ def test_pruned_prefill_keeps_original_positions(ivl):
     vis = torch.as_tensor(layout.visual_index)
     seq[vis] = False
     seq[vis[kept]] = True
-    keep_seq = torch.nonzero(seq).flatten()
-    lm = ad.model.model.language_model
-    captured = {}
-    with torch.no_grad():
-        h = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
-        ad.model(**inputs, use_cache=False)
-        h.remove()
-        x = captured["inputs_embeds"]
-        cos, sin = lm.rotary_emb(x, torch.arange(x.shape[1])[None])
-        for i, layer in enumerate(lm.layers):
-            if i == 2:
-                x, cos, sin = x[:, keep_seq], cos[:, keep_seq], sin[:, keep_seq]
-            x = layer(x, attention_mask=None, position_embeddings=(cos, sin), position_ids=None)
-        ref = ad.model.lm_head(lm.norm(x))[0, -1]
+    ref = _manual_prefill(ad.model, inputs, torch.nonzero(seq).flatten())
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 

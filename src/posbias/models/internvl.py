@@ -113,12 +113,17 @@ def load_internvl_processor(path: str | os.PathLike, *, hub_kwargs: dict[str, An
                                       image_seq_length=int(seq_len))
 
 
-def tokens_per_tile(config: Any) -> int:
-    """Visual tokens one tile gives: (image_size / patch_size)^2 x downsample_ratio^2 (256 for 448 / 14 / 0.5)."""
+def patches_per_side(config: Any) -> int:
+    """InternViT patches along one side of a tile: image_size / patch_size (32 for 448 / 14)."""
     vc = config.vision_config
     size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
     patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
-    side = int(size) // int(patch)
+    return int(size) // int(patch)
+
+
+def tokens_per_tile(config: Any) -> int:
+    """Visual tokens one tile gives: (image_size / patch_size)^2 x downsample_ratio^2 (256 for 448 / 14 / 0.5)."""
+    side = patches_per_side(config)
     return int(round(side * side * float(config.downsample_ratio) ** 2))
 
 
@@ -168,20 +173,14 @@ class InternVLArchitecture(Architecture):
 
     # ------------------------------------------------------------------ vision importance
     def vision_feature_layer(self) -> int:
-        """0-based InternViT layer whose output the projector reads (``vision_feature_layer`` indexes the
-        hidden-states tuple: entry h >= 1 is the output of layer h - 1; the released -1 is the last layer)."""
-        config = self.model.config
-        n = int(config.vision_config.num_hidden_layers)
-        fl = config.vision_feature_layer
+        """0-based InternViT layer whose output the projector reads (the hidden-states indexing of
+        :func:`~posbias.models.llava.clip_feature_layers`; the released -1 is the last layer)."""
+        from posbias.models.llava import clip_feature_layers
+
+        fl = self.model.config.vision_feature_layer
         if not isinstance(fl, int):
             raise PosbiasError(f"vision_feature_layer {fl!r}: vision importance supports one feature layer")
-        idx = fl % (n + 1)
-        if idx == 0:
-            raise PosbiasError(
-                f"vision_feature_layer {fl} selects the patch embeddings (no attention map); vision importance "
-                "needs an encoder layer (drop vision_importance from the signals)"
-            )
-        return idx - 1
+        return clip_feature_layers(int(self.model.config.vision_config.num_hidden_layers), fl)[0]
 
     def vision_tower(self) -> Any:
         """``model.model.vision_tower`` (an ``InternVLVisionModel``, InternViT)."""
@@ -217,10 +216,7 @@ class InternVLArchitecture(Architecture):
                 f"vision_feature_select_strategy {strategy!r}: the LLM sees the [CLS] token too; "
                 "vision importance supports 'default' only (drop vision_importance from the signals)"
             )
-        vc = self.model.config.vision_config
-        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
-        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
-        side = int(size) // int(patch)  # patches per tile side
+        side = patches_per_side(self.model.config)
         rec = records[0].float().reshape(-1, 1 + side * side)  # (T, 1+N)
         n_tiles = int(rec.shape[0])
         factor = int(round(1.0 / float(self.model.config.downsample_ratio)))

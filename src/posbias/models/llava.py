@@ -51,7 +51,7 @@ def clip_feature_layers(n_layers: int, vision_feature_layer: int | list[int]) ->
     layers: list[int] = []
     for h in wanted:
         if not -(n + 1) <= h <= n:
-            raise PosbiasError(f"vision_feature_layer {h} is outside CLIP's {n + 1} hidden states; fix the model config")
+            raise PosbiasError(f"vision_feature_layer {h} is outside the vision tower's {n + 1} hidden states; fix the model config")
         idx = h % (n + 1)
         if idx == 0:
             raise PosbiasError(
