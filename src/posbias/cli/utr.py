@@ -11,11 +11,6 @@ from __future__ import annotations
 import argparse
 
 from posbias.cli.common import HelpFormatter
-from typing import Any
-
-import numpy as np
-
-from posbias.errors import PosbiasError
 
 __all__ = ["add_parser", "run"]
 

@@ -149,6 +149,6 @@ def format_probe(probe: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(0, f"position-invariance probe: fraction of the patch's tokens kept at each patch position (x, y px, "
-                    f"raster order); spearman = rank correlation with the position in the visual sequence")
+    lines.insert(0, "position-invariance probe: fraction of the patch's tokens kept at each patch position (x, y px, "
+                    "raster order); spearman = rank correlation with the position in the visual sequence")
     return "\n".join(lines)

@@ -29,7 +29,6 @@ from posbias.reports.figures import (
     draw_surface_fits,
     draw_utp,
     draw_vision_map,
-    map_columns,
     map_grid_shape,
 )
 from posbias.reports.palette import method_color, method_label
@@ -216,7 +215,6 @@ def _attention(d: ReportData) -> Section:
     maps, flat = dict(d.maps), _flat_gaussian(d)
     if flat:  # a flat weight leaves the raw map unchanged: the column would repeat the first one
         maps = {k: v for k, v in maps.items() if not k.endswith("/adaptprune-gaussian")}
-    cols = map_columns(maps)
     if d.fixed_grid:
         grid_word = "visual grid"
     elif d.map_tiles_overlaid:
