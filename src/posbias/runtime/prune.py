@@ -106,7 +106,6 @@ class _Prefill:
         import numpy as np
 
         self.seq_len = seq_len
-        self.tokens = tokens  # tile / row / col of every visual token (raster id = index)
         self.grid = tokens.grid  # (rows, cols) of the first tile
         self.n_all = int(visual_pos.shape[0])  # every visual token, separators included
         sep = np.zeros(self.n_all, bool) if tokens.separator is None else np.asarray(tokens.separator, bool)
