@@ -43,6 +43,15 @@ def tiny_qwen2_adapter():
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_adapter():
+    """Tiny random Qwen3-VL (patch 16: 100x150 image -> 3x5 merged grid; deepstack after decoder layers 0-2 of 4,
+    q/k norms, interleaved M-RoPE); shared, do not mutate."""
+    from posbias.models.tiny import tiny_qwen3_vl
+
+    return tiny_qwen3_vl(seed=0)
+
+
+@pytest.fixture(scope="session")
 def noise_image() -> Image.Image:
     """A 100x150 (H x W) RGB noise image, non-square on purpose."""
     return _noise_image(100, 150, seed=0)

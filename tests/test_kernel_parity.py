@@ -1,6 +1,6 @@
 """Fit side = apply side: the pruner scores the row the profile store holds, and ARP uses the stored vision importance.
 
-For tiny LLaVA, Qwen2.5-VL, Qwen2-VL and InternVL (real transformers classes), two samples are profiled into a real h5
+For tiny LLaVA, Qwen2.5-VL, Qwen2-VL, InternVL and Qwen3-VL (real transformers classes), two samples are profiled into a real h5
 store; then, for the same prompts, the runtime pruner runs on the model and its scoring row at every scoring
 layer (``PruneRecord.scoring_rows``) must equal ``/tokens/attn`` of that layer, UTP's position-agnostic row
 must equal ``/tokens/attn_pa``, and the vision importance ARP used (``PruneRecord.vision_importance``) must
@@ -18,7 +18,8 @@ from posbias import kernels
 from posbias.profiler import ProfileStore
 from test_pruning import make_calibration
 
-ADAPTERS = ["tiny_llava_adapter", "tiny_qwen_adapter", "tiny_qwen2_adapter", "tiny_internvl_adapter"]
+ADAPTERS = ["tiny_llava_adapter", "tiny_qwen_adapter", "tiny_qwen2_adapter", "tiny_internvl_adapter",
+            "tiny_qwen3_adapter"]
 
 
 @pytest.fixture(scope="module", params=ADAPTERS)

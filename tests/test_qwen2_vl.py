@@ -1,6 +1,7 @@
 """Qwen2-VL (real ``Qwen2VLForConditionalGeneration``, tiny config): what differs from Qwen2.5-VL (no vision
 windows), and every stage end to end: profile with every signal, fit, utr, solve, each pruning method applied
-from the calibration, evaluate, report."""
+from the calibration, evaluate, report. The keep-all and end-to-end tests also run on Qwen3-VL, which shares the
+layout (its own tests: tests/test_qwen3_vl.py)."""
 
 from __future__ import annotations
 
@@ -74,10 +75,18 @@ def test_vision_importance_is_last_block_column_mean_in_raster_order(tiny_qwen2_
     assert architecture_of(adapter.model).model_type == "qwen2_vl"
 
 
-def test_generate_with_keep_all_equals_unpruned(tiny_qwen2_adapter, noise_image):
+#: (fixture, CLI alias, adapter name, pixels per merged token) of the M-RoPE models without vision windows
+QWEN_GLOBAL = [("tiny_qwen2_adapter", "tiny-qwen2-vl", "qwen2_vl", 28),
+               ("tiny_qwen3_adapter", "tiny-qwen3-vl", "qwen3_vl", 32)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_adapter", "tiny_qwen3_adapter"])
+def test_generate_with_keep_all_equals_unpruned(fixture, noise_image, request):
+    """Keeping every token reproduces transformers' own generation (for Qwen3-VL, with the deepstack additions
+    made by the pruner's layer hooks instead of the decoder)."""
     from tests.test_pruning import make_calibration
 
-    ad = tiny_qwen2_adapter
+    ad = request.getfixturevalue(fixture)
     inputs = ad.prepare(noise_image, "what is in the image")
     cal = make_calibration(ad)
     n_visual = ad.layout(inputs).n_visual
@@ -101,18 +110,20 @@ def test_generate_with_keep_all_equals_unpruned(tiny_qwen2_adapter, noise_image)
 
 
 @pytest.mark.filterwarnings("ignore::posbias.runtime.quality.CalibrationQualityWarning")  # 3 samples: weak fits
-def test_every_stage_end_to_end(tmp_path, capsys, tiny_qwen2_adapter):
+@pytest.mark.parametrize("fixture,alias,name,unit", QWEN_GLOBAL)
+def test_every_stage_end_to_end(tmp_path, capsys, request, fixture, alias, name, unit):
     from posbias.artifacts.calibration import Calibration
     from posbias.evaluate import EvaluationConfig, evaluate
     from posbias.profiler.store import ProfileStore
 
     run = tmp_path / "run"
-    code, _, err = _run(["profile", "--model", "tiny-qwen2-vl", "--n", "3", "--out", str(run), "--no-progress",
+    code, _, err = _run(["profile", "--model", alias, "--n", "3", "--out", str(run), "--no-progress",
                          "--signals", "all"], capsys)
     assert code == 0, err
     store, cal_path = run / "profile.h5", run / "cal.json"
     with ProfileStore(store) as view:
-        assert view.attrs["adapter"] == "qwen2_vl" and view.rope_dims == 3
+        assert view.attrs["adapter"] == name and view.rope_dims == 3
+        assert {"attn_pa", "vision_importance"} <= set(view.signal_names()["tokens"])  # every signal defined
         assert view.n_samples == 3
     assert _run(["fit", "--store", str(store), "--out", str(cal_path)], capsys)[0] == 0
     code, out, err = _run(["utr", "--store", str(store), "--no-progress"], capsys)
@@ -120,17 +131,18 @@ def test_every_stage_end_to_end(tmp_path, capsys, tiny_qwen2_adapter):
     code, out, err = _run(["solve", "--store", str(store), "--ratios", "2", "--into", str(cal_path)], capsys)
     assert code == 0 and "status=optimal" in out, err
     cal = Calibration.load(cal_path)
-    assert cal.model["adapter"] == "qwen2_vl"
+    assert cal.model["adapter"] == name
     assert set(cal.to_dict()["methods"]) >= {"fastv", "pore", "posprune-pbc", "adaptprune-gaussian"}
 
-    ad = tiny_qwen2_adapter
+    ad = request.getfixturevalue(fixture)
     assert cal.model["fingerprint"] == ad.fingerprint()
     from PIL import Image
 
     with ProfileStore(store) as view:
         n_visual = int(view.n_visual[0])  # the solved UTP schedule is for this token count
-    side = 28 * int(round(n_visual ** 0.5))
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (side, side, 3), dtype=np.uint8))
+        rows, cols = (int(x) for x in view.grids[0])
+    pixels = (rows * unit, cols * unit, 3)  # an image the processor maps onto the same merged grid
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, pixels, dtype=np.uint8))
     inputs = ad.prepare(image, "what is in the image")
     assert ad.layout(inputs).n_visual == n_visual
     for method in ("fastv", "pore", "posprune-pbc", "posprune", "adaptprune", "utp"):
@@ -154,17 +166,18 @@ def test_every_stage_end_to_end(tmp_path, capsys, tiny_qwen2_adapter):
                         capsys)
     assert code == 0, err
     text = html.read_text()
-    assert "data:image/png;base64," in text and "qwen2_vl" in text
+    assert "data:image/png;base64," in text and name in text
 
 
 @pytest.mark.slow
-def test_demo_qwen2_vl_cli_run(tmp_path, capsys):
-    """The demo model (SmolLM2 decoder inside Qwen2-VL) through the whole default run, two samples."""
-    out = tmp_path / "q2"
-    code, stdout, err = _run(["--model", "demo-qwen2-vl", "--n", "2", "--out", str(out), "--no-progress"], capsys)
+@pytest.mark.parametrize("alias,name", [("demo-qwen2-vl", "qwen2_vl"), ("demo-qwen3-vl", "qwen3_vl")])
+def test_demo_qwen_cli_run(tmp_path, capsys, alias, name):
+    """The demo model (SmolLM2 decoder inside Qwen2-VL / Qwen3-VL) through the whole default run, two samples."""
+    out = tmp_path / "q"
+    code, stdout, err = _run(["--model", alias, "--n", "2", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     doc = json.loads((out / "posbias_calibration.json").read_text())
-    assert doc["model"]["adapter"] == "qwen2_vl" and doc["model"]["n_layers"] == 30
+    assert doc["model"]["adapter"] == name and doc["model"]["n_layers"] == 30
     assert (out / "report.html").stat().st_size > 10_000
 
 
@@ -177,7 +190,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
         load_adapter(tmp_path)
     msg = str(info.value)
     assert "\n" not in msg and "'mllama'" in msg
-    assert all(name in msg for name in ("llava", "qwen2_5_vl", "qwen2_vl"))
+    assert all(name in msg for name in ("llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl"))
 
 
 def test_qwen2_vl_hub_alias_fails_fast_offline(tmp_path, monkeypatch):
@@ -187,7 +200,8 @@ def test_qwen2_vl_hub_alias_fails_fast_offline(tmp_path, monkeypatch):
     from posbias.models.registry import load_adapter
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    for alias, repo in (("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct"), ("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct")):
+    for alias, repo in (("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct"), ("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct"),
+                        ("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct")):
         with pytest.raises(ModelUnavailableError) as info:
             load_adapter(alias, cache_dir=tmp_path)
         msg = str(info.value)

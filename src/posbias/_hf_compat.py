@@ -52,6 +52,7 @@ __all__ = [
     "kwargs_cache",
     "layer_cache_kwarg",
     "output_cache",
+    "query_key_modules",
     "route_attention",
     "routed_modules",
     "sdpa_attention",
@@ -162,6 +163,18 @@ def check_decoder(language_model: Any) -> None:
             f"{type(layers[0]).__name__} has no self_attn.q_proj/k_proj; posbias supports "
             f"{supported_range_text('transformers')}"
         )
+
+
+def query_key_modules(attention: Any) -> tuple[Any, Any]:
+    """The modules whose outputs are a decoder attention's queries and keys before RoPE.
+
+    ``q_proj`` / ``k_proj`` (Llama, Qwen2), or the per-head RMS norms after them where the attention has
+    them (``q_norm`` / ``k_norm``: Qwen3, Qwen3-VL), whose outputs are (B, S, H, D) instead of (B, S, H*D).
+    """
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    if isinstance(q_norm, torch.nn.Module) and isinstance(k_norm, torch.nn.Module):
+        return q_norm, k_norm
+    return attention.q_proj, attention.k_proj
 
 
 def kwargs_cache(kwargs: dict[str, Any]) -> Any:

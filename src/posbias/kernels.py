@@ -5,7 +5,7 @@ runtime pruner (:mod:`posbias.runtime`) all call these functions, so a calibrati
 the quantity it was fitted on (``tests/test_kernel_parity.py`` checks the pruner's scoring row and vision
 importance against the profile store's ``/tokens/attn`` and ``/tokens/vision_importance``).
 
-- RoPE: :func:`rotate_half`, :func:`apply_rope`, :func:`rope_rotation`, :func:`uniform_position`,
+- RoPE: :func:`rotate_half`, :func:`apply_rope`, :func:`mrope_axes`, :func:`rope_rotation`, :func:`uniform_position`,
   :func:`position_agnostic_scores` (UTP's position-agnostic row).
 - The last prompt token's attention row: :func:`last_token_scores`, :func:`last_token_attention`
   (softmax over all keys, per head; the head mean is what ``/tokens/attn`` stores and what the pruner scores).
@@ -31,6 +31,7 @@ from posbias.errors import PosbiasError
 __all__ = [
     "rotate_half",
     "apply_rope",
+    "mrope_axes",
     "rope_rotation",
     "uniform_position",
     "position_agnostic_scores",
@@ -64,7 +65,29 @@ def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
     return x * cos + rotate_half(x) * sin
 
 
-def rope_rotation(delta: Any, inv_freq: Any, sections: Sequence[int] | None = None) -> tuple[Any, Any]:
+def mrope_axes(sections: Sequence[int], n_freq: int, *, interleaved: bool = False) -> np.ndarray:
+    """(D/2,) int64: which M-RoPE position axis (0 = t, 1 = h, 2 = w) each rotary frequency follows.
+
+    Chunked (Qwen2-VL, Qwen2.5-VL): ``sections`` (t, h, w) sum to ``n_freq``; the first ``sections[0]``
+    frequencies follow t, the next ``sections[1]`` h, the rest w. Interleaved (Qwen3-VL, as its rotary module
+    recomposes them): frequency ``j`` follows h when ``j % 3 == 1`` and ``j < 3 * sections[1]``, w when
+    ``j % 3 == 2`` and ``j < 3 * sections[2]``, t otherwise (``[24, 20, 20]`` of 64: 24 t, 20 h, 20 w).
+    """
+    sec = [int(s) for s in sections]
+    if not interleaved:
+        if sum(sec) != int(n_freq):
+            raise ValueError(f"M-RoPE sections {sections} must sum to {n_freq} frequencies")
+        return np.concatenate([np.full(s, i % len(sec), dtype=np.int64) for i, s in enumerate(sec)])
+    if len(sec) != 3:
+        raise ValueError(f"interleaved M-RoPE needs 3 sections (t, h, w), not {sections}")
+    axes = np.zeros(int(n_freq), dtype=np.int64)  # (D/2,) t unless claimed below
+    for axis in (1, 2):
+        axes[np.arange(axis, min(3 * sec[axis], int(n_freq)), 3)] = axis
+    return axes
+
+
+def rope_rotation(delta: Any, inv_freq: Any, sections: Sequence[int] | None = None, *,
+                  interleaved: bool = False) -> tuple[Any, Any]:
     """cos and sin of the RoPE rotation by position offsets ``delta`` (half-split layout, as ``rotate_half``).
 
     Parameters
@@ -75,6 +98,9 @@ def rope_rotation(delta: Any, inv_freq: Any, sections: Sequence[int] | None = No
         (D/2,) inverse frequencies.
     sections : sequence of int, optional
         M-RoPE sections (how many of the D/2 frequencies follow axis t, h, w); required when P = 3.
+    interleaved : bool
+        The sections' frequencies alternate t, h, w (Qwen3-VL) instead of following each other
+        (:func:`mrope_axes`).
 
     Returns
     -------
@@ -89,10 +115,10 @@ def rope_rotation(delta: Any, inv_freq: Any, sections: Sequence[int] | None = No
     if n_axes == 1:
         angles = delta[:, :1] * freq[None, :]  # (V, D/2)
     else:
-        if sections is None or sum(int(s) for s in sections) != freq.shape[0]:
-            raise ValueError(f"M-RoPE sections {sections} must sum to {freq.shape[0]} frequencies")
-        axis = torch.cat([torch.full((int(s),), i % n_axes, dtype=torch.long) for i, s in enumerate(sections)])
-        axis = axis.to(delta.device)  # (D/2,) which position axis each frequency follows
+        if sections is None:
+            raise ValueError(f"M-RoPE sections are needed for {n_axes} position axes")
+        axes = mrope_axes(sections, int(freq.shape[0]), interleaved=interleaved) % n_axes
+        axis = torch.from_numpy(axes).to(delta.device)  # (D/2,) which position axis each frequency follows
         angles = delta[:, axis] * freq[None, :]  # (V, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (V, D)
     return angles.cos().float(), angles.sin().float()

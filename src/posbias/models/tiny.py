@@ -27,7 +27,7 @@ from typing import Any
 
 __all__ = [
     "tiny_tokenizer", "tiny_llava", "tiny_llava_next", "TINY_LLAVA_NEXT_PINPOINTS", "tiny_qwen2_5_vl", "tiny_qwen2_vl",
-    "tiny_internvl", "TINY_QWEN_MIN_PIXELS",
+    "tiny_internvl", "tiny_qwen3_vl", "TINY_QWEN_MIN_PIXELS",
     "TINY_QWEN_MAX_PIXELS",
 ]
 
@@ -182,8 +182,10 @@ def _qwen_text_config(tokenizer: Any) -> dict[str, Any]:
     )
 
 
-def _tiny_qwen(adapter_cls: Any, config_cls: Any, vision: dict[str, Any], seed: int, model_id: str) -> Any:
-    """Build ``adapter_cls.hf_class`` from ``config_cls(vision_config=vision, ...)`` with seeded weights."""
+def _tiny_qwen(adapter_cls: Any, config_cls: Any, vision: dict[str, Any], seed: int, model_id: str,
+               text: dict[str, Any] | None = None) -> Any:
+    """Build ``adapter_cls.hf_class`` from ``config_cls(vision_config=vision, ...)`` with seeded weights;
+    ``text`` overrides entries of the tiny decoder's config."""
     import torch
     import transformers
     from transformers import Qwen2VLImageProcessorPil
@@ -191,10 +193,13 @@ def _tiny_qwen(adapter_cls: Any, config_cls: Any, vision: dict[str, Any], seed: 
     from posbias.models.processors import QwenImageProcessor
 
     tokenizer = tiny_tokenizer()
-    config = config_cls(vision_config=vision, **_qwen_text_config(tokenizer))
+    kwargs = _qwen_text_config(tokenizer)
+    kwargs["text_config"].update(text or {})
+    config = config_cls(vision_config=vision, **kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, adapter_cls.hf_class)(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_QWEN_MIN_PIXELS, max_pixels=TINY_QWEN_MAX_PIXELS)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_QWEN_MIN_PIXELS, max_pixels=TINY_QWEN_MAX_PIXELS,
+                                               patch_size=int(vision["patch_size"]))
     processor = QwenImageProcessor(image_processor, tokenizer)
     return adapter_cls(model, processor, model_id=model_id, revision=None)
 
@@ -235,6 +240,30 @@ def tiny_qwen2_vl(seed: int = 0) -> Any:
         temporal_patch_size=2,
     )
     return _tiny_qwen(Qwen2VLAdapter, Qwen2VLConfig, vision, seed, "tiny-qwen2-vl")
+
+
+def tiny_qwen3_vl(seed: int = 0) -> Any:
+    """A ready :class:`~posbias.models.qwen3_vl.Qwen3VLAdapter` around a tiny random Qwen3-VL: patch 16 (a
+    100x150 image -> 3x5 merged grid), 3 vision blocks each feeding deepstack (added after decoder layers 0, 1
+    and 2 of the 4-layer decoder, as in the real models: pruning at K=2 comes before the last addition),
+    per-head q/k norms, interleaved M-RoPE [2, 3, 3].
+
+    Parameters
+    ----------
+    seed : int
+        ``torch.manual_seed`` for the random weights.
+    """
+    from transformers import Qwen3VLConfig
+
+    from posbias.models.qwen3_vl import Qwen3VLAdapter
+
+    vision = dict(
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2],
+    )
+    text = dict(num_hidden_layers=4, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                               "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    return _tiny_qwen(Qwen3VLAdapter, Qwen3VLConfig, vision, seed, "tiny-qwen3-vl", text)
 
 
 def tiny_internvl(seed: int = 0) -> Any:

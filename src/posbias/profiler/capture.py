@@ -305,7 +305,10 @@ class LastTokenAttentionCapture(_AttentionSwap):
                     f"RoPE rotates {2 * int(inv_freq.shape[0])} of {int(key.shape[-1])} head dims (partial rotary); "
                     "position-agnostic attention supports full rotary only: drop attn_pa from the signals"
                 )
-            self._pa_rotation = kernels.rope_rotation(self._uniform_delta.to(key.device), inv_freq, sections)  # (V, D) x2
+            self._pa_rotation = kernels.rope_rotation(
+                self._uniform_delta.to(key.device), inv_freq, sections,
+                interleaved=bool(getattr(self.adapter.architecture, "mrope_interleaved", False)),
+            )  # (V, D) x2
         cos, sin = self._pa_rotation
         pa_scores = kernels.position_agnostic_scores(
             scores, query[0, :, -1, :], key[0], self._visual_index, cos, sin, float(scaling),

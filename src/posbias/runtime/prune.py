@@ -14,14 +14,19 @@ How it works (torch ``nn.Module`` hooks only; nothing in transformers is patched
    (cos, sin), ``position_ids`` and attention mask; since cos/sin are computed by the model from its own
    position ids before the first layer, every kept token keeps its original RoPE angle, and for M-RoPE the
    (t, h, w) components of each kept token travel together.
-3. Forward hooks on the scoring layer(s) score the visual tokens from the layer's own ``q_proj``/``k_proj``
-   outputs (captured by hooks; RoPE applied here with the layer's cos/sin): the last prompt token's
+3. Forward hooks on the scoring layer(s) score the visual tokens from the layer's own queries and keys before
+   RoPE (the ``q_proj``/``k_proj`` outputs, or those of ``q_norm``/``k_norm`` where the attention normalises
+   each head, as Qwen3-VL does; captured by hooks; RoPE applied here with the layer's cos/sin): the last prompt token's
    attention row, softmax over all keys, head mean, as PyramidDrop recomputes it under sdpa. The
    method selects the kept visual tokens and the hook returns the hidden states of the kept sequence.
    Layers after it therefore run on fewer tokens, and their KV cache (transformers 5 keeps one per layer)
    holds only kept tokens; ``generate`` then decodes against those caches with the original positions
    (its position ids and ``rope_deltas`` come from the unpruned attention mask).
-4. ARP (``posprune``) prunes before the first decoder layer from a vision importance recorded in the
+4. What the decoder adds to the visual positions after its first layers (Qwen3-VL's deepstack features) is
+   taken from it before the first layer (:meth:`~posbias.models.base.Architecture.take_layer_additions`) and
+   added by the layer hooks to the visual tokens still in the sequence, so pruning may come before the last
+   such layer (the papers' K=2 on Qwen3-VL, whose deepstack feeds layers 0-2).
+5. ARP (``posprune``) prunes before the first decoder layer from a vision importance recorded in the
    vision tower (:mod:`posbias.runtime.vision`); UTP prunes after every layer its schedule shrinks at.
 
 Removing the hooks (:meth:`Pruner.disable`, or leaving the ``with`` block) restores the model exactly.
@@ -38,7 +43,13 @@ import torch
 
 from posbias.artifacts.calibration import Calibration
 from posbias.errors import PosbiasError
-from posbias._hf_compat import attention_implementation, check_decoder, check_versions, kwargs_cache
+from posbias._hf_compat import (
+    attention_implementation,
+    check_decoder,
+    check_versions,
+    kwargs_cache,
+    query_key_modules,
+)
 from posbias.kernels import apply_rope, last_token_attention, uniform_position
 from posbias.runtime.methods import arp_select
 from posbias.runtime.quality import check_entry_quality
@@ -46,7 +57,7 @@ from posbias.runtime.registry import Selection, get_method
 from posbias.runtime.spec import MethodSpec, resolve_method
 
 if TYPE_CHECKING:  # the architecture module loads with the first model (importing posbias.runtime stays light)
-    from posbias.models.base import Architecture, TokenGrid
+    from posbias.models.base import Architecture, LayerAdditions, TokenGrid
 
 __all__ = ["Pruner", "PruneRecord", "enable_pruning", "unwrap_model"]
 
@@ -134,6 +145,7 @@ class _Prefill:
         self.select_s = 0.0
         self.scoring_rows: dict[int, torch.Tensor] = {}
         self.importance: torch.Tensor | None = None
+        self.additions: "LayerAdditions | None" = None  # what the decoder adds after its first layers
 
 
 class Pruner:
@@ -183,10 +195,11 @@ class Pruner:
         h.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         for i, layer in enumerate(self.layers):
             h.append(layer.register_forward_pre_hook(self._make_layer_pre(i), with_kwargs=True))
+            h.append(layer.register_forward_hook(self._make_layer_post(i), with_kwargs=True))
             if i in self.spec.score_layers:
-                h.append(layer.register_forward_hook(self._make_layer_post(i), with_kwargs=True))
-                h.append(layer.self_attn.q_proj.register_forward_hook(self._make_proj_hook(i, "q")))
-                h.append(layer.self_attn.k_proj.register_forward_hook(self._make_proj_hook(i, "k")))
+                q_mod, k_mod = query_key_modules(layer.self_attn)
+                h.append(q_mod.register_forward_hook(self._make_proj_hook(i, "q")))
+                h.append(k_mod.register_forward_hook(self._make_proj_hook(i, "k")))
         if self.spec.arp:
             from posbias.runtime.vision import VisionImportance
 
@@ -256,7 +269,7 @@ class Pruner:
                 self._vision.importance = None  # generate() may run the vision tower before this call
         self._state = None
 
-    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         st = self._state
         if st is None:
             return
@@ -270,6 +283,10 @@ class Pruner:
         elif pos.ndim == 3 and pos.shape[0] == 4:
             pos = pos[1:]  # drop the text row of packed Qwen positions
         st.positions = pos
+        st.additions = self.arch.take_layer_additions(kwargs)  # Qwen3-VL's deepstack: added to kept tokens only
+        if st.additions is not None:
+            return args, kwargs
+        return None
 
     # ------------------------------------------------------------------ layer hooks
     def _make_layer_pre(self, i: int):
@@ -318,8 +335,8 @@ class Pruner:
     def _make_proj_hook(self, i: int, which: str):
         def hook(module: Any, args: tuple, output: torch.Tensor) -> None:
             st = self._state
-            if st is not None:
-                (st.q if which == "q" else st.k)[i] = output.detach()
+            if st is not None:  # (1, S, H*D), or (1, S, H, D) from a per-head q/k norm
+                (st.q if which == "q" else st.k)[i] = output.detach().flatten(2)
 
         return hook
 
@@ -329,6 +346,11 @@ class Pruner:
             if st is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output  # (1, S_cur, D)
+            added = st.additions is not None and i < len(st.additions.embeds)
+            if added:  # what the decoder adds after this layer, to the tokens still in the sequence
+                hidden = st.additions.apply(hidden, i, st.seq_index.to(hidden.device))
+            if i not in self.spec.score_layers:
+                return _replace_hidden(output, hidden) if added else None
             t0 = time.perf_counter()
             keep_local = self._select(i, hidden)  # (K,) indices into the current visual tokens, or None
             st.select_s += time.perf_counter() - t0
@@ -336,12 +358,10 @@ class Pruner:
             st.k.pop(i, None)
             st.pos_emb.pop(i, None)
             if keep_local is None:
-                return None
+                return _replace_hidden(output, hidden) if added else None
             new_hidden = self._drop(hidden, keep_local)
             st.stages.append((i, int(keep_local.shape[0])))
-            if isinstance(output, tuple):
-                return (new_hidden, *output[1:])
-            return new_hidden
+            return _replace_hidden(output, new_hidden)
 
         return hook
 
@@ -437,6 +457,13 @@ class Pruner:
                         features=lambda: hidden[0].index_select(0, vis.to(hidden.device)).cpu(),  # (V_cur, D)
                         keys=lambda: st.k[i][0].index_select(0, vis.to(st.k[i].device)).cpu())  # (V_cur, Hkv*D)
         return get_method(self.spec.method).run(sel)
+
+
+def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """A decoder layer's output with its hidden states replaced (a tuple keeps its other items)."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    return hidden
 
 
 def enable_pruning(
