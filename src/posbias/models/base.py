@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["VisualLayout", "TokenGrid", "Architecture", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
+__all__ = ["VisualLayout", "TokenGrid", "TilePlacement", "Architecture", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
 
 #: dtype strings accepted by :func:`resolve_dtype` and ``load_adapter``
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -148,6 +148,24 @@ class TokenGrid:
         r, c = int(grid[0]), int(grid[1])
         order = np.arange(r * c, dtype=np.int64)  # (V,)
         return cls(rows=order // c, cols=order % c, tiles=((r, c),))
+
+
+@dataclass(frozen=True)
+class TilePlacement:
+    """Where the tiles of one image's visual tokens lie in the picture the report draws.
+
+    Attributes
+    ----------
+    boxes : np.ndarray
+        (N, 4) float64 (top, left, bottom, right) of each tile, index = tile, in pixels of the picture
+        (:meth:`Architecture.crop_image` of the image); a tile's grid divides its box evenly.
+    overview : int or None
+        The tile that shows the whole image at low resolution (LLaVA-NeXT's base image, InternVL's thumbnail),
+        drawn as a panel of its own; None when there is none (one-tile layouts).
+    """
+
+    boxes: np.ndarray
+    overview: int | None = None
 
 
 class Architecture:
@@ -343,6 +361,37 @@ class Architecture:
     def crop_image(cls, image: Any) -> Any:
         """The part of a PIL image the visual tokens cover (default: the whole image, resized by the processor)."""
         return image
+
+    @classmethod
+    def tile_placement(cls, size: tuple[int, int], tiles: Any) -> TilePlacement:
+        """Where each tile of a stored sample lies in its picture, from what the store holds.
+
+        Parameters
+        ----------
+        size : (height, width)
+            Size in pixels of the picture, :meth:`crop_image` of the sample's image.
+        tiles : sequence of (rows, cols)
+            The grid of every tile of the sample (``/tiles/grid``), index = tile.
+
+        Returns
+        -------
+        TilePlacement
+            Default: one tile covering the whole picture. Architectures with several tiles override it.
+
+        Raises
+        ------
+        posbias.errors.PosbiasError
+            For several tiles (the default does not know where they lie).
+        """
+        from posbias.errors import PosbiasError
+
+        if len(tiles) != 1:
+            raise PosbiasError(
+                f"architecture {cls.model_type or cls.__name__!r} does not say where its {len(tiles)} tiles lie in the "
+                "image; give its Architecture a tile_placement (docs/architecture.md)"
+            )
+        h, w = (float(x) for x in size)
+        return TilePlacement(boxes=np.array([[0.0, 0.0, h, w]]), overview=None)
 
 
 class ModelAdapter(ABC):
