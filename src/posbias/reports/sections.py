@@ -489,6 +489,7 @@ def _pictures(d: ReportData) -> Section:
     )]
     if not rows:
         blocks.append(_missing("samples to draw", "profile-bias profile (the store has no usable sample)"))
+        blocks.extend(Para(n, kind="note") for n in notes)
         return Section("pictures", SECTION_TITLES["pictures"], blocks)
     ncol = len(methods) + 1
     w = TEXT_WIDTH
