@@ -4,8 +4,9 @@ An :class:`Architecture` wraps one loaded transformers model (no processor) and 
 runtime pruner, the profiler and the reports need to know about the architecture: which sequence positions
 hold visual tokens, their layout as one or several grids (tiles), their RoPE position ids (1-D or M-RoPE),
 which vision attention modules define the vision importance and how their records map to the LLM's token
-order, the visual count when the architecture fixes it, and how the report crops a picture. It imports
-torch and transformers only (never h5py, scipy or matplotlib), so :mod:`posbias.runtime` may use it.
+order, the visual count when the architecture fixes it, and how the report crops a picture and where its
+tiles lie in it. It imports torch and transformers only (never h5py, scipy or matplotlib), so
+:mod:`posbias.runtime` may use it.
 
 A :class:`ModelAdapter` adds what profiling needs on top: loading, the processor and the prompt
 (``prepare``); its ``arch`` attribute is the :class:`Architecture` of its model and answers the rest.
