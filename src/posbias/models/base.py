@@ -4,8 +4,9 @@ An :class:`Architecture` wraps one loaded transformers model (no processor) and 
 runtime pruner, the profiler and the reports need to know about the architecture: which sequence positions
 hold visual tokens, their layout as one or several grids (tiles), their RoPE position ids (1-D or M-RoPE),
 which vision attention modules define the vision importance and how their records map to the LLM's token
-order, the visual count when the architecture fixes it, and how the report crops a picture. It imports
-torch and transformers only (never h5py, scipy or matplotlib), so :mod:`posbias.runtime` may use it.
+order, the visual count when the architecture fixes it, and how the report crops a picture and where its
+tiles lie in it. It imports torch and transformers only (never h5py, scipy or matplotlib), so
+:mod:`posbias.runtime` may use it.
 
 A :class:`ModelAdapter` adds what profiling needs on top: loading, the processor and the prompt
 (``prepare``); its ``arch`` attribute is the :class:`Architecture` of its model and answers the rest.
@@ -23,7 +24,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["VisualLayout", "TokenGrid", "LayerAdditions", "Architecture", "ModelAdapter", "DTYPES", "resolve_dtype", "TransformersAdapter"]
+__all__ = [
+    "VisualLayout", "TokenGrid", "TilePlacement", "LayerAdditions", "Architecture", "ModelAdapter", "DTYPES",
+    "resolve_dtype", "TransformersAdapter",
+]
 
 #: dtype strings accepted by :func:`resolve_dtype` and ``load_adapter``
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -184,6 +188,24 @@ class LayerAdditions:
         local = local.to(hidden.device)
         out[0, local] = out[0, local] + add.to(hidden.device, hidden.dtype)
         return out
+
+
+@dataclass(frozen=True)
+class TilePlacement:
+    """Where the tiles of one image's visual tokens lie in the picture the report draws.
+
+    Attributes
+    ----------
+    boxes : np.ndarray
+        (N, 4) float64 (top, left, bottom, right) of each tile, index = tile, in pixels of the picture
+        (:meth:`Architecture.crop_image` of the image); a tile's grid divides its box evenly.
+    overview : int or None
+        The tile that shows the whole image at low resolution (LLaVA-NeXT's base image, InternVL's thumbnail),
+        drawn as a panel of its own; None when there is none (one-tile layouts).
+    """
+
+    boxes: np.ndarray
+    overview: int | None = None
 
 
 class Architecture:
@@ -389,6 +411,37 @@ class Architecture:
     def crop_image(cls, image: Any) -> Any:
         """The part of a PIL image the visual tokens cover (default: the whole image, resized by the processor)."""
         return image
+
+    @classmethod
+    def tile_placement(cls, size: tuple[int, int], tiles: Any) -> TilePlacement:
+        """Where each tile of a stored sample lies in its picture, from what the store holds.
+
+        Parameters
+        ----------
+        size : (height, width)
+            Size in pixels of the picture, :meth:`crop_image` of the sample's image.
+        tiles : sequence of (rows, cols)
+            The grid of every tile of the sample (``/tiles/grid``), index = tile.
+
+        Returns
+        -------
+        TilePlacement
+            Default: one tile covering the whole picture. Architectures with several tiles override it.
+
+        Raises
+        ------
+        posbias.errors.PosbiasError
+            For several tiles (the default does not know where they lie).
+        """
+        from posbias.errors import PosbiasError
+
+        if len(tiles) != 1:
+            raise PosbiasError(
+                f"architecture {cls.model_type or cls.__name__!r} does not say where its {len(tiles)} tiles lie in the "
+                "image; give its Architecture a tile_placement (docs/architecture.md)"
+            )
+        h, w = (float(x) for x in size)
+        return TilePlacement(boxes=np.array([[0.0, 0.0, h, w]]), overview=None)
 
 
 class ModelAdapter(ABC):

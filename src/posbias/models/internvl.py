@@ -27,7 +27,7 @@ import numpy as np
 from transformers import ProcessorMixin
 
 from posbias.errors import PosbiasError
-from posbias.models.base import Architecture, TokenGrid, TransformersAdapter
+from posbias.models.base import Architecture, TilePlacement, TokenGrid, TransformersAdapter
 
 __all__ = ["InternVLAdapter", "InternVLArchitecture", "InternVLImageTextProcessor", "load_internvl_processor",
            "INTERNVL_CHAT_TEMPLATE", "tokens_per_tile"]
@@ -237,6 +237,35 @@ class InternVLArchitecture(Architecture):
     def crop_image(cls, image: Any) -> Any:
         """The whole image (the crops tile it and the thumbnail shows all of it)."""
         return image
+
+    @classmethod
+    def tile_placement(cls, size: tuple[int, int], tiles: Any) -> TilePlacement:
+        """Crops on a columns x rows canvas over the whole image, row-major, then the thumbnail (the overview).
+
+        ``crop_to_patches`` resizes the whole image to columns x rows crops, so crop ``i`` covers cell
+        (``i // columns``, ``i % columns``) of the image. The canvas is the one the processor picks: of the
+        arrangements with as many crops as the sample has (tiles - 1), the one whose width / height is closest
+        to the image's (on a tie, the later one in the processor's order, as it picks for large images). One
+        tile (an image the processor did not cut) covers the whole image and has no thumbnail.
+        """
+        h, w = (float(x) for x in size)
+        n = len(tiles)
+        if n == 1:
+            return TilePlacement(boxes=np.array([[0.0, 0.0, h, w]]), overview=None)
+        crops = n - 1
+        aspect = w / h
+        best, best_diff = (crops, 1), float("inf")
+        for columns in range(1, crops + 1):  # the processor's order: width outer, ascending
+            if crops % columns:
+                continue
+            diff = abs(aspect - columns / (crops // columns))
+            if diff <= best_diff:
+                best, best_diff = (columns, crops // columns), diff
+        columns, rows = best
+        i = np.arange(crops)
+        r, c = i // columns, i % columns
+        boxes = np.stack([r * h / rows, c * w / columns, (r + 1) * h / rows, (c + 1) * w / columns], axis=1)
+        return TilePlacement(boxes=np.vstack([boxes, [[0.0, 0.0, h, w]]]).astype(np.float64), overview=n - 1)
 
 
 class InternVLAdapter(TransformersAdapter):

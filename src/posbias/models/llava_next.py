@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posbias.errors import PosbiasError
-from posbias.models.base import Architecture, TokenGrid
+from posbias.models.base import Architecture, TilePlacement, TokenGrid
 from posbias.models.llava import LlavaAdapter, LlavaArchitecture
 
 __all__ = ["LlavaNextAdapter", "LlavaNextArchitecture", "best_resolution", "anyres_layout", "AnyresPlan"]
@@ -295,6 +295,33 @@ class LlavaNextArchitecture(LlavaArchitecture):
     def crop_image(cls, image: Any) -> Any:
         """The whole image (the base image and the unpadded raster both cover it)."""
         return image
+
+    @classmethod
+    def tile_placement(cls, size: tuple[int, int], tiles: Any) -> TilePlacement:
+        """The base image (tile 0, the overview) covers the whole image; the unpadded raster (tile 1) covers it too,
+        plus what is left of the padding at two of its edges.
+
+        The processor resizes the image into the best resolution keeping its aspect ratio and pads the short side
+        with black, centred; ``unpad`` then cuts whole token rows (or columns) of padding symmetrically. Along the
+        side it did not pad, the raster's ``n`` tokens span the image exactly, so along the padded side the image
+        spans ``m = n * (that side / the other side)`` of the raster's tokens, centred: the raster's box is the image
+        widened by ``(raster tokens - m) / 2`` tokens at each end (less than a token; transformers' pad and unpad).
+        """
+        if len(tiles) != 2:
+            raise PosbiasError(
+                f"a LLaVA-NeXT sample has 2 tiles (base image, high-resolution raster), not {len(tiles)}; "
+                "pass the tiles of one stored LLaVA-NeXT sample"
+            )
+        h, w = (float(x) for x in size)
+        nr, nc = (float(x) for x in tiles[1])
+        top, left, bottom, right = 0.0, 0.0, h, w
+        if nc / nr <= w / h:  # the raster is no wider than the image: rows of padding were cut (or none)
+            pad = (nr - nc * h / w) / 2.0 * (w / nc)  # leftover padding at the top and bottom, in image pixels
+            top, bottom = -pad, h + pad
+        else:
+            pad = (nc - nr * w / h) / 2.0 * (h / nr)
+            left, right = -pad, w + pad
+        return TilePlacement(boxes=np.array([[0.0, 0.0, h, w], [top, left, bottom, right]]), overview=0)
 
 
 class LlavaNextAdapter(LlavaAdapter):

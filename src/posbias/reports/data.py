@@ -118,6 +118,7 @@ class PickedSample:
     grid: tuple[int, int]
     attn: np.ndarray | None  # (V, L) float32 stored attention, None for evaluation-only samples
     attn_pa: np.ndarray | None = None  # (V,) position-agnostic attention at the shallow layer, when profiled
+    tokens: Any = None  # TokenGrid of a multi-tile sample (rows, cols, tile, separator, tiles); None: one raster grid
 
 
 @dataclass
@@ -279,6 +280,21 @@ def _pick_samples(ids: list[str], ok: np.ndarray, n_pick: int) -> list[int]:
     return out
 
 
+def _uniform_tile(within: np.ndarray, tile: np.ndarray, sep: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                  tile_grids: np.ndarray) -> tuple[int, int] | None:
+    """The tile grid when every stored tile has it, no token is a separator and every sample's tokens are whole
+    tiles in raster order one after the other (then a sample of n visual tokens is n / (rows * cols) such tiles);
+    else None. ``within`` (T,) is each token's place in its sample."""
+    if sep.any() or not tile_grids.shape[0] or not np.all(tile_grids == tile_grids[0]):
+        return None
+    r, c = int(tile_grids[0, 0]), int(tile_grids[0, 1])
+    per = r * c
+    if per == 0:
+        return None
+    ok = np.array_equal(rows * c + cols, within % per) and np.array_equal(tile, within // per)
+    return (r, c) if ok else None
+
+
 def collect(
     store_path: str | Path,
     calibration_path: str | Path,
@@ -351,6 +367,11 @@ def collect(
         token_index, tok_grid_all, candidate = token_geometry(store)  # (T,), (T, 2), (T,): separators not shown
         rows = np.asarray(store.rows, dtype=np.int64)  # (T,)
         cols = np.asarray(store.cols, dtype=np.int64)  # (T,)
+        token_tile = np.asarray(store.token_tile, dtype=np.int64)  # (T,)
+        token_sep = np.asarray(store.token_separator, dtype=bool)  # (T,)
+        tile_grids = np.asarray(store.tile_grids, dtype=np.int64)  # (G, 2)
+        tile_offsets = np.asarray(store.tile_offsets, dtype=np.int64)  # (S,)
+        n_tiles = np.asarray(store.n_tiles, dtype=np.int64)  # (S,)
         t1 = time.perf_counter()
         attn = store.all_layers()  # (T, L) float32
         timings["read attention"] = time.perf_counter() - t1
@@ -510,32 +531,60 @@ def collect(
         missing.append(("fidelity evaluation (KL, agreement, FLOPs, prefill time)", "profile-bias evaluate ... --out evaluation.json, then report --evaluation evaluation.json"))
 
     # ---------------------------------------------------------------- pictures
+    from posbias.models.base import TokenGrid
+
     picked: list[PickedSample] = []
     pa_full = pa[:, shallow] if has_pa else None  # (T,)
-    if multi_tile:
-        missing.append(("pictures of the kept tokens on multi-tile images (LLaVA-NeXT, InternVL)",
-                        "not drawn for any-resolution layouts yet; the curves and maps cover every tile"))
-    for i in _pick_samples(sample_ids, ok_sample, n_pictures) if not multi_tile else []:
-        lo = int(np.sum(n_visual[:i]))
+    starts = np.concatenate([[0], np.cumsum(n_visual)[:-1]]).astype(np.int64)  # (S,)
+
+    def layout_of(i: int) -> TokenGrid | None:
+        """The stored layout of sample i (multi-tile stores), None for one raster grid."""
+        if not multi_tile:
+            return None
+        sl = slice(int(starts[i]), int(starts[i] + n_visual[i]))
+        tiles = tuple((int(r), int(c)) for r, c in tile_grids[tile_offsets[i]: tile_offsets[i] + n_tiles[i]])
+        return TokenGrid(rows=rows[sl], cols=cols[sl], tiles=tiles, tile=token_tile[sl], separator=token_sep[sl])
+
+    for i in _pick_samples(sample_ids, ok_sample, n_pictures):
+        lo = int(starts[i])
         hi = lo + int(n_visual[i])
         picked.append(
             PickedSample(
                 index=i, id=sample_ids[i], source=sources[i], question=questions[i],
                 grid=(int(grids[i, 0]), int(grids[i, 1])), attn=np.asarray(attn[lo:hi]),  # (V, L)
-                attn_pa=None if pa_full is None else pa_full[lo:hi],
+                attn_pa=None if pa_full is None else pa_full[lo:hi], tokens=layout_of(i),
             )
         )
     if evaluation is not None:
         store_ids = set(sample_ids)
-        ev_ids: list[str] = []
+        ev_n: dict[str, int] = {}
         for rec in evaluation["per_sample"]:
             sid = str(rec.get("id", ""))
-            if sid and sid not in store_ids and sid not in ev_ids:
-                ev_ids.append(sid)
+            if sid and sid not in store_ids and sid not in ev_n:
+                ev_n[sid] = int(rec.get("n_visual") or 0)
         grid = cal_doc["model"].get("grid")
-        for sid in ev_ids[: max(0, n_pictures - 1)] if grid and not multi_tile else []:
-            picked.append(PickedSample(index=-1, id=sid, source=sid.partition(":")[0], question="",
-                                       grid=(int(grid[0]), int(grid[1])), attn=None))
+        tile = _uniform_tile(np.arange(n_tokens) - starts[token_sample], token_tile, token_sep, rows, cols,
+                             tile_grids) if multi_tile else None
+        unplaced = 0
+        for sid, n in list(ev_n.items())[: max(0, n_pictures - 1)]:
+            tokens = None
+            if multi_tile:  # the layout of a sample outside the store is known only for equal raster tiles
+                per = 0 if tile is None else tile[0] * tile[1]
+                if not per or n <= 0 or n % per:
+                    unplaced += 1
+                    continue
+                tokens = TokenGrid(rows=np.tile(np.arange(per) // tile[1], n // per),
+                                   cols=np.tile(np.arange(per) % tile[1], n // per), tiles=(tile,) * (n // per),
+                                   tile=np.repeat(np.arange(n // per), per))
+            elif not grid:
+                continue
+            g = tile if multi_tile else (int(grid[0]), int(grid[1]))
+            picked.append(PickedSample(index=-1, id=sid, source=sid.partition(":")[0], question="", grid=g, attn=None,
+                                       tokens=tokens))
+        if unplaced:
+            missing.append((f"pictures of {unplaced} evaluation-only sample(s) (their kept lists)",
+                            "their tile layout (tiles, newline separators) is in neither the store nor the evaluation "
+                            "JSON; the store's own samples are drawn"))
 
     timings["collect"] = time.perf_counter() - t0
     return ReportData(

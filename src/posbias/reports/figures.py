@@ -41,6 +41,7 @@ __all__ = [
     "draw_density",
     "draw_utp",
     "draw_pictures",
+    "pictures_height",
     "draw_fidelity",
 ]
 
@@ -618,58 +619,117 @@ def draw_utp(fig: Any, schedules: list[dict[str, Any]], utr_loss: np.ndarray | N
 # ------------------------------------------------------------------------------------------ section 7
 
 
+#: height of an overview panel relative to its sample's main panels
+OVERVIEW_SCALE = 0.5
+
+
+def _aspect(row: dict[str, Any]) -> float:
+    h, w = row["size"]
+    return float(np.clip(float(h) / float(w), 0.45, 1.6))
+
+
+def pictures_height(rows: list[dict[str, Any]], n_columns: int, width: float = TEXT_WIDTH) -> float:
+    """Inches :func:`draw_pictures` needs for ``rows`` at ``width`` (at most 9.5, one A4 page)."""
+    col = width / n_columns
+    units = sum(_aspect(r) * (1.0 + (OVERVIEW_SCALE if r.get("overview_tile") is not None else 0.0)) for r in rows)
+    extra = sum(0.22 if r.get("overview_tile") is not None else 0.0 for r in rows)  # the panels' count labels
+    return float(min(9.5, units * col * 1.05 + extra + 0.5))
+
+
+def _picture_panel(ax: Any, row: dict[str, Any], which: np.ndarray, kept: Any, colour: str | None,
+                   outline_tiles: bool) -> tuple[int, int]:
+    """The picture with the tokens of ``which`` (V,) bool: pruned ones darkened, kept ones outlined in ``colour``
+    (``kept`` None: the picture alone); the tile boxes outlined when ``outline_tiles``. Returns (kept, tokens)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    h, w = (float(x) for x in row["size"])
+    img = row["image"]
+    extent = (0.0, w, h, 0.0)
+    if img is not None:
+        ax.imshow(img, extent=extent, interpolation="bilinear")
+    else:
+        ax.imshow(np.full((2, 2), 0.85), cmap="gray", vmin=0, vmax=1, extent=extent)
+    cells = row["cells"]  # (V, 4) top, left, bottom, right; NaN: separator
+    shown = which & np.all(np.isfinite(cells), axis=1)  # (V,) separators are never drawn
+    n_kept = 0
+    if kept is not None:
+        mask = np.zeros(cells.shape[0], dtype=bool)  # (V,)
+        mask[np.asarray(kept, dtype=np.int64)] = True
+        on, off = cells[shown & mask], cells[shown & ~mask]
+        n_kept = int(on.shape[0])
+
+        def rects(boxes: np.ndarray) -> list[Any]:
+            return [Rectangle((b[1], b[0]), b[3] - b[1], b[2] - b[0]) for b in boxes]
+
+        ax.add_collection(PatchCollection(rects(off), facecolor="black", alpha=0.72, edgecolor="none",
+                                          antialiased=False))
+        ax.add_collection(PatchCollection(rects(on), facecolor="none", edgecolor=colour, linewidths=0.6))
+    if outline_tiles:
+        for b in row["tile_boxes"]:
+            ax.add_patch(Rectangle((b[1], b[0]), b[3] - b[1], b[2] - b[0], fill=False, edgecolor="white",
+                                   lw=0.7, alpha=0.9))
+    ax.set_xlim(0.0, w)
+    ax.set_ylim(h, 0.0)
+    ax.set_aspect("equal")
+    return n_kept, int(shown.sum())
+
+
 def draw_pictures(fig: Any, rows: list[dict[str, Any]], methods: list[str]) -> None:
     """Kept tokens of each method overlaid on real images (AdaptPrune Fig. 6).
 
     Parameters
     ----------
     rows : list of dict
-        Per sample: ``image`` ((H, W, 3) uint8 array or None), ``grid`` (R, C), ``title`` (str) and
-        ``kept`` {method: (k,) int raster indices or None}.
+        Per sample: ``image`` ((H, W, 3) uint8 array or None), ``size`` (height, width) of the picture in the
+        units of ``cells``, ``cells`` ((V, 4) float top, left, bottom, right of every visual token; NaN for
+        separators), ``overview`` ((V,) bool: token of the overview tile), ``tile_boxes`` ((N, 4) float),
+        ``overview_tile`` (int or None), ``title`` (str) and ``kept`` {method: (k,) int token indices or None}.
+        A sample with an overview tile gets a second, smaller row: the overview tile's tokens on the whole image.
     methods : list of str
         Column order.
     """
-    from matplotlib.patches import Rectangle
-
-    axes = fig.subplots(len(rows), len(methods) + 1, squeeze=False)
+    ncol = len(methods) + 1
+    heights: list[float] = []
+    for row in rows:
+        heights.append(_aspect(row))
+        if row.get("overview_tile") is not None:
+            heights.append(OVERVIEW_SCALE * _aspect(row))
+    gs = fig.add_gridspec(len(heights), ncol, height_ratios=heights)
+    g = 0
     for i, row in enumerate(rows):
-        r, c = row["grid"]
-        img = row["image"]
-        extent = (0, c, r, 0)
-        ax = axes[i, 0]
-        if img is not None:
-            ax.imshow(img, extent=extent, interpolation="bilinear")
-        else:
-            ax.imshow(np.full((r, c), 0.85), cmap="gray", vmin=0, vmax=1, extent=extent)
+        ov = row.get("overview_tile") is not None
+        main = [fig.add_subplot(gs[g, j]) for j in range(ncol)]
+        small = [fig.add_subplot(gs[g + 1, j]) for j in range(ncol)] if ov else []
+        g += 2 if ov else 1
+        in_main = ~np.asarray(row["overview"], dtype=bool)  # (V,)
+        multi = ov or len(row["tile_boxes"]) > 1
+        _picture_panel(main[0], row, in_main, None, None, multi)
         if i == 0:
-            ax.set_title("image\n(grid area)", fontsize=6.5)
-        ax.set_ylabel("\n".join(_short(row["title"])), fontsize=6)
+            main[0].set_title("image\n(tiles outlined)" if multi else "image\n(grid area)", fontsize=6.5)
+        main[0].set_ylabel("\n".join(_short(row["title"])), fontsize=6)
+        if ov:
+            _picture_panel(small[0], row, ~in_main, None, None, False)
+            small[0].set_xlabel("overview tile", fontsize=6)
         for j, m in enumerate(methods):
-            ax = axes[i, j + 1]
             kept = row["kept"].get(m)
-            if img is not None:
-                ax.imshow(img, extent=extent, interpolation="bilinear")
-            else:
-                ax.imshow(np.full((r, c), 0.85), cmap="gray", vmin=0, vmax=1, extent=extent)
+            col = method_color(m)
+            k, n = _picture_panel(main[j + 1], row, in_main, kept, col, multi)
             if kept is None:
-                ax.text(c / 2, r / 2, "not available", ha="center", va="center", fontsize=6.5,
-                        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
-            else:
-                mask = np.zeros(r * c, dtype=bool)  # (V,)
-                mask[np.asarray(kept, dtype=np.int64)] = True
-                shade = np.zeros((r, c, 4))  # (R, C, RGBA)
-                shade[..., 3] = np.where(mask.reshape(r, c), 0.0, 0.72)
-                ax.imshow(shade, extent=extent, interpolation="nearest")
-                col = method_color(m)
-                for idx in np.flatnonzero(mask):
-                    ax.add_patch(Rectangle((idx % c, idx // c), 1, 1, fill=False, edgecolor=col, lw=0.6))
-                if i == 0:
-                    ax.set_title(f"{_wrap_name(m)}\n{int(mask.sum())}/{r * c} kept", fontsize=6.5, color=col)
-            if i == 0 and kept is None:
-                ax.set_title(f"{_wrap_name(m)}\n", fontsize=6.5, color=method_color(m))
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+                main[j + 1].text(row["size"][1] / 2, row["size"][0] / 2, "not available", ha="center", va="center",
+                                 fontsize=6.5, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+            elif ov:
+                main[j + 1].set_xlabel(f"{k}/{n} kept", fontsize=6)
+            if i == 0:
+                head = f"{k}/{n} kept" if kept is not None and not ov else ""
+                main[j + 1].set_title(f"{_wrap_name(m)}\n{head}", fontsize=6.5, color=col)
+            if ov:
+                k, n = _picture_panel(small[j + 1], row, ~in_main, kept, col, False)
+                if kept is not None:
+                    small[j + 1].set_xlabel(f"overview {k}/{n}", fontsize=6)
+        for ax in main + small:
+            ax.set_xticks([])
+            ax.set_yticks([])
 
 
 def _wrap_name(name: str, width: int = 11) -> str:

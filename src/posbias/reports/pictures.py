@@ -6,6 +6,12 @@ here from the stored attention rows and the calibration by every registered meth
 row (:func:`posbias.runtime.select.select_stored`: built-ins ``fastv``, ``pore``, ``posprune-pbc``), the
 AdaptPrune centre weight (``adaptprune-gaussian``) and the position-agnostic rows (``pa-att``) when profiled;
 an evaluation JSON adds the ``kept`` lists of every method it ran.
+
+Multi-tile layouts (LLaVA-NeXT, InternVL) are computed as the pruner computes them: the grid tokens only
+(separators are never candidates), each scored with its own tile's row and column. Where each tile lies in the
+picture is the architecture's answer (:meth:`posbias.models.base.Architecture.tile_placement`), from the tiles'
+grids the store holds and the reloaded image's size; the overview tile (the whole image at low resolution) is
+drawn as a panel of its own, separators never.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STORE_METHODS", "load_sample_image", "crop_for_adapter", "kept_from_store", "kept_from_evaluation", "picture_rows"]
+__all__ = ["STORE_METHODS", "load_sample_image", "crop_for_adapter", "picture_geometry", "kept_from_store",
+           "kept_from_evaluation", "picture_rows"]
 
 #: report columns computed from the stored attention rows besides the registered single-row methods
 STORE_METHODS: tuple[str, ...] = ("adaptprune-gaussian", "pa-att")
@@ -94,24 +101,76 @@ def crop_for_adapter(image: Any, adapter: str, grid: tuple[int, int], max_side: 
     return np.asarray(img, dtype=np.uint8)  # (H, W, 3) uint8
 
 
-def kept_from_store(attn: np.ndarray, calibration: Any, keep: int, *, grid: tuple[int, int], attn_pa: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Kept raster indices per method for one stored sample.
+def picture_geometry(adapter: str, size: tuple[int, int], tokens: Any) -> dict[str, Any]:
+    """Where each visual token of a sample lies in its picture.
 
     Parameters
     ----------
-    attn : np.ndarray
-        (V, L) float32 stored attention of the sample.
-    calibration : Calibration
-    keep : int
-        Tokens to keep (clipped to 1..V).
-    grid : (rows, cols)
-    attn_pa : np.ndarray, optional
-        (V,) position-agnostic attention at the shallow layer.
+    adapter : str
+        The store's adapter name (its architecture places the tiles).
+    size : (height, width)
+        Size of the picture (the architecture's crop of the image) in pixels; any unit for a grid drawn on grey.
+    tokens : TokenGrid
+        The sample's layout (row, col, tile and separator flag per token; the tiles' grids).
 
     Returns
     -------
     dict
-        method -> (k,) int64 ascending raster indices.
+        ``cells`` (V, 4) float64 (top, left, bottom, right) of every token (NaN for separators), ``overview``
+        (V,) bool (the token belongs to the overview tile), ``tile_boxes`` (N, 4) float64 and ``overview_tile``
+        (int or None).
+
+    Raises
+    ------
+    posbias.errors.PosbiasError
+        When the architecture cannot place the tiles.
+    """
+    placement = _architecture_class(adapter).tile_placement(size, tuple(tuple(int(x) for x in g) for g in tokens.tiles))
+    boxes = np.asarray(placement.boxes, dtype=np.float64)  # (N, 4)
+    v = int(np.asarray(tokens.rows).shape[0])
+    tile = np.zeros(v, np.int64) if tokens.tile is None else np.asarray(tokens.tile, np.int64)  # (V,)
+    sep = np.zeros(v, bool) if tokens.separator is None else np.asarray(tokens.separator, bool)  # (V,)
+    grids = np.asarray(tokens.tiles, dtype=np.float64)[tile]  # (V, 2) each token's own tile's grid
+    box = boxes[tile]  # (V, 4)
+    dy = (box[:, 2] - box[:, 0]) / grids[:, 0]  # (V,) cell height
+    dx = (box[:, 3] - box[:, 1]) / grids[:, 1]  # (V,) cell width
+    r = np.asarray(tokens.rows, np.float64)
+    c = np.asarray(tokens.cols, np.float64)
+    cells = np.stack([box[:, 0] + r * dy, box[:, 1] + c * dx, box[:, 0] + (r + 1) * dy, box[:, 1] + (c + 1) * dx], axis=1)
+    cells[sep] = np.nan
+    ov = placement.overview
+    return {"cells": cells, "overview": (tile == ov) if ov is not None else np.zeros(v, bool), "tile_boxes": boxes,
+            "overview_tile": ov}
+
+
+def _one_tile(grid: tuple[int, int]) -> Any:
+    from posbias.models.base import TokenGrid
+
+    return TokenGrid.raster(grid)
+
+
+def kept_from_store(attn: np.ndarray, calibration: Any, keep: int, *, grid: tuple[int, int],
+                    attn_pa: np.ndarray | None = None, tokens: Any = None) -> dict[str, np.ndarray]:
+    """Kept tokens per method for one stored sample.
+
+    Parameters
+    ----------
+    attn : np.ndarray
+        (V, L) float32 stored attention of the sample (every visual token, separators included).
+    calibration : Calibration
+    keep : int
+        Grid tokens to keep (clipped to 1..V minus separators).
+    grid : (rows, cols)
+        The first tile's grid.
+    attn_pa : np.ndarray, optional
+        (V,) position-agnostic attention at the shallow layer.
+    tokens : TokenGrid, optional
+        The sample's layout (multi-tile stores); None: one tile of ``grid`` in raster order.
+
+    Returns
+    -------
+    dict
+        method -> (k,) int64 ascending indices into the sample's visual tokens (never a separator).
     """
     import torch
 
@@ -120,11 +179,14 @@ def kept_from_store(attn: np.ndarray, calibration: Any, keep: int, *, grid: tupl
 
     methods = calibration.methods
     v = attn.shape[0]
-    k = int(min(max(1, keep), v))
+    tokens = _one_tile(grid) if tokens is None else tokens
+    sep = np.zeros(v, bool) if tokens.separator is None else np.asarray(tokens.separator, bool)  # (V,)
+    cand = np.flatnonzero(~sep)  # (V_c,) the pruning candidates
+    k = int(min(max(1, keep), cand.shape[0]))
     out: dict[str, np.ndarray] = {}
     rows = torch.from_numpy(np.ascontiguousarray(attn, dtype=np.float32))  # (V, L)
     for m in known_methods():  # every registered method that scores one stored attention row
-        kept = select_stored(m, rows, calibration, keep=k, grid=grid)
+        kept = select_stored(m, rows, calibration, keep=k, grid=grid, tokens=tokens)
         if kept is not None:
             out[m] = kept.numpy()
     g = methods.get("adaptprune-gaussian")
@@ -132,12 +194,18 @@ def kept_from_store(attn: np.ndarray, calibration: Any, keep: int, *, grid: tupl
         from posbias.kernels import gaussian_centre_weight
 
         sigma = float(g["fit"]["learned"]["sigma_"])
-        ids = np.arange(v, dtype=np.int64)  # (V,) raster
-        mask = gaussian_centre_weight(ids // grid[1], ids % grid[1], grid, sigma)  # (V,) float64
-        score = attn[:, int(g["layer"])].astype(np.float64) * mask  # (V,)
-        out["adaptprune-gaussian"] = np.sort(np.argsort(-score, kind="stable")[:k])
+        tile = np.zeros(v, np.int64) if tokens.tile is None else np.asarray(tokens.tile, np.int64)  # (V,)
+        mask = np.zeros(v, dtype=np.float64)  # (V,) centre weight on each token's own tile (0 at separators)
+        for t, tgrid in enumerate(tokens.tiles):
+            here = np.flatnonzero((tile == t) & ~sep)
+            if here.size:
+                mask[here] = gaussian_centre_weight(np.asarray(tokens.rows)[here], np.asarray(tokens.cols)[here],
+                                                    tuple(int(x) for x in tgrid), sigma)
+        score = attn[cand, int(g["layer"])].astype(np.float64) * mask[cand]  # (V_c,)
+        out["adaptprune-gaussian"] = np.sort(cand[np.argsort(-score, kind="stable")[:k]])
     if attn_pa is not None:
-        out["pa-att"] = np.sort(np.argsort(-np.asarray(attn_pa, dtype=np.float64), kind="stable")[:k])
+        pa = np.asarray(attn_pa, dtype=np.float64)[cand]  # (V_c,)
+        out["pa-att"] = np.sort(cand[np.argsort(-pa, kind="stable")[:k]])
     return out
 
 
@@ -159,6 +227,14 @@ def kept_from_evaluation(evaluation: dict[str, Any] | None, sample_id: str, keep
     return out
 
 
+def _thumbnail(picture: Any, max_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 of a PIL picture whose longer side is at most ``max_side`` (aspect kept)."""
+    w, h = picture.size
+    scale = min(1.0, max_side / max(w, h))
+    small = picture.resize((max(1, int(round(w * scale))), max(1, int(round(h * scale))))) if scale < 1.0 else picture
+    return np.asarray(small.convert("RGB"), dtype=np.uint8)
+
+
 def picture_rows(data: Any, keep: int) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Rows for :func:`posbias.reports.figures.draw_pictures`, the method columns and notes to print.
 
@@ -171,29 +247,47 @@ def picture_rows(data: Any, keep: int) -> tuple[list[dict[str, Any]], list[str],
     -------
     rows, methods, notes
     """
+    from posbias.errors import PosbiasError
+
     cache: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     adapter = str(data.attrs.get("adapter", ""))
+    arch = _architecture_class(adapter)
     for p in data.picked:
+        tokens = _one_tile(p.grid) if p.tokens is None else p.tokens
+        multi = len(tokens.tiles) > 1 or (tokens.separator is not None and bool(np.any(tokens.separator)))
         kept: dict[str, np.ndarray] = {}
         if p.attn is not None:
-            kept.update(kept_from_store(p.attn, data.calibration, keep, grid=p.grid, attn_pa=p.attn_pa))
+            kept.update(kept_from_store(p.attn, data.calibration, keep, grid=p.grid, attn_pa=p.attn_pa, tokens=tokens))
         for m, idx in kept_from_evaluation(data.evaluation, p.id, keep).items():
             kept.setdefault(m, idx)
         if not kept:
             continue
         image, why = load_sample_image(p.id, data.attrs, cache)
-        arr = None
+        picture = None
         if image is not None:
             try:
-                arr = crop_for_adapter(image, adapter, p.grid)
+                picture = arch.crop_image(image)
             except Exception as exc:  # noqa: BLE001 - show the grid without the photo, say why
-                why = f"image could not be resized ({exc})"
-        if arr is None:
+                why = f"image could not be cropped ({exc})"
+        if picture is not None:
+            size: tuple[int, int] = (int(picture.height), int(picture.width))
+        elif multi:
+            notes.append(f"{p.id}: not drawn ({why}); where its tiles lie depends on the image's size.")
+            continue
+        else:
+            size = (int(p.grid[0]), int(p.grid[1]))
             notes.append(f"{p.id}: image not shown ({why}); the grid is drawn on grey.")
+        try:
+            geometry = picture_geometry(adapter, size, tokens)
+        except PosbiasError as exc:
+            notes.append(f"{p.id}: not drawn ({exc}).")
+            continue
+        arr = None if picture is None else _thumbnail(picture, 448 if multi else 336)
         where = "store" if p.index >= 0 else "evaluation"
-        rows.append({"image": arr, "grid": p.grid, "title": f"{p.id} ({where})", "kept": kept, "question": p.question})
+        rows.append({"image": arr, "size": size, "grid": p.grid, **geometry, "title": f"{p.id} ({where})",
+                     "kept": kept, "question": p.question})
     from posbias.reports.palette import method_names
 
     order = method_names()

@@ -30,6 +30,7 @@ from posbias.reports.figures import (
     draw_utp,
     draw_vision_map,
     map_grid_shape,
+    pictures_height,
 )
 from posbias.reports.palette import method_color, method_label
 
@@ -481,14 +482,18 @@ def _pictures(d: ReportData) -> Section:
         f"(AdaptPrune Fig. 6), at the calibration's default budget of {keep} kept tokens (fewer when an image has fewer). "
         "Kept sets of the methods that score one attention row (fastv, pore, posprune-pbc and any such method "
         "registered), the Gaussian centre weight and PA-Att are computed here from the stored attention rows and the "
-        "calibration; other methods' come from the evaluation's kept lists."
+        "calibration; other methods' come from the evaluation's kept lists. Multi-tile images (LLaVA-NeXT, InternVL) "
+        "show the high-resolution tiles' tokens where they lie in the image (tile boundaries in white) and, in a smaller "
+        "row below, the overview tile's (the whole image at low resolution); separator tokens are never candidates and "
+        "are not drawn, and the budget counts the tokens of every tile together, as the pruner does."
     )]
     if not rows:
         blocks.append(_missing("samples to draw", "profile-bias profile (the store has no usable sample)"))
+        blocks.extend(Para(n, kind="note") for n in notes)
         return Section("pictures", SECTION_TITLES["pictures"], blocks)
     ncol = len(methods) + 1
     w = TEXT_WIDTH
-    h = min(9.0, len(rows) * (w / ncol) * 1.05 + 0.5)
+    h = pictures_height(rows, ncol, w)
     blocks.append(Fig("pictures", "Kept tokens per method on sample images.", "images with the kept visual tokens of each method outlined",
                       partial(draw_pictures, rows=rows, methods=methods), (w, h)))
     blocks.append(Table(["sample", "question"], [[r["title"], r.get("question", "")] for r in rows], caption="The samples drawn above."))

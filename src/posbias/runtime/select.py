@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from posbias.artifacts.calibration import Calibration
@@ -9,6 +11,9 @@ from posbias.errors import PosbiasError
 from posbias.runtime.registry import Selection, get_method
 from posbias.runtime.scoring import _prepare, score_tokens
 from posbias.runtime.spec import MethodSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from posbias.models.base import TokenGrid
 
 __all__ = ["select_tokens", "select_stored"]
 
@@ -57,28 +62,38 @@ def select_stored(
     *,
     keep: int,
     grid: tuple[int, int],
+    tokens: TokenGrid | None = None,
 ) -> torch.Tensor | None:
     """Replay a registered method on one prompt's stored attention (the report's kept-token pictures).
 
     Only a method that scores one layer's attention row is replayed (``score`` without ``select`` or ``plan``,
     no vision side): its layer rule, default parameters and calibration entry are used as the pruner uses them.
+    With ``tokens`` (multi-tile layouts) the method sees what the pruner's selection holds: the grid tokens only
+    (separators are never candidates), each with its own tile's row and column, its place along the visual run
+    (separators counted) and the grid of every tile.
 
     Parameters
     ----------
     method : str
         A registered method.
     attn : torch.Tensor
-        (V, L) float last-token attention over the V visual tokens (raster order) at every decoder layer.
+        (V, L) float last-token attention over the V visual tokens (sequence order, separators included) at every
+        decoder layer.
     calibration : Calibration or None
     keep : int
-        Tokens to keep, 1..V.
+        Grid tokens to keep, 1..(V minus separators).
     grid : (rows, cols)
+        The first tile's grid (the only one of one-tile layouts).
+    tokens : TokenGrid, optional
+        The prompt's layout (per-token row, col, tile, separator flag and the tiles' grids); None: one tile of
+        ``grid`` in raster order.
 
     Returns
     -------
     torch.Tensor or None
-        (keep,) int64 ascending raster indices, or None when the method cannot be replayed from attention rows
-        (it selects with hidden states or keys, prunes at several layers, or its calibration entry is absent).
+        (keep,) int64 ascending indices into the V visual tokens (never a separator), or None when the method
+        cannot be replayed from attention rows (it selects with hidden states or keys, prunes at several layers,
+        or its calibration entry is absent).
     """
     spec_of = get_method(method)
     if spec_of.select is not None or spec_of.plan is not None or spec_of.vision_side is not None:
@@ -92,13 +107,28 @@ def select_stored(
     v = int(attn.shape[0])
     if not 0 <= layer < int(attn.shape[1]):
         return None
-    spec = MethodSpec(method=method, layer=layer, keep=int(keep), ratio=None, params=dict(spec_of.params), entry=entry)
-    row = attn[:, layer].float()  # (V,)
+    geometry: dict = {}
+    cand = torch.arange(v)  # (V_c,) the candidates' places among the visual tokens
+    if tokens is not None:
+        sep = torch.zeros(v, dtype=torch.bool) if tokens.separator is None else torch.as_tensor(tokens.separator).bool()
+        tile = torch.zeros(v, dtype=torch.int64) if tokens.tile is None else torch.as_tensor(tokens.tile).long()
+        if sep.shape[0] != v or tile.shape[0] != v:
+            raise PosbiasError(f"the layout has {sep.shape[0]} tokens but the attention {v} rows; pass the sample's own layout")
+        cand = torch.nonzero(~sep).flatten()  # (V_c,)
+        geometry = dict(rows=torch.as_tensor(tokens.rows).long()[cand], cols=torch.as_tensor(tokens.cols).long()[cand],
+                        tile=tile[cand], tiles=tuple(tuple(int(x) for x in g) for g in tokens.tiles),
+                        run_index=cand, n_run=v, n_separators=int(sep.sum()))
+    n_cand = int(cand.shape[0])
+    spec = MethodSpec(method=method, layer=layer, keep=min(int(keep), n_cand), ratio=None, params=dict(spec_of.params),
+                      entry=entry)
+    row = attn[cand, layer].float()  # (V_c,)
 
     def attention(*, agnostic: bool = False) -> torch.Tensor:
         if agnostic:
             raise PosbiasError(f"method {method!r} asks for position-agnostic attention, which a stored row cannot give")
         return row
 
-    sel = Selection(layer=layer, spec=spec, n_visual=v, ids=torch.arange(v), grid=grid, attention=attention)
-    return spec_of.run(sel)
+    sel = Selection(layer=layer, spec=spec, n_visual=n_cand, ids=torch.arange(n_cand), grid=grid, attention=attention,
+                    **geometry)
+    kept = spec_of.run(sel)
+    return None if kept is None else cand[kept]
