@@ -68,14 +68,24 @@ def test_every_method_keeps_the_separators_and_the_budget(nxt):
         assert len(set(kept) - seps) == 5, method  # the budget is over the grid tokens
 
 
+def decoder_call(model, inputs) -> dict:
+    """The keyword arguments the VLM hands its decoder (``inputs_embeds``, positions, ...) for ``inputs``."""
+    lm = model.model.language_model
+    captured = {}
+    h = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        h.remove()
+    return captured
+
+
 def _manual_prefill(model, inputs, kept_seq):
     """Reference: the decoder run by hand, dropping tokens after layer 1 by plain indexing, original RoPE angles."""
     lm = model.model.language_model
-    captured = {}
+    captured = decoder_call(model, inputs)
     with torch.no_grad():
-        h = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
-        model(**inputs, use_cache=False)
-        h.remove()
         x = captured["inputs_embeds"]
         cos, sin = lm.rotary_emb(x, torch.arange(x.shape[1])[None])
         for i, layer in enumerate(lm.layers):

@@ -19,6 +19,7 @@ import torch
 
 import posbias.runtime as rt
 from posbias import kernels
+from tests.test_llava_next_runtime import decoder_call
 from tests.test_pruning import make_calibration
 
 
@@ -53,11 +54,8 @@ def _manual_prefill(model, inputs, drops: dict[int, torch.Tensor], *, deepstack_
     its own row (``deepstack_first``: the first rows instead, what the full-prompt mask would give a shorter
     sequence if applied as is)."""
     lm = model.model.language_model
-    seen = {}
+    seen = decoder_call(model, inputs)
     with torch.no_grad():
-        h = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
-        model(**inputs, use_cache=False)
-        h.remove()
         x = seen["inputs_embeds"]  # (1, S, D)
         mask = seen["visual_pos_masks"][0]  # (S,)
         deep = seen["deepstack_visual_embeds"]  # list of (V, D)
