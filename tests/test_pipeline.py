@@ -2,7 +2,10 @@
 
 The calibrations in tests/data/fit_baseline.json were written by the fit stage as it was before the redesign
 (posbias f53bf26, ``python tests/test_pipeline.py`` there): the redesigned stage must reproduce them (floats to
-1e-9 relative: BLAS thread counts move the last bits of a least-squares fit; everything else exactly).
+1e-5 relative, everything else exactly). Floats cannot be pinned tighter across machines: OpenBLAS picks its
+kernels by CPU, and the iterative PoRe fit (exponential with offset) carries that rounding to ~3e-6 relative in
+its smallest parameters (seen on a machine other than the recording one with the same numpy / scipy); a change
+of the fit itself moves them by orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def _write_store(path: Path, options: dict) -> Path:
     return write_synthetic_store(path, n_layers=6, shallow_bias=cubic, **options)
 
 
-#: numpy / scipy the baseline was recorded with (scripts/constraints.txt); other releases move the last digits of
-#: the exponential's optimiser (floor environment: ~3e-7 relative), so there floats compare to 1e-4 relative
+#: numpy / scipy the baseline was recorded with (scripts/constraints.txt); other releases move the exponential's
+#: optimiser more (floor environment), so there floats compare to 1e-4 relative
 RECORDED_WITH = ("2.4.6", "1.17.1")
 
 
@@ -56,11 +59,11 @@ def _rel_tol() -> float:
     import numpy
     import scipy
 
-    return 1e-9 if (numpy.__version__, scipy.__version__) == RECORDED_WITH else 1e-4
+    return 1e-5 if (numpy.__version__, scipy.__version__) == RECORDED_WITH else 1e-4
 
 
 def _close(a, b, path=""):
-    """Paths where two JSON values differ (floats to 1e-9 relative with the recording's numpy / scipy)."""
+    """Paths where two JSON values differ (floats to 1e-5 relative with the recording's numpy / scipy)."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = set(a) | set(b)
         return [d for k in sorted(keys) for d in
