@@ -4,6 +4,7 @@ no sample stops a profile run and --resume gets past a bad one."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -105,3 +106,33 @@ def test_profile_run_skips_hostile_images_and_resume_gets_past_them(tmp_path, ca
     assert any("too large" in r for r in reasons.values()) and any("cannot decode" in r for r in reasons.values())
     assert main([*argv[:-1], "--resume", "--no-progress"]) == 0  # nothing left: the bad ones are recorded
     assert "resumed: 4 already stored" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::posbias.runtime.quality.CalibrationQualityWarning")
+def test_evaluate_lists_the_samples_it_cannot_read(tmp_path, capsys):
+    """An unreadable image in the evaluation data is skipped with its reason: in the JSON and on screen, never
+    silently (the run takes the next sample instead)."""
+    from posbias.cli import main
+
+    images = tmp_path / "val2014"
+    images.mkdir()
+    good = np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    (images / "COCO_val2014_000000000001.jpg").write_bytes(_encode(Image.fromarray(good), "JPEG"))
+    (images / "COCO_val2014_000000000002.png").write_bytes(png_bomb())
+    (images / "COCO_val2014_000000000003.jpg").write_bytes(_encode(Image.fromarray(good[::-1]), "JPEG"))
+    run = tmp_path / "run"  # a real calibration with its store (evaluate excludes the store's samples)
+    assert main(["profile", "--model", "tiny-llava", "--n", "2", "--out", str(run), "--no-progress"]) == 0
+    cal = run / "cal.json"
+    assert main(["fit", "--store", str(run / "profile.h5"), "--out", str(cal), "--no-stats"]) == 0
+    out = tmp_path / "ev.json"
+    code = main(["evaluate", "--model", "tiny-llava", "--calibration", str(cal), "--data", f"coco:{images}",
+                 "--methods", "fastv", "--keep", "4", "--n", "3", "--max-new-tokens", "1", "--out", str(out),
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    text = captured.out
+    assert code == 0, captured.err
+    doc = json.loads(out.read_text())
+    assert doc["n_samples"] == 2 and len(doc["skipped"]) == 1
+    bad = doc["skipped"][0]
+    assert bad["id"].startswith("coco:2/") and "too large" in bad["reason"]  # the PNG bomb, image 2
+    assert "skipped 1 sample(s)" in text and bad["id"] in text

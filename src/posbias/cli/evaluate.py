@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.model, device=args.device, dtype=args.dtype)
     doc = evaluate(adapter, cal, config, calibration_path=args.calibration, progress=not args.no_progress)
     print(format_table(doc))
+    skipped = doc.get("skipped") or []
+    if skipped:
+        print(f"skipped {len(skipped)} sample(s) that could not be read (listed under 'skipped' in {out}):")
+        for item in skipped:
+            print(f"  {item['id']}: {item['reason']}")
     write_evaluation(doc, out)  # before the probe: a probe that fails does not lose the evaluation
     if args.probe:
         from posbias.evaluate.probe import format_probe, position_probe

@@ -338,6 +338,7 @@ def evaluate(
     per_sample: list[dict[str, Any]] = []
     full_rows: list[dict[str, Any]] = []
     sample_ids: list[str] = []
+    skipped: list[dict[str, str]] = []  # samples that could not be read: id and why (in the document, printed)
     for src, index in plan:
         if len(sample_ids) >= config.n:
             break
@@ -345,7 +346,8 @@ def evaluate(
             continue
         try:
             sample = src.load(index)
-        except BadSample:
+        except BadSample as exc:
+            skipped.append({"id": exc.sample_id, "reason": exc.reason})
             continue
         inputs = adapter.prepare(sample.image, sample.question)
         n_visual = adapter.layout(inputs).n_visual
@@ -433,6 +435,7 @@ def evaluate(
         "n_samples": len(sample_ids),
         "sample_ids": sample_ids,
         "excluded": len(excluded),
+        "skipped": skipped,
         "settings": {"max_new_tokens": config.max_new_tokens, "seed": config.seed, "data": list(config.data),
                      "params": config.params},
         "full": {
