@@ -30,6 +30,6 @@ DEPARTURES: tuple[tuple[str, str, str, str], ...] = (
      "profile-bias solve --formulation tokens (small V*L)"),
     ("UTP", "no vision-side [CLS] pre-pruning before the decoder", "not implemented; the decoder schedule is the "
      "paper's contribution", "none"),
-    ("UTP", "for M-RoPE (Qwen2.5-VL) the position-agnostic rows use the uniform position per axis (t, h, w)",
+    ("UTP", "for M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the position-agnostic rows use the uniform position per axis (t, h, w)",
      "the paper defines it for 1-D RoPE", "none (1-D RoPE models are unaffected)"),
 )
