@@ -179,6 +179,11 @@ def test_demo_qwen_cli_run(tmp_path, capsys, alias, name):
     doc = json.loads((out / "posbias_calibration.json").read_text())
     assert doc["model"]["adapter"] == name and doc["model"]["n_layers"] == 30
     assert (out / "report.html").stat().st_size > 10_000
+    if name == "qwen3_vl":  # SmolLM2 under added q/k norms: the build records how far it still agrees
+        from posbias.models.demo import demo_folder
+
+        check = json.loads((demo_folder(alias) / "posbias_demo.json").read_text())["decoder_vs_smollm2"]
+        assert 0.0 < check["top1_agreement"] < 1.0 and check["kl_nats"] > 0.0
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):

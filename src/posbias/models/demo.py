@@ -28,8 +28,9 @@ and the architecture's position scheme, not a trained VLM.
   after decoder layers 0-2), width 256; the same merged-token limits as the other Qwen demos (a 512x512 photo
   gives 16x16 = 256). Its decoder is NOT SmolLM2 as trained: Qwen3-VL normalises each query and key head (RMS
   norm) and SmolLM2 has no such norms, so their weights are set to SmolLM2's mean query / key RMS per layer
-  (:data:`QK_NORM_TEXT`), which keeps the scale of the attention logits but not their values (on a 42-token
-  text, 34% of next-token predictions agreed with SmolLM2): its attention is a pretrained decoder's weights
+  (:data:`QK_NORM_TEXT`), which keeps the scale of the attention logits but not their values (the build records
+  in its ``posbias_demo.json`` how often its next-token predictions on that text agree with SmolLM2's, and the
+  KL divergence): its attention is a pretrained decoder's weights
   under a different normalisation, fine for timing and for exercising every code path, not for reading a
   trained model's bias. No small pretrained Qwen3 decoder is available offline here.
 - demo-internvl: InternViT vision tower, 224 px tiles, patch 14 (16x16 patches -> pixel shuffle -> 8x8 = 64
@@ -160,6 +161,22 @@ def _resized_decoder(causal: Any, tokenizer: Any, new_tokens: list[str]) -> tupl
     torch.manual_seed(DEMO_SEED)
     causal.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return causal, tokenizer
+
+
+def _text_agreement(vlm: Any, causal: Any, tokenizer: Any) -> dict[str, float]:
+    """How far a demo's decoder still is SmolLM2 on :data:`QK_NORM_TEXT`: the share of positions whose next-token
+    prediction agrees, and the mean KL divergence (nats) of SmolLM2's distribution from the demo's."""
+    import torch
+
+    ids = tokenizer(QK_NORM_TEXT, return_tensors="pt").input_ids  # (1, T)
+    with torch.no_grad():
+        want = torch.log_softmax(causal(input_ids=ids, use_cache=False).logits[0].float(), -1)  # (T, vocab)
+        got = torch.log_softmax(vlm(input_ids=ids, use_cache=False).logits[0].float(), -1)  # (T, vocab)
+    n_vocab = min(want.shape[-1], got.shape[-1])
+    want, got = want[:, :n_vocab], got[:, :n_vocab]
+    agree = float((want.argmax(-1) == got.argmax(-1)).float().mean())
+    kl = float((want.exp() * (want - got)).sum(-1).mean())
+    return {"tokens": int(ids.shape[1]), "top1_agreement": round(agree, 4), "kl_nats": round(kl, 4)}
 
 
 def _check_text_logits(vlm: Any, causal: Any) -> None:
@@ -411,6 +428,8 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
         vlm, processor = _build_internvl(causal, tokenizer)
     else:
         vlm, processor = _build_qwen(causal, tokenizer, name)
+    # demo-qwen3-vl's decoder is SmolLM2 under added q/k norms: record how far it still agrees (the marker file)
+    agreement = _text_agreement(vlm, causal, tokenizer) if name == "demo-qwen3-vl" else None
     del causal
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=str(final.parent)))
     try:
@@ -431,6 +450,8 @@ def build_demo(name: str, cache_dir: str | os.PathLike | None = None, *,
             "decoder": decoder_name,
             "vision": "random, untrained (torch.manual_seed)",
         }
+        if agreement is not None:
+            marker["decoder_vs_smollm2"] = agreement
         with open(tmp / _MARKER, "w", encoding="utf-8") as fh:
             json.dump(marker, fh, indent=2)
         try:
